@@ -1,0 +1,41 @@
+"""The ``surgeon`` command line: one module per verb, each a thin layer over one library call.
+
+Installed as ``surgeon.commands`` (the folder is top-level ``commands/`` in the source tree).
+"""
+
+from __future__ import annotations
+
+import click
+
+from surgeon import __version__
+from surgeon.commands import (
+    demo,
+    inspect,
+)
+from surgeon.commands._cli import SurgeonGroup
+from surgeon.commands._console import setup_logging
+
+
+@click.group(cls=SurgeonGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="surgeon")
+@click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv includes transformers).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+def main(verbose: int, quiet: bool) -> None:
+    """Model surgery for vision-language model fine-tuning.
+
+    \b
+    Fine-tuning a VLM on visual instructions improves perception but taxes reasoning.
+    surgeon makes the methods that fight that tax one command each:
+
+    \b
+      inspect         what a checkpoint is and where its parts live
+      demo            the whole pipeline on tiny models built on the spot
+    """
+    setup_logging(verbose, quiet)
+
+
+for _module in (
+    inspect,
+    demo,
+):
+    main.add_command(_module.command)

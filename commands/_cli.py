@@ -1,0 +1,67 @@
+"""The click group class: errors become one line and an exit code, in this one place.
+
+=========================================  ======  ====================================================
+raised                                     exit    printed on stderr
+=========================================  ======  ====================================================
+``SurgeonError`` (the library's errors)    1       ``Error: <problem>; <what to do>``
+``OSError`` (disk full, permissions)       1       ``Error: <strerror>: <file>; …``
+``KeyboardInterrupt``                      130     ``Error: interrupted; no output was written``
+anything else                              1       ``Error: unexpected <Type>: <message>; …``
+click usage errors                         2       click's own message
+=========================================  ======  ====================================================
+
+``SURGEON_DEBUG=1`` re-raises instead, with the full traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import click
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("SURGEON_DEBUG", "") not in ("", "0", "false", "False")
+
+
+def error_line(exc: BaseException) -> str:
+    """The one-line message for an exception (without the ``Error: `` prefix)."""
+    from surgeon.errors import SurgeonError
+
+    if isinstance(exc, SurgeonError):
+        return exc.one_line()
+    if isinstance(exc, MemoryError):
+        return "out of memory; use a machine with more RAM or a smaller --shard-size / batch"
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}; check free disk space and permissions, then run the command again"
+    text = " ".join(str(exc).split()) or "no message"
+    return f"unexpected {type(exc).__name__}: {text}; run with SURGEON_DEBUG=1 for the traceback and report it"
+
+
+class SurgeonGroup(click.Group):
+    """A click group that turns exceptions into ``Error: …`` lines and exit codes."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            if debug_enabled():
+                raise
+            click.echo("Error: interrupted; no output was written", err=True)
+            sys.exit(130)
+        except Exception as exc:  # noqa: BLE001 — this is the one place errors are translated
+            if debug_enabled():
+                raise
+            click.echo(f"Error: {error_line(exc)}", err=True)
+            sys.exit(1)
+
+
+def example(*lines: str) -> str:
+    """An epilog that ends a command's help with runnable example(s), kept unwrapped."""
+    body = "\n".join(f"  {line}" for line in lines)
+    return f"\b\nExample:\n{body}"

@@ -1,0 +1,36 @@
+"""``surgeon demo``: run the pipeline on tiny models it builds itself."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+
+import click
+from rich.table import Table
+
+from surgeon.commands._cli import example
+from surgeon.commands._console import err, out
+
+
+@click.command("demo", epilog=example("surgeon demo", "surgeon demo --workdir ./surgeon-demo"))
+@click.option("--workdir", default=None, help="Folder for the demo's outputs (default: a new temporary folder).")
+@click.option("--overwrite", is_flag=True, help="Reuse a non-empty --workdir, replacing what is there.")
+def command(workdir: str | None, overwrite: bool) -> None:
+    """Build a tiny VLM and reasoning LLM, then run each surgeon step on them.
+
+    Runs on CPU in well under a minute; every step's output stays in the work folder to look at.
+    """
+    from surgeon.demo import run_demo
+
+    work = workdir or tempfile.mkdtemp(prefix="surgeon-demo-")
+    steps = run_demo(work, overwrite=overwrite)
+    err.print(f"surgeon demo: working in {work}")
+    summary = Table(title="surgeon demo", title_justify="left")
+    for col in ("step", "wrote", "what", "seconds"):
+        summary.add_column(col, justify="right" if col == "seconds" else "left")
+    start = time.perf_counter()
+    for step in steps:
+        err.print(f"[bold green]✓[/] {step.name}: {step.summary}")
+        summary.add_row(step.name, step.output, step.summary, f"{step.seconds:.1f}")
+    out.print(summary)
+    out.print(f"done in {time.perf_counter() - start:.1f} s; outputs in {work}")

@@ -1,0 +1,68 @@
+"""``surgeon demo``: the whole pipeline on tiny models built on the spot (CPU, seconds).
+
+    for step in run_demo("demo/"):
+        print(step.name, step.output, step.summary)
+
+Each step writes into its own folder under the work folder and reports what it wrote.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from surgeon.output import check_output
+
+
+@dataclass(frozen=True)
+class Step:
+    """One finished demo step: what ran, where its output is, a one-line summary."""
+
+    name: str
+    output: str
+    summary: str
+    seconds: float
+
+
+def run_demo(workdir: str | Path, overwrite: bool = False) -> Iterator[Step]:
+    """Build a tiny VLM and a matching reasoning LLM, then run each surgeon step on them.
+
+    Checks the work folder at once (not on first iteration); yields each step as it finishes.
+    """
+    work = Path(workdir)
+    check_output(work, overwrite)
+    work.mkdir(parents=True, exist_ok=True)
+    return _steps(work)
+
+
+def _steps(work: Path) -> Iterator[Step]:
+    from surgeon import tiny
+    from surgeon.checkpoint import open_checkpoint
+    from surgeon.inspect import inspect_checkpoint
+
+    def timed(name: str, fn: Callable[[], tuple[Path, str]]) -> Step:
+        start = time.perf_counter()
+        output, summary = fn()
+        return Step(name, str(output), summary, time.perf_counter() - start)
+
+    vlm, llm = work / "vlm", work / "reasoning-llm"
+
+    def build() -> tuple[Path, str]:
+        for folder in (vlm, llm):  # with --overwrite: replace only the demo's own folders
+            shutil.rmtree(folder, ignore_errors=True)
+        tiny.build("qwen2_5_vl", vlm, seed=0)
+        tiny.build_reasoning_llm(vlm, llm, family="qwen2")
+        return work, "tiny Qwen2.5-VL (vlm/) and a reasoning LLM sharing its language model (reasoning-llm/)"
+
+    yield timed("build", build)
+
+    def inspect() -> tuple[Path, str]:
+        with open_checkpoint(vlm) as ckpt:
+            r = inspect_checkpoint(ckpt)
+        p = r.params
+        return vlm, f"{r.architecture}: {r.num_layers} layers, {p['language_model']:,} LM / {p['vision']:,} vision / {p['projector']:,} projector params"
+
+    yield timed("inspect", inspect)

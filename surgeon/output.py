@@ -1,0 +1,204 @@
+"""Output folders that appear complete or not at all, and a streaming sharded safetensors writer.
+
+    with output_folder("merged/", overwrite=False) as tmp:          # a hidden sibling folder
+        with ShardedWriter(tmp, specs, shard_size=5 * 10**9) as w:  # headers planned up front
+            for name, tensor in compute():                           # one tensor in memory at a time
+                w.write(name, tensor)
+    # only now does "merged/" exist; an exception (or a kill) leaves no folder named "merged/"
+
+The writer knows every tensor's name, dtype and shape before any data arrives, so each shard's
+header is written first and tensor bytes are streamed to their offsets: peak memory is one
+tensor, not one shard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from surgeon.errors import ConfigError, OutputExistsError
+from surgeon.safetensors_io import DTYPE_CODES, DTYPES, header_bytes, tensor_bytes
+
+DEFAULT_SHARD_SIZE = 5 * 10**9
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str | int, field: str = "shard_size") -> int:
+    """``"5GB"`` -> 5_000_000_000, ``"512MiB"`` -> 536_870_912, ``1000`` -> 1000."""
+    if isinstance(text, int):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ConfigError(field, f"cannot read {text!r} as a size", "write it like 5GB, 500MB or 2GiB")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise ConfigError(field, "must be positive")
+    return value
+
+
+def check_output(path: str | Path, overwrite: bool) -> None:
+    """Raise OutputExistsError for an existing non-empty output unless ``overwrite``."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError("output", f"{path} exists and is a file", "give a folder path for the output")
+    if p.is_dir() and any(p.iterdir()) and not overwrite:
+        raise OutputExistsError(str(path))
+
+
+@contextmanager
+def output_folder(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder; rename it to ``path`` only when the block succeeds."""
+    final = Path(path)
+    check_output(final, overwrite)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.surgeon-tmp-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.parent / f".{final.name}.surgeon-old-{secrets.token_hex(4)}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor that will be written: name, safetensors dtype code (``"BF16"``), shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+
+
+def plan_shards(specs: list[TensorSpec], shard_size: int) -> list[list[TensorSpec]]:
+    """Greedy shard plan in the given order; a tensor larger than ``shard_size`` gets its own shard."""
+    shards: list[list[TensorSpec]] = [[]]
+    used = 0
+    for spec in specs:
+        if shards[-1] and used + spec.nbytes > shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(spec)
+        used += spec.nbytes
+    return shards
+
+
+def shard_names(count: int, prefix: str = "model", always_index: bool = False) -> list[str]:
+    if count == 1 and not always_index:
+        return [f"{prefix}.safetensors"]
+    return [f"{prefix}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+class ShardedWriter:
+    """Stream a planned set of tensors into safetensors shards plus ``<prefix>.safetensors.index.json``.
+
+    Tensors may be written in any order; each must match its spec's shape, and is cast to the
+    spec's dtype. ``close()`` fails if any planned tensor was not written. A single shard is
+    written as ``<prefix>.safetensors`` without an index unless ``always_index``.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        specs: list[TensorSpec],
+        shard_size: int = DEFAULT_SHARD_SIZE,
+        prefix: str = "model",
+        always_index: bool = False,
+    ) -> None:
+        self.folder = Path(folder)
+        self.prefix = prefix
+        plan = plan_shards(specs, shard_size)
+        self.files = shard_names(len(plan), prefix, always_index)
+        self._handles: list[BinaryIO] = []
+        self._where: dict[str, tuple[int, int, TensorSpec]] = {}
+        self._written: set[str] = set()
+        self.total_size = sum(s.nbytes for s in specs)
+        for i, (fname, shard) in enumerate(zip(self.files, plan)):
+            head, offsets = header_bytes([(s.name, s.dtype, s.shape) for s in shard], {"format": "pt"})
+            f = open(self.folder / fname, "wb")
+            f.write(head)
+            f.truncate(len(head) + sum(s.nbytes for s in shard))
+            self._handles.append(f)
+            for spec, off in zip(shard, offsets):
+                if spec.name in self._where:
+                    raise ValueError(f"tensor {spec.name!r} planned twice")
+                self._where[spec.name] = (i, len(head) + off, spec)
+        self.single = len(self.files) == 1 and not always_index
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        shard, offset, spec = self._where[name]
+        if tuple(tensor.shape) != spec.shape:
+            raise ValueError(f"{name}: planned shape {spec.shape}, got {tuple(tensor.shape)}")
+        if DTYPE_CODES.get(tensor.dtype) != spec.dtype:
+            tensor = tensor.to(DTYPES[spec.dtype])
+        f = self._handles[shard]
+        f.seek(offset)
+        f.write(tensor_bytes(tensor))
+        self._written.add(name)
+
+    def weight_map(self) -> dict[str, str]:
+        return {name: self.files[shard] for name, (shard, _, _) in self._where.items()}
+
+    def close(self) -> None:
+        missing = [n for n in self._where if n not in self._written]
+        for f in self._handles:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        self._handles.clear()
+        if missing:
+            raise RuntimeError(f"{len(missing)} planned tensors were never written, e.g. {missing[0]}")
+        if not self.single:
+            write_index(self.folder / f"{self.prefix}.safetensors.index.json", self.weight_map(), self.total_size)
+
+    def abort(self) -> None:
+        for f in self._handles:
+            f.close()
+        self._handles.clear()
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_index(path: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """Write a ``*.safetensors.index.json`` in the layout transformers reads."""
+    data = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def link_or_copy(src: Path, dst: Path) -> str:
+    """Hard-link ``src`` to ``dst`` when both are on one filesystem, else copy. Returns which."""
+    try:
+        os.link(src, dst)
+        return "link"
+    except OSError:
+        shutil.copy2(src, dst)
+        return "copy"

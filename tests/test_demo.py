@@ -1,0 +1,13 @@
+"""``surgeon demo`` runs end to end through the CLI and leaves each step's output behind."""
+
+from __future__ import annotations
+
+
+def test_demo_runs_every_step(cli, tmp_path):
+    work = tmp_path / "demo"
+    result = cli("demo", "--workdir", work)
+    assert result.exit_code == 0, result.output
+    steps = [line.split("│")[1].strip() for line in result.stdout.splitlines() if line.startswith("│")]
+    assert [s for s in steps if s] == ["build", "inspect"]
+    assert (work / "vlm" / "model.safetensors").exists()
+    assert (work / "reasoning-llm" / "model.safetensors").exists()
