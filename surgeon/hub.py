@@ -242,10 +242,17 @@ def check_repo_id(repo: str) -> None:
         raise ConfigError("repo", f"{repo!r} is not a Hub repo id", "write it as ORG/NAME, e.g. my-user/qwen-vl-drift")
 
 
-def check_can_push(repo: str, token: str | None = None) -> None:
-    """Fail early, without any request, when a push could not work (bad id, offline, no token)."""
+def _is_local(endpoint: str | None) -> bool:
+    """Whether pushes go to loopback (the stand-in), through ``endpoint`` or HF_ENDPOINT."""
+    return urlsplit(endpoint or _endpoint()).hostname in _LOOPBACK
+
+
+def check_can_push(repo: str, token: str | None = None, endpoint: str | None = None) -> None:
+    """Fail early, without any request, when a push could not work (bad id, offline, no token).
+
+    HF_HUB_OFFLINE does not stop a push to a loopback endpoint (the stand-in)."""
     check_repo_id(repo)
-    if _offline():
+    if _offline() and not _is_local(endpoint):
         raise HubError(
             "HF_HUB_OFFLINE is set, so nothing can be uploaded", "unset HF_HUB_OFFLINE to push, or use --dry-run to see what would be sent"
         )
@@ -273,8 +280,8 @@ def push_folder(folder: str | Path, config: PushConfig, *, endpoint: str | None 
     one ``upload_folder`` of a staged copy (see ``surgeon.upload``): the folder itself is never
     written, so a failed push leaves it as it was and the same call can simply be repeated
     (unchanged files are skipped by the Hub). ``endpoint``: another Hub API root, such as the
-    local stand-in (``surgeon.hub_standin``); there, and on any loopback HF_ENDPOINT, uploads use
-    plain LFS rather than Xet storage.
+    local stand-in (``surgeon.hub_standin``). To a loopback endpoint (``endpoint`` or HF_ENDPOINT),
+    uploads use plain LFS rather than Xet storage, and HF_HUB_OFFLINE does not apply.
 
     Raises CheckpointError (not a folder, a token or local path in a file), ConfigError (bad repo
     id), HubError (offline, not logged in, 401/403/404/429, unreachable) — all one line.
@@ -288,7 +295,7 @@ def push_folder(folder: str | Path, config: PushConfig, *, endpoint: str | None 
     if not any(path.iterdir()):
         raise CheckpointError(str(folder), "is empty, so there is nothing to push")
     if not config.dry_run:
-        check_can_push(config.repo, config.token)
+        check_can_push(config.repo, config.token, endpoint)
     else:
         check_repo_id(config.repo)
     record = read_surgeon_json(path)
@@ -309,8 +316,7 @@ def push_folder(folder: str | Path, config: PushConfig, *, endpoint: str | None 
     artifact = (record or {}).get("artifact", "folder")
     message = config.message or (f"Upload {artifact} made by surgeon {record['command']}" if record else "Upload folder with surgeon push")
     api = HfApi(endpoint=endpoint, token=token)
-    local = endpoint is not None or urlsplit(root).hostname in _LOOPBACK
-    with _plain_lfs(local), staged(path, plan) as tmp, _translated(config.repo, writing=True, endpoint=root):
+    with _local_endpoint(_is_local(endpoint)), staged(path, plan) as tmp, _translated(config.repo, writing=True, endpoint=root):
         url = api.create_repo(config.repo, private=config.private or None, exist_ok=True)
         if config.revision and config.revision != "main" and not config.revision.startswith("refs/pr/"):
             api.create_branch(config.repo, branch=config.revision, exist_ok=True)
@@ -349,16 +355,17 @@ def _endpoint() -> str:
 
 
 @contextmanager
-def _plain_lfs(enabled: bool) -> Iterator[None]:
-    """Disable Xet uploads for the duration (a local stand-in serves no Xet storage)."""
+def _local_endpoint(enabled: bool) -> Iterator[None]:
+    """For a local endpoint, for the duration: no Xet uploads (the stand-in serves no Xet storage)
+    and no offline mode (loopback is not the network HF_HUB_OFFLINE keeps away from)."""
     if not enabled:
         yield
         return
     from huggingface_hub import constants
 
-    before = constants.HF_HUB_DISABLE_XET
-    constants.HF_HUB_DISABLE_XET = True
+    before = constants.HF_HUB_DISABLE_XET, constants.HF_HUB_OFFLINE
+    constants.HF_HUB_DISABLE_XET, constants.HF_HUB_OFFLINE = True, False
     try:
         yield
     finally:
-        constants.HF_HUB_DISABLE_XET = before
+        constants.HF_HUB_DISABLE_XET, constants.HF_HUB_OFFLINE = before

@@ -362,6 +362,7 @@ def test_refused_before_any_request(cli, hub_standin, folder, tmp_path, monkeypa
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://huggingface.co")  # the real Hub: offline applies
     assert_one_line_error(cli("push", src, "--repo", "acme/x", "--token", TOKEN), "HF_HUB_OFFLINE is set", "--dry-run")
     assert hub_standin.requests == []
 
@@ -428,11 +429,12 @@ def test_library_push_to_an_explicit_endpoint_without_xet_settings(hub_standin, 
 
     monkeypatch.setattr(constants, "ENDPOINT", unreachable_url())
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)  # hf_xet is installed: must not be used
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # offline keeps the Hub away, not loopback
     src = folder("prior")
     result = push_folder(src, PushConfig(repo="demo/prior", token=TOKEN), endpoint=hub_standin.url)
     assert result.commit == hub_standin.commits("demo/prior")[0].oid and result.card_source == "surgeon.json"
     assert set(hub_standin.files("demo/prior")) == set(snapshot(src)) | {"README.md"}
-    assert constants.HF_HUB_DISABLE_XET is False and not hub_standin.unhandled
+    assert constants.HF_HUB_DISABLE_XET is False and constants.HF_HUB_OFFLINE is True and not hub_standin.unhandled
 
 
 def test_plan_checks_the_built_card_and_safetensors_metadata(folder):
