@@ -11,6 +11,7 @@ from surgeon import __version__
 from surgeon.commands import (
     demo,
     inspect,
+    push,
 )
 from surgeon.commands._cli import SurgeonGroup
 from surgeon.commands._console import setup_logging
@@ -30,6 +31,7 @@ def main(verbose: int, quiet: bool) -> None:
     \b
       inspect         what a checkpoint is and where its parts live
       demo            the whole pipeline on tiny models built on the spot
+      push            publish an output folder to the Hub with a model card from surgeon.json
     """
     setup_logging(verbose, quiet)
 
@@ -37,5 +39,6 @@ def main(verbose: int, quiet: bool) -> None:
 for _module in (
     inspect,
     demo,
+    push,
 ):
     main.add_command(_module.command)
