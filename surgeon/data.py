@@ -91,7 +91,8 @@ class Turn:
 
 @dataclass(frozen=True)
 class Sample:
-    """One conversation in normalised form. ``line`` is 1-based (the array index + 1 for .json)."""
+    """One conversation in normalised form. ``source`` is the data file as given; ``line`` is
+    1-based (the array index + 1 for a .json array); ``where`` is ``"source:line"``."""
 
     turns: tuple[Turn, ...]
     line: int
@@ -184,6 +185,7 @@ def load_samples(
         problem = "no such file" if not file.exists() else "is not a file"
         raise DataError(str(path), problem, "give the path of a .jsonl file")
     pattern = _compile(perception_regex)
+    base = file.parent.resolve()
     stats = stats if stats is not None else DataStats()
     samples: list[Sample] = []
     for line, record in _records(file):
@@ -193,10 +195,10 @@ def load_samples(
         try:
             if isinstance(record, BadSample):
                 raise record
-            samples.append(parse_record(record, file.parent, pattern, line, file.name))
+            samples.append(parse_record(record, base, pattern, line, str(path)))
         except BadSample as bad:
             if not skip_bad:
-                raise DataError(f"{file.name}:{line}", str(bad), SKIP_HINT) from None
+                raise DataError(f"{path}:{line}", str(bad), SKIP_HINT) from None
             stats.skip(bad.reason, line)
     if not samples:
         detail = "holds no samples"
@@ -228,7 +230,7 @@ def _records(file: Path):
         try:
             items = json.loads(text)
         except json.JSONDecodeError as exc:
-            where = f"{file.name}:{exc.lineno}"
+            where = f"{file}:{exc.lineno}"
             raise DataError(where, f"malformed JSON array ({exc.msg})", "fix the file") from None
         for i, item in enumerate(items, 1):
             yield i, item

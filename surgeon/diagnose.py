@@ -99,12 +99,16 @@ def diagnose(config: DiagnoseConfig, progress: Progress | None = None) -> Diagno
 
     from surgeon.reweight import span_masks, token_losses
 
+    from surgeon.checkpoint import open_checkpoint
+
     stats = DataStats()
     samples = load_samples(
         config.data, config.perception_regex, config.skip_bad_lines, config.max_samples, stats
     )
-    encoder = SampleEncoder.from_pretrained(config.model, config.max_length)
-    model = load_model(config.model, config.device, config.dtype)
+    with open_checkpoint(config.model) as ckpt:  # a local folder, or a Hub repo id through the cache
+        folder = ckpt.path
+    encoder = SampleEncoder.from_pretrained(folder, config.max_length, name=config.model)
+    model = load_model(folder, config.device, config.dtype)
     device = next(model.parameters()).device
     sums = {"perception": 0.0, "reasoning": 0.0}
     counts = {"perception": 0, "reasoning": 0}

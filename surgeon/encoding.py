@@ -10,10 +10,11 @@
 How tokens are found. The conversation is rendered to text with the chat template; each assistant
 turn's text is located in that rendering (searched from the end of the rendered generation
 prompt of the turns before it), together with the end-of-turn marker the template writes after it
-(e.g. ``<|im_end|>``; trailing whitespace after it is not supervised). The rendering is tokenised
-by the processor, which expands each image placeholder into the image's patch tokens; the fast
-tokenizer's offsets, shifted by the processor's reported expansions, give each token's
-characters. A token is supervised when its characters overlap an assistant span, and a perception
+(e.g. ``<|im_end|>``; trailing whitespace after it is not supervised). A template that writes
+nothing there gets the tokenizer's EOS token appended to each assistant turn, so that the model
+learns to stop (surgeon default). The rendering is tokenised by the processor, which expands each
+image placeholder into the image's patch tokens; the fast tokenizer's offsets, shifted by the
+processor's reported expansions, give each token's characters. A token is supervised when its characters overlap an assistant span, and a perception
 token when they overlap a perception span (spans trimmed of surrounding whitespace). Image, video
 and padding positions are never supervised; the perception mask is a subset of the supervised
 tokens. Rendering as inference does means training sees exactly the tokens the model sees when
@@ -140,10 +141,15 @@ class SampleEncoder:
             hint = "use a chat template that renders assistant turns"
             raise DataError(name, "its chat template drops the assistant's text", hint)
         self.turn_suffix = probe[probe.rindex(_PROBE) + len(_PROBE) :].rstrip()
+        # a template that writes nothing after an assistant turn: end each one with EOS instead
+        self.appended_eos = "" if self.turn_suffix else (getattr(self.tokenizer, "eos_token", None) or "")
 
     @classmethod
-    def from_pretrained(cls, model: str | Path, max_length: int | None = None) -> SampleEncoder:
-        """Load the processor (or tokenizer) and placeholder ids of a model folder or Hub repo id."""
+    def from_pretrained(
+        cls, model: str | Path, max_length: int | None = None, name: str | None = None
+    ) -> SampleEncoder:
+        """Load the processor (or tokenizer) and placeholder ids of a model folder (or a Hub repo id,
+        through transformers' own download); ``name`` is how messages refer to the model."""
         from transformers import AutoConfig, AutoProcessor
 
         from surgeon.layout import placeholder_token_ids
@@ -155,7 +161,7 @@ class SampleEncoder:
             problem = f"cannot load its processor ({' '.join(str(exc).split())[:200]})"
             hint = "give a model folder with its tokenizer/processor files"
             raise DataError(str(model), problem, hint) from None
-        return cls(processor, max_length, placeholder_token_ids(config).values(), name=str(model))
+        return cls(processor, max_length, placeholder_token_ids(config).values(), name=name or str(model))
 
     # ------------------------------------------------------------------ rendering
 
@@ -208,6 +214,8 @@ class SampleEncoder:
                 end += len(self.turn_suffix)
             supervised.append((pos, end))
             cursor = end
+        if self.appended_eos:
+            return _insert_after(full, supervised, perception, self.appended_eos)
         return full, supervised, perception
 
     # ------------------------------------------------------------------ encoding
@@ -368,6 +376,21 @@ class EncodedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> Encoded:
         return self._cache[i] if self._cache else self.encoder.encode(self.samples[i])
+
+
+def _insert_after(
+    text: str, spans: list[tuple[int, int]], inner: list[tuple[int, int]], insert: str
+) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
+    """Insert ``insert`` at the end of each of ``spans`` (sorted, disjoint), extending them;
+    ``inner`` spans (each inside one of ``spans``) move with their text."""
+    pieces, last, n = [], 0, len(insert)
+    for _, end in spans:
+        pieces += [text[last:end], insert]
+        last = end
+    pieces.append(text[last:])
+    moved = [(a + n * k, b + n * (k + 1)) for k, (a, b) in enumerate(spans)]
+    before = [n * sum(end <= a for _, end in spans) for a, _ in inner]
+    return "".join(pieces), moved, [(a + d, b + d) for (a, b), d in zip(inner, before)]
 
 
 def _open_image(path: Path) -> Any:

@@ -39,7 +39,7 @@ def test_kinds_images_and_perception(shapes_data):
     for s in samples:
         assert s.perception_text() == ([s.meta["perception_reference"]] if s.meta["perception_reference"] else [])
         assert all("<perception>" not in t.text and "</perception>" not in t.text for t in s.turns)
-        assert s.where == f"data.jsonl:{s.line}"
+        assert s.where == f"{shapes_data('sharegpt')}:{s.line}"
 
 
 def test_image_paths_are_relative_to_the_data_file(shapes_data, tmp_path, monkeypatch):
@@ -127,7 +127,7 @@ def test_bad_lines_stop_with_the_line_number_or_are_counted(data_with, reason):
     with pytest.raises(DataError) as info:
         load_samples(path)
     message = str(info.value)
-    assert message.startswith("bad.jsonl:3: ") and reason in message and "\n" not in message
+    assert message.startswith(f"{path}:3: ") and reason in message and "\n" not in message
     stats = DataStats()
     samples = load_samples(path, skip_bad=True, stats=stats)
     assert [s.line for s in samples] == [1, 2, 5]

@@ -71,7 +71,11 @@ def test_bad_lines_are_one_line_errors_with_line_numbers(cli, bad_data, vlm):
 def test_other_errors_are_one_line(cli, shapes_data, vlm, tmp_path, llm):
     data = shapes_data("trl")
     assert_one_line_error(cli("diagnose", tmp_path / "nope.jsonl", "--model", vlm), "nope.jsonl: no such file")
-    assert_one_line_error(cli("diagnose", data, "--model", tmp_path), "cannot load its processor")
+    assert_one_line_error(cli("diagnose", data, "--model", tmp_path / "none"), "none: no such folder")
+    (tmp_path / "weights-only").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / "weights-only" / name).write_bytes((vlm / name).read_bytes())
+    assert_one_line_error(cli("diagnose", data, "--model", tmp_path / "weights-only"), "cannot load its processor")
     assert_one_line_error(cli("diagnose", data, "--model", llm), "data.jsonl:1: images for a text-only model")
     assert_one_line_error(cli("diagnose", data, "--model", vlm, "--max-length", "8"), "all 12 samples were skipped", "raise max_length")
     assert_one_line_error(cli("diagnose", data, "--model", vlm, "--batch-size", "0"), "batch_size: must be at least 1")

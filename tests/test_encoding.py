@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from surgeon.data import BadSample, DataStats, load_samples
+from surgeon.data import BadSample, DataStats, load_samples, parse_record
 from surgeon.encoding import IGNORE_INDEX, EncodedDataset, SampleEncoder, collate, encode_samples
 from surgeon.errors import DataError
 from surgeon.layout import visual_token_mask
@@ -94,6 +94,22 @@ def test_template_that_rewrites_the_assistant_text_is_refused(tiny_models, shape
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}{% endfor %}"
     with pytest.raises(DataError, match="chat template drops the assistant's text"):
         SampleEncoder(tok)
+
+
+def test_template_without_end_of_turn_marker_gets_eos(tiny_models, shapes_data):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models("qwen2", seed=1))
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
+    encoder = SampleEncoder(tok)
+    assert encoder.turn_suffix == "" and encoder.appended_eos == tok.eos_token == "<|im_end|>"
+    rows = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "<perception>A red dot.</perception> One."},
+            {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "Two <perception>dots</perception>."}]  # fmt: skip
+    enc = encoder.encode(parse_record({"messages": rows}, tiny_models.root))
+    decode = encoder.tokenizer.decode
+    assert decode(enc.input_ids) == "user: Q1 assistant: A red dot. One.<|im_end|> user: Q2 assistant: Two dots.<|im_end|> "
+    assert decode(enc.input_ids[enc.labels != IGNORE_INDEX]) == "A red dot. One.<|im_end|>Two dots.<|im_end|>"
+    assert decode(enc.input_ids[enc.perception_mask]) in ("A red dot. dots", "A red dot.dots")  # " dots" or "dots"
 
 
 def test_visual_token_mask_accepts_config_forms(tiny_models):
