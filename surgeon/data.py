@@ -15,6 +15,8 @@ Accepted, one sample a line (a ``.json`` file holding one JSON array of samples 
 
 Roles may be user/human, assistant/gpt/model, system. String content is split at ``<image>``
 placeholders, which take the ``images`` list in order; their count must equal the list's length.
+List entries are paths or ``{"path": …}`` objects. In a ``.json`` array the "line" of a sample is
+its 1-based position in the array.
 Image paths are resolved relative to the data file (absolute paths are kept). Samples without
 images are text-only samples. Every other top-level key (``answer``, ``perception_reference``…) is
 kept in ``Sample.meta``.
@@ -287,10 +289,12 @@ def _image_list(record: dict) -> list[str]:
         value = record.get(key)
         if value is None:
             continue
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+        items = value if isinstance(value, list) else [value]
+        # paths, or {"path": …} as a datasets Image column exports them
+        paths = [x.get("path") if isinstance(x, dict) else x for x in items]
+        if not all(isinstance(x, str) for x in paths):
             raise BadSample("unknown format", f"'{key}' must be a path or a list of paths")
-        return items
+        return paths
     return []
 
 

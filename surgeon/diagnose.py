@@ -153,6 +153,12 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto") -> 
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ConfigError("device", f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", "CUDA is not available on this machine", "use cpu (or auto)")
     chosen: Any = dtype if dtype != "auto" else ("auto" if device != "cpu" else "float32")
     from transformers.utils import logging as hf_logging
 

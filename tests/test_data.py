@@ -55,7 +55,7 @@ def test_absolute_paths_llava_image_key_and_trl_images_list(tmp_path, shapes_dat
     lines = [
         {"conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A."}], "image": str(image)},
         {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},
-                      {"role": "assistant", "content": "A."}], "images": [str(image)]},
+                      {"role": "assistant", "content": "A."}], "images": [{"path": str(image), "bytes": None}]},
     ]  # fmt: skip
     data = tmp_path / "mixed.jsonl"
     data.write_text("\n".join(json.dumps(x) for x in lines))

@@ -80,3 +80,4 @@ def test_other_errors_are_one_line(cli, shapes_data, vlm, tmp_path, llm):
     assert_one_line_error(cli("diagnose", data, "--model", vlm, "--max-length", "8"), "all 12 samples were skipped", "raise max_length")
     assert_one_line_error(cli("diagnose", data, "--model", vlm, "--batch-size", "0"), "batch_size: must be at least 1")
     assert_one_line_error(cli("diagnose", data, "--model", vlm, "--perception-regex", "(x"), "perception_regex")
+    assert_one_line_error(cli("diagnose", data, "--model", vlm, "--device", "gpu9"), "device: unknown device 'gpu9'")
