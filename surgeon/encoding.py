@@ -230,10 +230,13 @@ class SampleEncoder:
         if self.has_images:
             bos = getattr(self.tokenizer, "bos_token", None)
             images = [_open_image(p) for p in sample.images]
-            out = self.processor(
-                text=[text], images=images or None, return_text_replacement_offsets=True,
-                add_special_tokens=not (bos and text.startswith(bos)), **kwargs,
-            )  # fmt: skip
+            try:
+                out = self.processor(
+                    text=[text], images=images or None, return_text_replacement_offsets=True,
+                    add_special_tokens=not (bos and text.startswith(bos)), **kwargs,
+                )  # fmt: skip
+            except ValueError as exc:  # e.g. a literal placeholder token written in the text
+                raise BadSample("processor refuses the sample", " ".join(str(exc).split())) from None
             replacements = (out.get("text_replacement_offsets") or [[]])[0]
             if images and "text_replacement_offsets" not in out:
                 problem = "its processor does not report where it expands image placeholders"

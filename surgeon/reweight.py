@@ -191,12 +191,16 @@ class PerceptionGradients:
     def apply(self, reduce: Callable[[torch.Tensor], None] | None = None) -> DynamicLambda:
         """Set ``.grad = λ·g_p + (1−λ)·g_r`` with λ from the global norms; return λ and the norms.
 
-        ``reduce``: an in-place cross-rank sum applied to every buffer first (data parallelism).
+        ``reduce``: an in-place cross-rank sum applied to every buffer first (data parallelism;
+        every rank reduces every buffer, zeros where it had no gradient, so the collectives match;
+        pass step-wide ``totals`` to ``span_losses`` so that empty spans are judged globally).
         """
         if reduce is not None:
-            for buf in self.g_p + self.g_r:
-                if buf is not None:
-                    reduce(buf)
+            for buffers in (self.g_p, self.g_r):
+                for i, p in enumerate(self.params):
+                    if buffers[i] is None:
+                        buffers[i] = torch.zeros_like(p)
+                    reduce(buffers[i])
         norm_p, norm_r = _global_norm(self.g_p), _global_norm(self.g_r)
         if self.norm_perception == 0 or self.norm_reasoning == 0:
             lam = effective_lambda(0.5, self.norm_perception, self.norm_reasoning)

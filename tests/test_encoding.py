@@ -96,6 +96,13 @@ def test_template_that_rewrites_the_assistant_text_is_refused(tiny_models, shape
         SampleEncoder(tok)
 
 
+def test_literal_placeholder_text_is_a_bad_line(encoders, tmp_path):
+    row = {"messages": [{"role": "user", "content": "What is <|image_pad|>?"}, {"role": "assistant", "content": "A token."}]}
+    (tmp_path / "d.jsonl").write_text(json.dumps(row))
+    with pytest.raises(DataError, match=r"d.jsonl:1: processor refuses the sample: .*image_pad"):
+        list(encode_samples(load_samples(tmp_path / "d.jsonl"), encoders("qwen2_5_vl")))
+
+
 def test_template_without_end_of_turn_marker_gets_eos(tiny_models, shapes_data):
     from transformers import AutoTokenizer
 

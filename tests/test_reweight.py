@@ -178,3 +178,17 @@ def test_existing_gradients_are_refused():
     _, labels, perception = make_batch(b=2, t=6)
     with pytest.raises(RuntimeError, match="zero_grad"):
         dynamic_backward(model.parameters(), span_losses(model(torch.randn(2, 6, 4)), labels, perception))
+
+
+def test_reduce_sees_every_buffer_on_every_rank():
+    """A rank without perception tokens still takes part in every reduction (zeros), so collectives match."""
+    model = torch.nn.Linear(4, 11)
+    _, labels, _ = make_batch(b=2, t=6)
+    none = torch.zeros_like(labels, dtype=torch.bool)
+    seen = []
+    grads = PerceptionGradients(model.parameters())
+    grads.backward(span_losses(model(torch.randn(2, 6, 4)), labels, none, totals=(3, 8)))
+    result = grads.apply(reduce=lambda t: seen.append(t.shape))
+    assert seen == [model.weight.shape, model.bias.shape] * 2
+    # the step has perception tokens (on other ranks), so λ follows the formula: ‖g_r‖ / (0 + ‖g_r‖)
+    assert result.lam == 1.0 and result.norm_perception == 0.0 and result.norm_reasoning > 0
