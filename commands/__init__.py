@@ -10,6 +10,7 @@ import click
 from surgeon import __version__
 from surgeon.commands import (
     demo,
+    diagnose,
     inspect,
     push,
 )
@@ -30,6 +31,7 @@ def main(verbose: int, quiet: bool) -> None:
 
     \b
       inspect         what a checkpoint is and where its parts live
+      diagnose        the perception share of a dataset's supervised tokens and loss
       demo            the whole pipeline on tiny models built on the spot
       push            publish an output folder to the Hub with a model card from surgeon.json
     """
@@ -38,6 +40,7 @@ def main(verbose: int, quiet: bool) -> None:
 
 for _module in (
     inspect,
+    diagnose,
     demo,
     push,
 ):
