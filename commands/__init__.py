@@ -10,6 +10,7 @@ import click
 from surgeon import __version__
 from surgeon.commands import (
     demo,
+    inject_iada,
     inspect,
 )
 from surgeon.commands._cli import SurgeonGroup
@@ -29,6 +30,7 @@ def main(verbose: int, quiet: bool) -> None:
 
     \b
       inspect         what a checkpoint is and where its parts live
+      inject-iada     add IADA depth-aggregation blocks to a saved model
       demo            the whole pipeline on tiny models built on the spot
     """
     setup_logging(verbose, quiet)
@@ -36,6 +38,7 @@ def main(verbose: int, quiet: bool) -> None:
 
 for _module in (
     inspect,
+    inject_iada,
     demo,
 ):
     main.add_command(_module.command)

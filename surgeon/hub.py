@@ -91,3 +91,13 @@ def _refuse_pickle_only(repo_id: str, revision: str | None) -> None:
             "ask for a safetensors revision (many repos have refs/pr/N with one) or convert it yourself",
         )
 
+
+
+def download_config(repo_id: str, revision: str | None = None) -> tuple[str, str | None]:
+    """Fetch (or find in the cache) only ``config.json``. Returns (its path, commit)."""
+    from huggingface_hub import hf_hub_download
+
+    with _translated(repo_id):
+        path = Path(hf_hub_download(repo_id, "config.json", revision=revision))
+    commit = path.parent.name if path.parent.parent.name == "snapshots" else None
+    return str(path), commit
