@@ -31,15 +31,15 @@ a checkpoint lacking them still initialises them; add one entry to ``MODULE_KIND
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import transformers
 from torch import nn
 from transformers import PreTrainedModel
@@ -67,8 +67,8 @@ class SurgeonModelingError(ValueError):
 def decoder_of(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
     """The language model's decoder (the module that runs the layers) and its layer list.
 
-    Tries ``model.get_decoder()`` then ``DECODER_PATHS``; never a vision tower (their block lists
-    are ``blocks``/``encoder.layers``, and paths with "vision"/"visual" are skipped).
+    Tries ``model.get_decoder()`` then ``DECODER_PATHS``, which all name the language model (vision
+    towers keep their blocks in ``blocks`` or ``encoder.layers``, never found here).
     """
     tried = []
     candidates: list[tuple[str, Any]] = []
@@ -84,8 +84,6 @@ def decoder_of(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
         candidates.append((path, obj))
     for path, obj in candidates:
         tried.append(f"{path}.layers")
-        if obj is None or "vision" in path or "visual" in path:
-            continue
         layers = getattr(obj, "layers", None)
         if isinstance(layers, nn.ModuleList) and len(layers) > 0:
             return obj, layers
@@ -296,7 +294,8 @@ class IadaModule(nn.Module):
             layers[0].register_forward_pre_hook(self._record_embedding, with_kwargs=True),
         ]
         for i, after in enumerate(self.settings["boundaries"]):
-            handles.append(layers[after - 1].register_forward_hook(self._boundary_hook(i)))
+            # partial of a bound method, not a closure: copy.deepcopy(model) rebinds it to the copy
+            handles.append(layers[after - 1].register_forward_hook(functools.partial(self._boundary, i)))
         return handles
 
     def _end(self, *_: Any) -> None:
@@ -311,22 +310,19 @@ class IadaModule(nn.Module):
         self._end()
         self._push(args[0] if args else kwargs["hidden_states"], None)
 
-    def _boundary_hook(self, index: int) -> Callable[..., Any]:
-        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-            h = _first_tensor(output)
-            n = self.sources[index]
-            if len(self._states) < index + 1:
-                raise SurgeonModelingError("IADA boundary states are missing: the decoder layers were not run in order")
-            states = torch.stack([s.to(h.device) for s in self._states[index + 1 - n : index + 1]], dim=2).float()
-            inv = None
-            if self.settings["mode"] == "adaptive":
-                inv = torch.stack([s.to(h.device) for s in self._inv[index + 1 - n : index + 1]], dim=2)
-            visual = self.context.visual_mask(h) if self.context is not None else None
-            new, inv_h = self.blocks[index](h, states, inv, visual)
-            self._push(h, inv_h)  # the state the decoder produced here (before aggregation)
-            return _replace_output(output, new)
-
-        return hook
+    def _boundary(self, index: int, module: nn.Module, args: tuple, output: Any) -> Any:
+        h = _first_tensor(output)
+        n = self.sources[index]
+        if len(self._states) < index + 1:
+            raise SurgeonModelingError("IADA boundary states are missing: the decoder layers were not run in order")
+        states = torch.stack([s.to(h.device) for s in self._states[index + 1 - n : index + 1]], dim=2).float()
+        inv = None
+        if self.settings["mode"] == "adaptive":
+            inv = torch.stack([s.to(h.device) for s in self._inv[index + 1 - n : index + 1]], dim=2)
+        visual = self.context.visual_mask(h) if self.context is not None else None
+        new, inv_h = self.blocks[index](h, states, inv, visual)
+        self._push(h, inv_h)  # the state the decoder produced here (before aggregation)
+        return _replace_output(output, new)
 
 
 def check_iada_settings(settings: dict) -> dict:
@@ -354,12 +350,28 @@ MODULE_KINDS: dict[str, type[nn.Module]] = {
 
 
 class SurgeonModules(nn.ModuleDict):
-    """``model.surgeon``: the attached module kinds, their shared TokenContext and hook handles."""
+    """``model.surgeon``: the attached module kinds, their shared TokenContext and hook handles.
+
+    Its hooks on the top model (outer) and the decoder (inner) tell the context which ``input_ids``
+    the running forward pass has; they are bound methods so that ``copy.deepcopy(model)`` works.
+    """
 
     def __init__(self, context: TokenContext) -> None:
         super().__init__()
         self.context = context
         self.handles: dict[str, list[Any]] = {}
+
+    def _outer_begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.context.begin(_token_ids(args, kwargs), outer=True)
+
+    def _outer_end(self, *_: Any) -> None:
+        self.context.end(outer=True)
+
+    def _inner_begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.context.begin(_token_ids(args, kwargs), outer=False)
+
+    def _inner_end(self, *_: Any) -> None:
+        self.context.end(outer=False)
 
 
 def text_config_of(config: Any) -> Any:
@@ -374,21 +386,14 @@ def _container(model: nn.Module) -> SurgeonModules:
     container = SurgeonModules(context)
     setattr(model, MODULE_ATTR, container)
     decoder, _ = decoder_of(model)
-
-    def outer_begin(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        context.begin(_token_ids(args, kwargs), outer=True)
-
-    def inner_begin(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        context.begin(_token_ids(args, kwargs), outer=False)
-
     container.handles["context"] = [
-        model.register_forward_pre_hook(outer_begin, with_kwargs=True),
-        model.register_forward_hook(lambda *_: context.end(outer=True), always_call=True),
+        model.register_forward_pre_hook(container._outer_begin, with_kwargs=True),
+        model.register_forward_hook(container._outer_end, always_call=True),
     ]
     if decoder is not model:
         container.handles["context"] += [
-            decoder.register_forward_pre_hook(inner_begin, with_kwargs=True),
-            decoder.register_forward_hook(lambda *_: context.end(outer=False), always_call=True),
+            decoder.register_forward_pre_hook(container._inner_begin, with_kwargs=True),
+            decoder.register_forward_hook(container._inner_end, always_call=True),
         ]
     return container
 
@@ -402,7 +407,7 @@ def add_module(model: nn.Module, kind: str, settings: dict) -> nn.Module:
     container = _container(model)
     _, layers = decoder_of(model)
     device = next((p.device for p in layers[0].parameters()), None)
-    with torch.device(device) if device is not None else _nullcontext():
+    with torch.device(device) if device is not None else contextlib.nullcontext():
         module = MODULE_KINDS[kind](settings, model, container.context)  # initialised by its constructor
     container[kind] = module
     container.handles[kind] = module.attach(model)  # type: ignore[operator]
@@ -435,14 +440,6 @@ def module_parameters(model: nn.Module, kind: str | None = None) -> dict[str, nn
     """The surgeon modules' parameters by full name (``surgeon.iada.blocks.0.gate`` …)."""
     prefix = MODULE_ATTR + "." + (kind + "." if kind else "")
     return {n: p for n, p in model.named_parameters() if n.startswith(prefix)}
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 # --------------------------------------------------------------------- the remote-code model class
@@ -555,7 +552,7 @@ def write_remote_code(folder: str | Path, architecture: str, sections: dict) -> 
     config["architectures"] = [base]
     config["auto_map"] = auto_map(base)
     config[CONFIG_KEY] = sections
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps(config, indent=2) + "\n")
     if Path(__file__).resolve() != (folder / MODELING_FILE).resolve():
         shutil.copyfile(__file__, folder / MODELING_FILE)
 

@@ -91,6 +91,26 @@ def test_identity_on_a_text_llm(tiny_models):
     assert torch.equal(logits(model, **text_batch()), before)
 
 
+def test_a_deep_copy_runs_its_own_blocks(tiny_models):
+    """copy.deepcopy(model) (reference models, EMA) gets hooks bound to its own modules."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models("qwen2", seed=1)).eval()
+    base = logits(model, **text_batch())
+    add_iada(model, IadaConfig(block_size=2))
+    randomise(model)
+    trained = logits(model, **text_batch())
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in module_parameters(twin).items():
+            if name.endswith("gate"):
+                p.zero_()
+    assert torch.equal(logits(twin, **text_batch()), base)
+    assert torch.equal(logits(model, **text_batch()), trained)
+
+
 # ---------------------------------------------------------------------- the maths, token by token
 def reference_boundary(h, states, down, up, gate, visual, eps=1e-6):
     """METHODS.md §3 for one boundary, one token at a time, in plain torch (float64)."""
