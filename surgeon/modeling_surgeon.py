@@ -56,7 +56,9 @@ AUTO_CLASSES = {
     "AutoModelForCausalLM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
 }
 # Where the language model's decoder sits, after ``get_decoder()``; paths relative to the top model.
-DECODER_PATHS = ("model.language_model", "language_model", "model.text_model", "text_model", "language_model.model", "model")
+DECODER_PATHS = (
+    "model.language_model", "language_model", "model.text_model", "text_model", "language_model.model", "model",
+)  # fmt: skip
 
 
 class SurgeonModelingError(ValueError):
@@ -181,7 +183,9 @@ class IadaBlock(nn.Module):
 
     surgeon_params = True  # owns surgeon parameters: SurgeonMixin._init_weights calls reset_parameters()
 
-    def __init__(self, hidden_size: int, rank: int, sources: int, mode: str, gate: str, init_std: float, eps: float, seed: int):
+    def __init__(
+        self, hidden_size: int, rank: int, sources: int, mode: str, gate: str, init_std: float, eps: float, seed: int
+    ) -> None:
         super().__init__()
         self.hidden_size, self.rank, self.sources = hidden_size, rank, sources
         self.mode, self.init_std, self.eps, self.seed = mode, init_std, eps, seed
@@ -196,8 +200,9 @@ class IadaBlock(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """g = 0 (identity), U = 0 (uniform first aggregation), D ~ N(0, init_std²) from ``seed``,
-        fixed-mode logits = 0 (uniform mean)."""
+        """g = 0 (identity), U = 0 (uniform first aggregation), fixed-mode logits = 0 (uniform
+        mean), as in METHODS §3; D ~ N(0, init_std²) from ``seed`` (scale and seed are not
+        specified by the paper; surgeon default init_std = 1/√d, so u has unit scale)."""
         self.gate.zero_()
         if self.mode == "adaptive":
             self.up.zero_()
@@ -253,7 +258,9 @@ class IadaModule(nn.Module):
         init_std, eps, seed           D's init scale, RMS epsilon, init seed
 
     The hooks: a pre-hook on layer 0 records boundary 0, a forward hook on the last layer of each
-    block applies that boundary's block, and hooks on the decoder reset the per-forward states.
+    block applies that boundary's block, and a hook on the decoder frees the per-forward states.
+    The state recorded at a boundary is the decoder's own output there, before that boundary's
+    aggregation (not specified by the paper; surgeon default).
     Each token reads only its own states, so generation with a KV cache needs nothing extra.
     Under gradient checkpointing (transformers ≥ 5 checkpoints ``forward``, so module hooks run
     outside the checkpoint) the boundary states are kept, not recomputed.
@@ -261,14 +268,18 @@ class IadaModule(nn.Module):
 
     kind = "iada"
 
-    def __init__(self, settings: dict, model: nn.Module | None, context: TokenContext | None, hidden_size: int | None = None):
+    def __init__(
+        self, settings: dict, model: nn.Module | None, context: TokenContext | None, hidden_size: int | None = None
+    ) -> None:
         super().__init__()
         self.settings = check_iada_settings(settings)
         s = self.settings
         if hidden_size is None:
             hidden_size = text_config_of(model.config).hidden_size  # type: ignore[union-attr]
         if hidden_size != s["hidden_size"]:
-            raise SurgeonModelingError(f"IADA settings are for hidden size {s['hidden_size']}, the model has {hidden_size}")
+            raise SurgeonModelingError(
+                f"IADA settings are for hidden size {s['hidden_size']}, the model has {hidden_size}"
+            )
         depth = s["depth"] or len(s["boundaries"])
         self.sources = [min(depth, i + 1) for i in range(len(s["boundaries"]))]
         self.blocks = nn.ModuleList(
@@ -288,7 +299,9 @@ class IadaModule(nn.Module):
         decoder, layers = decoder_of(model)
         last = self.settings["boundaries"][-1]
         if last > len(layers):
-            raise SurgeonModelingError(f"IADA has a boundary after layer {last} but the decoder has {len(layers)} layers")
+            raise SurgeonModelingError(
+                f"IADA has a boundary after layer {last} but the decoder has {len(layers)} layers"
+            )
         handles = [
             decoder.register_forward_hook(self._end, always_call=True),
             layers[0].register_forward_pre_hook(self._record_embedding, with_kwargs=True),
@@ -326,7 +339,10 @@ class IadaModule(nn.Module):
 
 
 def check_iada_settings(settings: dict) -> dict:
-    """Validate and complete an IADA settings dict (raises SurgeonModelingError naming the field)."""
+    """Validate and complete an IADA settings dict (raises SurgeonModelingError naming the field).
+
+    Defaults depth=all, adaptive, channel gate, seed 0, eps 1e-6 and init_std 1/√d are surgeon's
+    (the paper publishes only its abstract)."""
     s = {"depth": None, "mode": "adaptive", "gate": "channel", "init_std": None, "eps": 1e-6, "seed": 0, **settings}
     for key in ("boundaries", "rank", "hidden_size"):
         if key not in s:
@@ -464,8 +480,9 @@ class SurgeonMixin:
 
     def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:
         result = super().save_pretrained(save_directory, *args, **kwargs)  # type: ignore[misc]
-        if getattr(self.config, CONFIG_KEY, None):  # type: ignore[attr-defined]
-            write_remote_code(save_directory, base_architecture(type(self)).__name__, getattr(self.config, CONFIG_KEY))  # type: ignore[attr-defined]
+        sections = getattr(self.config, CONFIG_KEY, None)  # type: ignore[attr-defined]
+        if sections:
+            write_remote_code(save_directory, base_architecture(type(self)).__name__, sections)
         return result
 
 
@@ -474,8 +491,9 @@ _CLASSES: dict[str, type] = {}
 
 def base_architecture(cls: type) -> type:
     """The transformers class under a Surgeon class (or the class itself)."""
-    for klass in cls.__mro__:
-        if klass is not cls and klass.__name__ == cls.__name__.removeprefix(CLASS_PREFIX) and issubclass(klass, PreTrainedModel):
+    name = cls.__name__.removeprefix(CLASS_PREFIX)
+    for klass in cls.__mro__[1:]:
+        if klass.__name__ == name and issubclass(klass, PreTrainedModel):
             return klass
     return cls
 
@@ -488,7 +506,8 @@ def surgeon_class(base: type) -> type:
     from transformers.generation import GenerationMixin
 
     bases = (SurgeonMixin, base) + ((GenerationMixin,) if issubclass(base, GenerationMixin) else ())
-    cls = type(name, bases, {"__module__": __name__, "__qualname__": name, "__doc__": f"{base.__name__} with surgeon modules."})
+    namespace = {"__module__": __name__, "__qualname__": name, "__doc__": f"{base.__name__} with surgeon modules."}
+    cls = type(name, bases, namespace)
     _register_key_conversion(name, base)
     _CLASSES[name] = cls
     return cls
@@ -514,7 +533,9 @@ def architecture_class(name: str) -> type:
     base = name.removeprefix(CLASS_PREFIX)
     cls = getattr(transformers, base, None)
     if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
-        raise SurgeonModelingError(f"architecture {name!r} is not a model class of transformers {transformers.__version__}")
+        raise SurgeonModelingError(
+            f"architecture {name!r} is not a model class of transformers {transformers.__version__}"
+        )
     return cls
 
 
