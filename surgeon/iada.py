@@ -141,8 +141,7 @@ def plan_iada(
     architecture = (model_config.get("architectures") or [None])[0]
     if not architecture:
         raise CheckpointError(source, "config.json names no architecture", "restore config.json from the model")
-    num_layers = config_value(model_config, "num_hidden_layers", "n_layer", "num_layers")
-    hidden = config_value(model_config, "hidden_size", "n_embd", "d_model")
+    num_layers, hidden, visual = _text_dims(model_config)
     if not isinstance(num_layers, int) or not isinstance(hidden, int):
         raise CheckpointError(source, "config.json lacks the language model's num_hidden_layers or hidden_size")
     existing = (model_config.get(modeling.CONFIG_KEY) or {}).get(KIND)
@@ -156,7 +155,6 @@ def plan_iada(
         raise CheckpointError(
             source, f"uses its own remote code (auto_map: {', '.join(foreign)})", "IADA needs a model transformers supports natively"
         )
-    visual = sorted(placeholder_token_ids(model_config).values())
     if "vision_config" in model_config and not visual:
         raise CheckpointError(
             source,
@@ -178,6 +176,21 @@ def plan_iada(
     counts = _count_params(settings)
     boundaries = [Boundary(b.index, b.after_layers, b.sources, n) for b, n in zip(boundaries, counts)]
     return IadaPlan(source, architecture, num_layers, hidden, visual, config, boundaries, sum(counts), settings)
+
+
+def _text_dims(model_config: dict) -> tuple[object, object, list[int]]:
+    """(decoder layers, hidden size, visual token ids), with transformers' defaults filled in
+    (LLaVA-style config.json files often omit the text model's default sizes)."""
+    from transformers import AutoConfig
+
+    try:
+        resolved = AutoConfig.for_model(**model_config)
+        text = modeling.text_config_of(resolved)
+        return text.num_hidden_layers, text.hidden_size, modeling.visual_token_ids(resolved)
+    except Exception:  # noqa: BLE001 - an unknown model_type or a config transformers rejects: read the JSON
+        layers = config_value(model_config, "num_hidden_layers", "n_layer", "num_layers")
+        hidden = config_value(model_config, "hidden_size", "n_embd", "d_model")
+        return layers, hidden, sorted(placeholder_token_ids(model_config).values())
 
 
 def iada_settings(config: IadaConfig, boundaries: list[int], hidden_size: int) -> dict:

@@ -81,14 +81,30 @@ def test_identity_at_init_text_images_and_generation(injected, family):
     assert torch.equal(model.generate(**batch, **kw), base.generate(**batch, **kw))
 
 
-def test_identity_on_a_text_llm(tiny_models):
-    from transformers import AutoModelForCausalLM
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama", "idefics3"])
+def test_attaches_to_other_architectures(tiny_models, family):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_models("qwen2", seed=1)).eval()
+    auto = AutoModelForImageTextToText if family == "idefics3" else AutoModelForCausalLM
+    model = auto.from_pretrained(tiny_models(family)).eval()
     before = logits(model, **text_batch())
     add_iada(model, IadaConfig(block_size=1))
     assert len(model.surgeon.iada.blocks) == 4
     assert torch.equal(logits(model, **text_batch()), before)
+    randomise(model)
+    assert not torch.allclose(logits(model, **text_batch()), before)
+
+
+def test_inputs_embeds_callers_get_the_same_result(tiny_models):
+    """Without input_ids (inputs_embeds only) every token counts as text; a text LLM is unaffected."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models("qwen2", seed=1)).eval()
+    add_iada(model, IadaConfig(block_size=2))
+    randomise(model)
+    ids = text_batch()["input_ids"]
+    embeds = model.get_input_embeddings()(ids)
+    torch.testing.assert_close(logits(model, inputs_embeds=embeds), logits(model, input_ids=ids))
 
 
 def test_a_deep_copy_runs_its_own_blocks(tiny_models):

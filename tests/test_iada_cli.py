@@ -149,6 +149,19 @@ def test_dry_run_reads_config_json_alone(cli, vlm, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config-only"]
 
 
+def test_dry_run_fills_in_default_sizes(cli, tiny_models, tmp_path):
+    """LLaVA-style config.json files often omit the text model's default sizes (LlamaConfig: 32 x 4096)."""
+    config = json.loads((tiny_models("llava") / "config.json").read_text())
+    text = config["text_config"]
+    for key in ("hidden_size", "num_hidden_layers", "layer_types", "intermediate_size"):
+        text.pop(key, None)
+    text["model_type"] = "llama"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    plan = json.loads(cli("inject-iada", tmp_path, "--dry-run", "--json").stdout)["plan"]
+    assert (plan["num_layers"], plan["hidden_size"]) == (32, 4096)
+    assert plan["params"] == 4 * (4 * 4096 * 4 + 4096) and plan["visual_token_ids"] == [config["image_token_index"]]
+
+
 def test_reinjecting_needs_replace(cli, vlm, tmp_path):
     import shutil
 
