@@ -223,6 +223,8 @@ def default_output(source: str) -> Path:
 def _load_config(source: str, revision: str | None) -> dict:
     path = Path(source).expanduser()
     if path.is_dir():
+        if revision:
+            raise CheckpointError(source, "is a local folder, so a revision cannot apply", "drop --revision for local folders")
         cfg = path / "config.json"
         if not cfg.is_file():
             raise CheckpointError(source, "has no config.json", "point at a model folder")

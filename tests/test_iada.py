@@ -194,21 +194,27 @@ def test_fixed_mode_is_a_learned_mean_over_depth(tiny_models):
 
 
 # ------------------------------------------------------------------------------- visual tokens
-def test_visual_mask_with_several_images_per_sample_and_padding(vlm):
-    """The mask the blocks receive marks exactly the image positions, per sample, as the processor
-    laid them out (mm_token_type_ids) and as many as the image grids imply."""
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+def test_visual_mask_with_several_images_per_sample_and_padding(tiny_models, family):
+    """The mask the blocks receive marks exactly the image positions, per sample, as many as the
+    images imply (Qwen: the grid after 2x2 merging; LLaVA: one token per patch)."""
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(vlm).eval()
+    folder = tiny_models(family)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
     add_iada(model, IadaConfig(block_size=2))
     masks = []
     model.surgeon.iada.blocks[1].register_forward_pre_hook(lambda m, a: masks.append(a[3]))
-    batch = image_batch(vlm, images_per_sample=(2, 1))
+    batch = image_batch(folder, images_per_sample=(2, 1))
     logits(model, **batch)
     (mask,) = masks
-    assert torch.equal(mask, batch["mm_token_type_ids"] == 1)
-    per_image = batch["image_grid_thw"].prod(-1) // 4  # spatial merge 2x2
-    assert mask.sum(1).tolist() == [int(per_image[:2].sum()), int(per_image[2])]
+    if family == "qwen2_5_vl":
+        assert torch.equal(mask, batch["mm_token_type_ids"] == 1)  # the processor's own layout
+        per_image = (batch["image_grid_thw"].prod(-1) // 4).tolist()
+    else:
+        vision = model.config.vision_config
+        per_image = [(vision.image_size // vision.patch_size) ** 2] * 3
+    assert mask.sum(1).tolist() == [per_image[0] + per_image[1], per_image[2]]
     assert (batch["attention_mask"][1] == 0).any()  # the second sample is padded on the left
 
 
