@@ -11,6 +11,8 @@ from surgeon import __version__
 from surgeon.commands import (
     demo,
     inspect,
+    merge,
+    prior,
 )
 from surgeon.commands._cli import SurgeonGroup
 from surgeon.commands._console import setup_logging
@@ -29,6 +31,8 @@ def main(verbose: int, quiet: bool) -> None:
 
     \b
       inspect         what a checkpoint is and where its parts live
+      prior           DRIFT reasoning prior: Δ = reasoning LLM − VLM, with per-layer statistics
+      merge           merge baselines: linear, task arithmetic, TIES, DARE, layer swap
       demo            the whole pipeline on tiny models built on the spot
     """
     setup_logging(verbose, quiet)
@@ -37,5 +41,7 @@ def main(verbose: int, quiet: bool) -> None:
 for _module in (
     inspect,
     demo,
+    prior,
+    merge,
 ):
     main.add_command(_module.command)

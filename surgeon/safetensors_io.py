@@ -107,14 +107,20 @@ def read_header(path: Path, file_name: str | None = None) -> tuple[dict[str, Ten
     return ordered, {str(k): str(v) for k, v in meta.items()}
 
 
-def read_tensor(f: BinaryIO, info: TensorInfo, rows: int | None = None) -> torch.Tensor:
-    """Read one tensor (or its first ``rows`` rows) from an open file into a new CPU tensor."""
-    shape = info.shape if rows is None else (min(rows, info.shape[0]), *info.shape[1:])
+def read_tensor(f: BinaryIO, info: TensorInfo, rows: int | None = None, start: int = 0) -> torch.Tensor:
+    """Read one tensor, or ``rows`` of its rows from row ``start`` on, from an open file into a new
+    CPU tensor. Row ranges are clipped to the tensor; a 0-d tensor is always read whole."""
+    if not info.shape or (rows is None and start == 0):
+        shape = info.shape
+    else:
+        first = min(start, info.shape[0])
+        stop = info.shape[0] if rows is None else min(first + rows, info.shape[0])
+        shape = (stop - first, *info.shape[1:])
     out = torch.empty(shape, dtype=info.torch_dtype)
     if out.numel() == 0:
         return out
     view = memoryview(out.view(-1).view(torch.uint8).numpy())
-    f.seek(info.start)
+    f.seek(info.start + (min(start, info.shape[0]) * (info.nbytes // info.shape[0]) if start and info.shape else 0))
     got = f.readinto(view)
     if got != len(view):
         raise FormatError(f"ended early while reading {info.name!r}")

@@ -1,0 +1,61 @@
+"""What a merge method is: a function on fp32 blocks of one tensor, and what it needs.
+
+A method never sees files. The merge engine (``surgeon.merge.engine``) streams each paired
+tensor in blocks of rows and calls ``combine(base, reasoning, ctx)`` with
+
+    base       θ_V, the VLM block (fp32)
+    reasoning  [θ_R1, θ_R2, …], the reasoning models' blocks (fp32, same shape)
+    ctx        a ``TensorContext``: weight, density, per-task-vector magnitude thresholds (TIES)
+               and random generators (DARE), prepared per tensor
+
+and writes what it returns. Inputs are scratch: a method may overwrite them. Because every
+method is elementwise given its context, the result does not depend on the block size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """Per-tensor inputs of ``combine``.
+
+    ``thresholds[i]``: the magnitude at or above which entries of task vector i survive TIES
+    trimming (its k-th largest |τ_i|, k = int(density·numel)); empty unless the method trims.
+    ``generators[i]``: task vector i's DARE generator for this tensor, consumed block after block;
+    empty unless the method is random.
+    """
+
+    relative: str
+    weight: float
+    density: float
+    thresholds: tuple[float, ...] = ()
+    generators: tuple[torch.Generator, ...] = ()
+
+
+Combine = Callable[[torch.Tensor, list[torch.Tensor], TensorContext], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """One registered merge method.
+
+    ``options``: which of ``weight``, ``density``, ``seed`` it uses (any other given is an error);
+    ``defaults``: their values when not given. ``single_model``: exactly one reasoning model.
+    ``trims``: needs TIES magnitude thresholds. ``random``: needs DARE generators.
+    ``layers_only``: acts on decoder-layer tensors only, in an explicit ``layers`` range.
+    """
+
+    name: str
+    summary: str
+    combine: Combine
+    options: frozenset[str] = frozenset()
+    defaults: dict[str, float] = field(default_factory=dict)
+    single_model: bool = False
+    trims: bool = False
+    random: bool = False
+    layers_only: bool = False
