@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -21,12 +20,11 @@ from typing import BinaryIO
 import torch
 
 from surgeon.errors import CheckpointError
-from surgeon.safetensors_io import FormatError, TensorInfo, read_header, read_tensor
+from surgeon.safetensors_io import FormatError, TensorInfo, read_header, read_into, read_tensor
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-BLOCK_ELEMENTS = 1 << 24  # 16M elements: 64 MB in fp32 per streamed block
 
 
 class Checkpoint:
@@ -129,6 +127,15 @@ class Checkpoint:
         except FormatError as e:
             raise CheckpointError(self.source, f"{info.file} {e}", "download or copy this file again") from None
 
+    def read_into(self, name: str, out: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Fill ``out`` (contiguous, stored dtype) with rows ``start .. start + len(out)`` of a
+        tensor: the allocation-free read that block streaming uses."""
+        info = self.tensors[name]
+        try:
+            return read_into(self.handle(info.file), info, out, start)
+        except FormatError as e:
+            raise CheckpointError(self.source, f"{info.file} {e}", "download or copy this file again") from None
+
     def handle(self, file: str) -> BinaryIO:
         """The open binary handle of one of ``files`` (opened once, closed by ``close()``)."""
         f = self._handles.get(file)
@@ -188,21 +195,6 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.source!r}, {len(self.tensors)} tensors in {len(self.files)} file(s))"
-
-
-def row_blocks(shape: tuple[int, ...], rows: int | None = None, max_elements: int = BLOCK_ELEMENTS) -> list[tuple[int, int]]:
-    """Split the first ``rows`` rows (default: all) of a tensor of ``shape`` into ``(start, stop)``
-    row ranges of at most ``max_elements`` elements each (at least one row per block).
-
-    Streaming arithmetic reads, computes and writes block by block, so that peak memory is a few
-    blocks whatever the size of the largest tensor. A 0-d tensor is one block ``(0, 1)``.
-    """
-    if not shape:
-        return [(0, 1)]
-    total = shape[0] if rows is None else min(rows, shape[0])
-    per_row = max(1, math.prod(shape[1:]))
-    step = max(1, max_elements // per_row)
-    return [(a, min(a + step, total)) for a in range(0, total, step)]
 
 
 def open_checkpoint(source: str | Path, revision: str | None = None) -> Checkpoint:

@@ -13,8 +13,8 @@ product of the summed norms. DRIFT's authors use the per-layer distance and cosi
 merging helps some VLM/LLM pairs and hurts others ("merging is not a free lunch").
 
     d = Distance()
-    for delta, reasoning, vlm in blocks:   # fp32 blocks of rows
-        d.add_block(delta, reasoning, vlm)
+    for stacked in blocks:                 # fp32 blocks of rows: [θ(R), θ(VLM), Δ]
+        d.add_block(stacked)
     d.to_dict()                            # {"tensors": 1, "delta_norm": …, "cosine": …}
 """
 
@@ -47,14 +47,31 @@ class Distance:
     reasoning_sq: float = 0.0
     dot: float = 0.0
 
-    def add_block(self, delta: torch.Tensor, reasoning: torch.Tensor, vlm: torch.Tensor) -> None:
-        """Rows that are paired: Δ, θ(R) and θ(VLM) blocks of the same shape."""
-        v = _sq(vlm)
-        self.delta_sq += _sq(delta)
-        self.reasoning_sq += _sq(reasoning)
-        self.vlm_sq += v
-        self.paired_vlm_sq += v
-        self.dot += float(torch.dot(reasoning.reshape(-1), vlm.reshape(-1)))
+    def add_block(self, stacked: torch.Tensor, delta_from_vlm: bool = True) -> None:
+        """Paired rows: ``stacked`` holds fp32 blocks ``[θ(R), θ(VLM), …, Δ]`` of one shape.
+
+        Its Gram matrix gives every sum in one pass over memory. With ``delta_from_vlm``
+        (Δ = θ(R) − θ(VLM), single mode) only θ(VLM) and Δ are needed, and they are the more
+        accurate: ⟨R,V⟩ = ‖V‖² + ⟨Δ,V⟩ and ‖R‖² = ‖V‖² + 2⟨Δ,V⟩ + ‖Δ‖², so 1 − cosine is carried by
+        the small terms instead of by the difference of two large ones. In two-model mode
+        (Δ = θ(R) − θ(base)) the Gram matrix of all rows is used.
+        """
+        rows = stacked[1:] if delta_from_vlm and stacked.shape[0] == 3 else stacked
+        flat = rows.reshape(rows.shape[0], -1)
+        g = (flat @ flat.T).double()
+        last = g.shape[0] - 1
+        dd = float(g[last, last])
+        self.delta_sq += dd
+        if rows is not stacked:  # [V, Δ]
+            vv, dv = float(g[0, 0]), float(g[0, 1])
+            self.dot += vv + dv
+            self.reasoning_sq += vv + 2 * dv + dd
+        else:  # [R, V, …, Δ]
+            vv = float(g[1, 1])
+            self.dot += float(g[0, 1])
+            self.reasoning_sq += float(g[0, 0])
+        self.vlm_sq += vv
+        self.paired_vlm_sq += vv
 
     def add_vlm_rows(self, vlm: torch.Tensor) -> None:
         """VLM rows with no counterpart (extra vocabulary): they count in ‖θ(VLM)‖ only."""

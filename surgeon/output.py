@@ -136,6 +136,7 @@ class ShardedWriter:
         self._where: dict[str, tuple[int, int, TensorSpec]] = {}
         self._written: set[str] = set()
         self._filled: dict[str, int] = {}
+        self._cast_buffers: dict[torch.dtype, torch.Tensor] = {}
         self.total_size = sum(s.nbytes for s in specs)
         for i, (fname, shard) in enumerate(zip(self.files, plan)):
             head, offsets = header_bytes([(s.name, s.dtype, s.shape) for s in shard], {"format": "pt"})
@@ -170,12 +171,24 @@ class ShardedWriter:
         elif tuple(rows.shape) != ():
             raise ValueError(f"{name}: planned shape (), got {tuple(rows.shape)}")
         if DTYPE_CODES.get(rows.dtype) != spec.dtype:
-            rows = rows.to(DTYPES[spec.dtype])
+            rows = self._cast(rows, DTYPES[spec.dtype])
         data = tensor_bytes(rows)
         f = self._handles[shard]
         f.seek(offset)
         f.write(data)
         self._count(name, len(data), spec)
+
+    def _cast(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``rows`` in ``dtype``, through one reused buffer per dtype (no allocation per block);
+        a whole large tensor is converted into a fresh one instead of growing the buffer."""
+        if rows.numel() > 1 << 24:
+            return rows.to(dtype)
+        flat = self._cast_buffers.get(dtype)
+        if flat is None or flat.numel() < rows.numel():
+            flat = self._cast_buffers[dtype] = torch.empty(max(rows.numel(), 1), dtype=dtype)
+        out = flat[: rows.numel()].view(rows.shape)
+        out.copy_(rows)
+        return out
 
     def copy_raw(self, name: str, src: BinaryIO, start: int) -> None:
         """Copy a tensor's bytes unchanged from an open safetensors file, where they begin at byte

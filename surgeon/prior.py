@@ -29,13 +29,14 @@ from pathlib import Path
 import torch
 
 from surgeon.align import Alignment, Pair, align
-from surgeon.checkpoint import Checkpoint, open_checkpoint, row_blocks
+from surgeon.checkpoint import Checkpoint, open_checkpoint
 from surgeon.distance import Distance, summarise
 from surgeon.errors import AlignmentError, CheckpointError, ConfigError
 from surgeon.families import DEFAULT_MODULES, Selection
 from surgeon.layout import layer_index
 from surgeon.output import DEFAULT_SHARD_SIZE, ShardedWriter, TensorSpec, check_output, output_folder
 from surgeon.provenance import build_record, read_record, write_record
+from surgeon.streaming import BlockStream
 
 Progress = Callable[[str, int, int], None]
 DTYPE_NAMES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "fp32": "F32", "float32": "F32"}
@@ -109,11 +110,11 @@ def compute_prior(config: PriorConfig, progress: Progress | None = None) -> Prio
             stats: dict[str, dict] = {}
             grouped: list[tuple[int | None, str, Distance]] = []
             with output_folder(config.output, config.overwrite) as tmp:
-                with ShardedWriter(tmp, specs, config.shard_size) as writer:
+                with ShardedWriter(tmp, specs, config.shard_size) as writer, BlockStream() as stream:
                     for i, pair in enumerate(pairs):
                         tick("prior", i, len(pairs))
                         bpair = base_pairs.get(pair.relative)
-                        d = _write_delta(writer, vlm, reasoning, pair, base, bpair)
+                        d = _write_delta(stream, writer, vlm, reasoning, pair, base, bpair)
                         layer = layer_index(pair.relative)
                         rows = _shared_rows(pair, bpair)
                         numbers = {k: v for k, v in d.to_dict().items() if k != "tensors"}
@@ -184,24 +185,24 @@ def _shared_rows(pair: Pair, bpair: Pair | None) -> int | None:
 
 
 def _write_delta(
-    writer: ShardedWriter, vlm: Checkpoint, reasoning: Checkpoint, pair: Pair, base: Checkpoint | None, bpair: Pair | None
-) -> Distance:
+    stream: BlockStream, writer: ShardedWriter, vlm: Checkpoint, reasoning: Checkpoint, pair: Pair,
+    base: Checkpoint | None, bpair: Pair | None,
+) -> Distance:  # fmt: skip
     """Stream Δ for one pair into ``writer`` block by block; return its statistics."""
     d = Distance(tensors=1)
     shape = pair.shape
     shared = _shared_rows(pair, bpair)
-    for a, b in row_blocks(shape, shared):
-        v = vlm.read(pair.vlm_name, b - a, a).float()
-        r = reasoning.read(pair.llm_name, b - a, a).float()
-        ref = base.read(bpair.llm_name, b - a, a).float() if base and bpair else v
-        delta = r - ref
-        d.add_block(delta, r, v)
-        writer.write_rows(pair.vlm_name, a, delta)
+    sources = [(reasoning, pair.llm_name), (vlm, pair.vlm_name)]
+    if base is not None and bpair is not None:
+        sources.append((base, bpair.llm_name))
+    for a, x in stream.blocks(sources, shape, 0, shared, extra=1):  # x = [θ(R), θ(VLM), (θ(base)), Δ]
+        torch.sub(x[0], x[-2], out=x[-1])
+        d.add_block(x, delta_from_vlm=len(sources) == 2)
+        stream.write_rows(writer, pair.vlm_name, a, x[-1])
     if shared is not None and shared < shape[0]:  # VLM rows without counterpart: Δ = 0
-        for a, b in row_blocks((shape[0] - shared, *shape[1:])):
-            v = vlm.read(pair.vlm_name, b - a, shared + a).float()
+        for a, (v,) in stream.blocks([(vlm, pair.vlm_name)], shape, shared):
             d.add_vlm_rows(v)
-            writer.write_rows(pair.vlm_name, shared + a, torch.zeros_like(v))
+            stream.write_rows(writer, pair.vlm_name, a, v.zero_())
     return d
 
 

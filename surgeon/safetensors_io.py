@@ -117,10 +117,21 @@ def read_tensor(f: BinaryIO, info: TensorInfo, rows: int | None = None, start: i
         stop = info.shape[0] if rows is None else min(first + rows, info.shape[0])
         shape = (stop - first, *info.shape[1:])
     out = torch.empty(shape, dtype=info.torch_dtype)
+    return read_into(f, info, out, start if info.shape else 0)
+
+
+def read_into(f: BinaryIO, info: TensorInfo, out: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Fill ``out`` (contiguous, the stored dtype, ``len(out)`` rows) with the tensor's rows from
+    row ``start`` on, straight from the file (``readinto``: no intermediate copy, no mmap)."""
+    if out.dtype != info.torch_dtype or not out.is_contiguous():
+        raise ValueError(f"{info.name}: read_into needs a contiguous {info.dtype} tensor")
     if out.numel() == 0:
         return out
     view = memoryview(out.view(-1).view(torch.uint8).numpy())
-    f.seek(info.start + (min(start, info.shape[0]) * (info.nbytes // info.shape[0]) if start and info.shape else 0))
+    row_bytes = info.nbytes // info.shape[0] if info.shape else 0
+    if start * row_bytes + len(view) > info.nbytes:
+        raise ValueError(f"{info.name}: rows {start}.. of shape {tuple(out.shape)} run past {info.shape}")
+    f.seek(info.start + start * row_bytes)
     got = f.readinto(view)
     if got != len(view):
         raise FormatError(f"ended early while reading {info.name!r}")

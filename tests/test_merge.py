@@ -179,6 +179,28 @@ def test_weight_zero_is_the_vlm_and_linear_one_is_the_reasoning_model(tmp_path, 
         assert torch.equal(f.read("model.layers.3.mlp.down_proj.weight"), r.read("model.layers.3.mlp.down_proj.weight"))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_lerp_rounds_like_fp32_arithmetic(dtype):
+    """The fused path (one ``lerp`` on stored-dtype blocks) must equal converting to fp32,
+    computing θ_V + w·(θ_R − θ_V) there and casting back, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    v = (torch.randn(1 << 16, generator=g) * torch.logspace(-3, 1, 1 << 16)).to(dtype)
+    r = (v.float() + 0.01 * torch.randn(1 << 16, generator=g)).to(dtype)
+    for w in (0.0, 0.3, 0.5, 0.7, 1.0):
+        assert torch.equal(torch.lerp(v, r, w), torch.lerp(v.float(), r.float(), w).to(dtype)), w
+
+
+def test_bf16_merge_keeps_dtypes_and_follows_the_formula(tmp_path, tiny_models):
+    vlm16, llm16 = tiny_models("qwen2_5_vl", dtype=torch.bfloat16), tiny_models("qwen2", seed=1, dtype=torch.bfloat16)
+    out = _merge(tmp_path, vlm16, llm16, "task-arithmetic", weight=W)
+    with open_checkpoint(vlm16) as v, open_checkpoint(llm16) as r, open_checkpoint(out) as m:
+        assert {i.dtype for i in m.tensors.values()} == {"BF16"}
+        name = "model.layers.0.self_attn.q_proj.weight"
+        want = expected("task-arithmetic", v.read(name).float(), [r.read(name).float()]).to(torch.bfloat16)
+        torch.testing.assert_close(m.read(name), want, rtol=0.01, atol=1e-3)
+        assert _raw(m, "visual.blocks.0.attn.qkv.weight") == _raw(v, "visual.blocks.0.attn.qkv.weight")
+
+
 def test_vocab_mismatch_and_tied_embeddings(tmp_path, tiny_models, vlm):
     big_vlm, llm = tiny_models("qwen2_5_vl", vocab_size=520), tiny_models("qwen2", seed=1)
     out = _merge(tmp_path, big_vlm, llm, "task-arithmetic", "vocab", weight=W)

@@ -78,18 +78,20 @@ def test_statistics_match_an_independent_computation(tmp_path, vlm, reasoning):
                 "cosine": float(dr @ dv / (dr.norm() * dv.norm())),
             }
 
+        def check(got, names):
+            want = expect(names)
+            for key, value in want.items():
+                assert got[key] == pytest.approx(value, rel=1e-5), key
+            assert 1 - got["cosine"] == pytest.approx(1 - want["cosine"], rel=1e-3)  # precise near 1 too
+
         layer2 = [n for n in v.tensors if n.startswith("model.layers.2.") and ("self_attn" in n or "mlp" in n or "norm" in n)]
         row = next(x for x in result.layers if x["layer"] == 2)
         assert row["tensors"] == len(layer2) == 12
-        for key, value in expect(layer2).items():
-            assert row[key] == pytest.approx(value, rel=1e-5), key
+        check(row, layer2)
         mlp = [n for n in v.tensors if ".mlp." in n and n.startswith("model.layers.")]
-        fam = next(x for x in result.families if x["family"] == "mlp")
-        for key, value in expect(mlp).items():
-            assert fam[key] == pytest.approx(value, rel=1e-5), key
+        check(next(x for x in result.families if x["family"] == "mlp"), mlp)
         one = "model.layers.1.self_attn.q_proj.weight"
-        for key, value in expect([one]).items():
-            assert result.tensors[one][key] == pytest.approx(value, rel=1e-5), key
+        check(result.tensors[one], [one])
         assert [x["family"] for x in result.families] == ["attn", "mlp", "norm"]
         assert result.total["tensors"] == 4 * 12
         assert 0.99 < result.total["cosine"] < 1 and 0 < result.total["relative_distance"] < 0.05

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from surgeon.align import Alignment, Pair, align
-from surgeon.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint, open_checkpoint, row_blocks
+from surgeon.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint, open_checkpoint
 from surgeon.errors import ConfigError, SelectionError
 from surgeon.families import Selection, family_examples
 from surgeon.layout import layer_index
@@ -33,9 +33,11 @@ from surgeon.merge.method import MergeMethod, TensorContext
 from surgeon.merge.sparsify import kept_count, magnitude_thresholds
 from surgeon.output import DEFAULT_SHARD_SIZE, ShardedWriter, TensorSpec, check_output, output_folder
 from surgeon.provenance import FILE_NAME, build_record, write_record
+from surgeon.streaming import BlockStream
 
 Progress = Callable[[str, int, int], None]
 SKIPPED_FILES = {FILE_NAME, "README.md", INDEX_NAME}
+FUSED_DTYPES = {"BF16", "F16", "F32"}
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,7 @@ def _write(
     specs = [TensorSpec(n, i.dtype, i.shape) for n, i in vlm.tensors.items()]
     with output_folder(config.output, config.overwrite) as tmp:
         files = _copy_side_files(vlm.path, tmp)
-        with ShardedWriter(tmp, specs, config.shard_size) as writer:
+        with ShardedWriter(tmp, specs, config.shard_size) as writer, BlockStream() as stream:
             total = len(vlm.tensors)
             for i, (name, info) in enumerate(vlm.tensors.items()):
                 tick("merge", i, total)
@@ -170,7 +172,7 @@ def _write(
                 if pairs is None:
                     writer.copy_raw(name, vlm.handle(info.file), info.start)
                 else:
-                    _merge_tensor(writer, method, params, vlm, models, pairs)
+                    _merge_tensor(stream, writer, method, params, vlm, models, pairs)
             tick("merge", total, total)
             nbytes = writer.total_size
         al = alignments[0]
@@ -213,32 +215,33 @@ def _seed(seed: int, model: int, relative: str) -> int:
 
 
 def _merge_tensor(
-    writer: ShardedWriter, method: MergeMethod, params: dict, vlm: Checkpoint, models: list[Checkpoint], pairs: list[Pair]
-) -> None:
+    stream: BlockStream, writer: ShardedWriter, method: MergeMethod, params: dict, vlm: Checkpoint,
+    models: list[Checkpoint], pairs: list[Pair],
+) -> None:  # fmt: skip
     first = pairs[0]
     name, shape = first.vlm_name, first.shape
     rows = [p.rows for p in pairs if p.rows is not None]
     shared = min(rows) if rows else None
     weight, density = float(params.get("weight", 1.0)), float(params.get("density", 1.0))
+    sources = [(vlm, name)] + [(m, p.llm_name) for m, p in zip(models, pairs)]
 
-    def blocks(tasks: bool) -> Iterator[tuple[int, torch.Tensor, list[torch.Tensor]]]:
-        for a, b in row_blocks(shape, shared):
-            base = vlm.read(name, b - a, a).float()
-            others = [m.read(p.llm_name, b - a, a).float() for m, p in zip(models, pairs)]
-            yield a, base, ([o.sub_(base) for o in others] if tasks else others)
+    def task_blocks() -> Iterator[list[torch.Tensor]]:
+        for _, x in stream.blocks(sources, shape, 0, shared):
+            yield [o.sub_(x[0]) for o in x[1:]]
 
     thresholds: tuple[float, ...] = ()
     if method.trims:
         numel = math.prod(shape) if shared is None else shared * math.prod(shape[1:])
         k = kept_count(density, numel)
-        thresholds = (0.0,) * len(pairs) if k >= numel else magnitude_thresholds(lambda: (t for _, _, t in blocks(True)), k, len(pairs))
+        thresholds = (0.0,) * len(pairs) if k >= numel else magnitude_thresholds(task_blocks, k, len(pairs))
     generators: tuple[torch.Generator, ...] = ()
     if method.random:
         generators = tuple(torch.Generator().manual_seed(_seed(int(params["seed"]), i, first.relative)) for i in range(len(pairs)))
     ctx = TensorContext(first.relative, weight, density, thresholds, generators)
-    for a, base, others in blocks(False):
-        writer.write_rows(name, a, method.combine(base, others, ctx))
+    dtypes = {ckpt.tensors[n].dtype for ckpt, n in sources}
+    fused = method.fused if len(pairs) == 1 and len(dtypes) == 1 and dtypes <= FUSED_DTYPES else None
+    for a, x in stream.blocks(sources, shape, 0, shared, fp32=fused is None):
+        stream.write_rows(writer, name, a, (fused or method.combine)(x[0], list(x[1:]), ctx))
     if shared is not None and shared < shape[0]:  # the VLM's extra rows: unchanged
-        for a, b in row_blocks((shape[0] - shared, *shape[1:])):
-            writer.write_rows(name, shared + a, vlm.read(name, b - a, shared + a))
-
+        for a, (v,) in stream.blocks([(vlm, name)], shape, shared, fp32=False):
+            stream.write_rows(writer, name, a, v)

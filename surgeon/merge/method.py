@@ -48,6 +48,11 @@ class MergeMethod:
     ``defaults``: their values when not given. ``single_model``: exactly one reasoning model.
     ``trims``: needs TIES magnitude thresholds. ``random``: needs DARE generators.
     ``layers_only``: acts on decoder-layer tensors only, in an explicit ``layers`` range.
+    ``fused``: an optional single-model form that takes blocks in their stored floating dtype
+    (bf16/fp16/fp32, the same for VLM and reasoning model) and returns the result in that dtype,
+    computed in fp32 inside one torch kernel (rounded once, exactly as converting, computing in
+    fp32 and casting would). It saves the conversions; ``tests/test_merge.py`` checks the
+    equivalence on torch's CPU kernels.
     """
 
     name: str
@@ -59,3 +64,4 @@ class MergeMethod:
     trims: bool = False
     random: bool = False
     layers_only: bool = False
+    fused: Combine | None = None
