@@ -12,10 +12,9 @@ vector: norms are square roots of summed squares, the cosine is the summed dot p
 product of the summed norms. DRIFT's authors use the per-layer distance and cosine to explain why
 merging helps some VLM/LLM pairs and hurts others ("merging is not a free lunch").
 
-    d = Distance()
-    for stacked in blocks:                 # fp32 blocks of rows: [θ(R), θ(VLM), Δ]
-        d.add_block(stacked)
-    d.to_dict()                            # {"tensors": 1, "delta_norm": …, "cosine": …}
+    d = Distance(tensors=1)
+    d.add_gram(gram)          # float64 Gram matrix of [θ(VLM), Δ], summed over fp32 tiles
+    d.to_dict()               # {"tensors": 1, "delta_norm": …, "cosine": …}
 """
 
 from __future__ import annotations
@@ -31,11 +30,6 @@ from surgeon.families import FAMILIES
 EPS = 1e-12
 
 
-def _sq(x: torch.Tensor) -> float:
-    flat = x.reshape(-1)
-    return float(torch.dot(flat, flat))
-
-
 @dataclass
 class Distance:
     """Running sums for one tensor or a group of tensors (fp32 blocks in, float64 sums)."""
@@ -47,35 +41,31 @@ class Distance:
     reasoning_sq: float = 0.0
     dot: float = 0.0
 
-    def add_block(self, stacked: torch.Tensor, delta_from_vlm: bool = True) -> None:
-        """Paired rows: ``stacked`` holds fp32 blocks ``[θ(R), θ(VLM), …, Δ]`` of one shape.
+    def add_gram(self, gram: torch.Tensor, delta_from_vlm: bool = True) -> None:
+        """Paired rows, given the Gram matrix (float64) of their flattened fp32 blocks.
 
-        Its Gram matrix gives every sum in one pass over memory. With ``delta_from_vlm``
-        (Δ = θ(R) − θ(VLM), single mode) only θ(VLM) and Δ are needed, and they are the more
-        accurate: ⟨R,V⟩ = ‖V‖² + ⟨Δ,V⟩ and ‖R‖² = ‖V‖² + 2⟨Δ,V⟩ + ‖Δ‖², so 1 − cosine is carried by
-        the small terms instead of by the difference of two large ones. In two-model mode
-        (Δ = θ(R) − θ(base)) the Gram matrix of all rows is used.
+        ``delta_from_vlm`` (single mode, Δ = θ(R) − θ(VLM)): ``gram`` is of ``[θ(VLM), Δ]``. That
+        is the more accurate form: ⟨R,V⟩ = ‖V‖² + ⟨Δ,V⟩ and ‖R‖² = ‖V‖² + 2⟨Δ,V⟩ + ‖Δ‖², so
+        1 − cosine is carried by the small terms instead of by the difference of two large ones.
+        Otherwise (two-model mode, Δ = θ(R) − θ(base)): ``gram`` is of ``[θ(R), θ(VLM), …, Δ]``.
         """
-        rows = stacked[1:] if delta_from_vlm and stacked.shape[0] == 3 else stacked
-        flat = rows.reshape(rows.shape[0], -1)
-        g = (flat @ flat.T).double()
-        last = g.shape[0] - 1
-        dd = float(g[last, last])
+        g = gram.tolist()
+        dd = g[-1][-1]
         self.delta_sq += dd
-        if rows is not stacked:  # [V, Δ]
-            vv, dv = float(g[0, 0]), float(g[0, 1])
+        if delta_from_vlm:
+            vv, dv = g[0][0], g[0][1]
             self.dot += vv + dv
             self.reasoning_sq += vv + 2 * dv + dd
-        else:  # [R, V, …, Δ]
-            vv = float(g[1, 1])
-            self.dot += float(g[0, 1])
-            self.reasoning_sq += float(g[0, 0])
+        else:
+            vv = g[1][1]
+            self.dot += g[0][1]
+            self.reasoning_sq += g[0][0]
         self.vlm_sq += vv
         self.paired_vlm_sq += vv
 
-    def add_vlm_rows(self, vlm: torch.Tensor) -> None:
-        """VLM rows with no counterpart (extra vocabulary): they count in ‖θ(VLM)‖ only."""
-        self.vlm_sq += _sq(vlm)
+    def add_vlm_sq(self, value: float) -> None:
+        """VLM rows with no counterpart (extra vocabulary): their ‖θ(VLM)‖² counts in vlm_norm only."""
+        self.vlm_sq += value
 
     def merge(self, other: Distance) -> None:
         self.tensors += other.tensors

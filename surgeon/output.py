@@ -150,6 +150,10 @@ class ShardedWriter:
                 self._where[spec.name] = (i, len(head) + off, spec)
         self.single = len(self.files) == 1 and not always_index
 
+    def dtype(self, name: str) -> torch.dtype:
+        """The dtype a planned tensor is written in."""
+        return DTYPES[self._where[name][2].dtype]
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write a whole tensor (cast to its planned dtype)."""
         spec = self._where[name][2]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -93,59 +94,54 @@ def compute_prior(config: PriorConfig, progress: Progress | None = None) -> Prio
     """Compute and store the prior of ``config.reasoning`` (minus ``config.base`` or the VLM).
 
     Raises ConfigError (bad options, swapped inputs), AlignmentError (architectures differ),
-    SelectionError (a module family or pattern matches nothing), OutputExistsError.
+    SelectionError (a module family or pattern matches nothing), OutputExistsError; in every
+    such case before anything is written.
     """
     dtype = _dtype_code(config.dtype)
     check_output(config.output, config.overwrite)
-    tick = progress or (lambda task, done, total: None)
-    with open_checkpoint(config.vlm) as vlm, open_checkpoint(config.reasoning) as reasoning:
-        base = open_checkpoint(config.base) if config.base else None
-        try:
-            al = align(vlm, reasoning)
-            _check_roles(al, config)
-            pairs = al.select(config.selection)
-            base_pairs = _base_pairs(vlm, base, pairs) if base else {}
-            out_dtype = dtype or vlm.dtype
+    with ExitStack() as open_:
+        vlm = open_.enter_context(open_checkpoint(config.vlm))
+        reasoning = open_.enter_context(open_checkpoint(config.reasoning))
+        base = open_.enter_context(open_checkpoint(config.base)) if config.base else None
+        al = align(vlm, reasoning)
+        _check_roles(al, config)
+        pairs = al.select(config.selection)
+        base_pairs = _base_pairs(vlm, base, pairs) if base else {}
+        out_dtype = dtype or vlm.dtype
+        with output_folder(config.output, config.overwrite) as tmp:
             specs = [TensorSpec(p.vlm_name, out_dtype, p.shape) for p in pairs]
+            tick = progress or (lambda task, done, total: None)
             stats: dict[str, dict] = {}
             grouped: list[tuple[int | None, str, Distance]] = []
-            with output_folder(config.output, config.overwrite) as tmp:
-                with ShardedWriter(tmp, specs, config.shard_size) as writer, BlockStream() as stream:
-                    for i, pair in enumerate(pairs):
-                        tick("prior", i, len(pairs))
-                        bpair = base_pairs.get(pair.relative)
-                        d = _write_delta(stream, writer, vlm, reasoning, pair, base, bpair)
-                        layer = layer_index(pair.relative)
-                        rows = _shared_rows(pair, bpair)
-                        numbers = {k: v for k, v in d.to_dict().items() if k != "tensors"}
-                        stats[pair.vlm_name] = {"relative": pair.relative, "family": pair.family, "layer": layer, "rows": rows, **numbers}
-                        grouped.append((layer, pair.family, d))
-                    tick("prior", len(pairs), len(pairs))
-                    total_bytes = writer.total_size
-                layers, families, total = summarise(grouped)
-                notes = list(al.notes) + _base_notes(base_pairs)
-                result = PriorResult(
-                    output=str(config.output),
-                    mode="two-model" if base else "single",
-                    dtype=out_dtype,
-                    selection=config.selection.describe(),
-                    counts=al.counts(pairs),
-                    notes=notes,
-                    tensors=stats,
-                    layers=layers,
-                    families=families,
-                    total=total,
-                    bytes=total_bytes,
-                    vlm_layout={"lm_prefix": al.vlm_layout.lm_prefix, "lm_head": al.vlm_layout.lm_head, "num_layers": al.vlm_layout.num_layers},
-                )
-                inputs: dict = {"reasoning": reasoning, "vlm": vlm}
-                if base:
-                    inputs["base"] = base
-                stats_out = {k: v for k, v in result.to_dict().items() if k != "output"}
-                write_record(tmp, build_record("prior", "prior", config, inputs, stats_out))
-        finally:
-            if base:
-                base.close()
+            with ShardedWriter(tmp, specs, config.shard_size) as writer, BlockStream() as stream:
+                for i, pair in enumerate(pairs):
+                    tick("prior", i, len(pairs))
+                    bpair = base_pairs.get(pair.relative)
+                    d = _write_delta(stream, writer, vlm, reasoning, pair, base, bpair)
+                    numbers = {k: v for k, v in d.to_dict().items() if k != "tensors"}
+                    layer = layer_index(pair.relative)
+                    rows = _shared_rows(pair, bpair)
+                    stats[pair.vlm_name] = {"relative": pair.relative, "family": pair.family, "layer": layer, "rows": rows, **numbers}
+                    grouped.append((layer, pair.family, d))
+                tick("prior", len(pairs), len(pairs))
+            layers, families, total = summarise(grouped)
+            result = PriorResult(
+                output=str(config.output),
+                mode="two-model" if base else "single",
+                dtype=out_dtype,
+                selection=config.selection.describe(),
+                counts=al.counts(pairs),
+                notes=list(al.notes) + _base_notes(base_pairs),
+                tensors=stats,
+                layers=layers,
+                families=families,
+                total=total,
+                bytes=writer.total_size,
+                vlm_layout={"lm_prefix": al.vlm_layout.lm_prefix, "lm_head": al.vlm_layout.lm_head, "num_layers": al.vlm_layout.num_layers},
+            )
+            inputs: dict = {"reasoning": reasoning, "vlm": vlm, **({"base": base} if base else {})}
+            recorded = {k: v for k, v in result.to_dict().items() if k != "output"}
+            write_record(tmp, build_record("prior", "prior", config, inputs, recorded))
     return result
 
 
@@ -188,21 +184,34 @@ def _write_delta(
     stream: BlockStream, writer: ShardedWriter, vlm: Checkpoint, reasoning: Checkpoint, pair: Pair,
     base: Checkpoint | None, bpair: Pair | None,
 ) -> Distance:  # fmt: skip
-    """Stream Δ for one pair into ``writer`` block by block; return its statistics."""
-    d = Distance(tensors=1)
-    shape = pair.shape
+    """Stream Δ for one pair into ``writer`` tile by tile; return its statistics."""
+    shape, name = pair.shape, pair.vlm_name
     shared = _shared_rows(pair, bpair)
-    sources = [(reasoning, pair.llm_name), (vlm, pair.vlm_name)]
+    sources = [(reasoning, pair.llm_name), (vlm, name)]
     if base is not None and bpair is not None:
         sources.append((base, bpair.llm_name))
-    for a, x in stream.blocks(sources, shape, 0, shared, extra=1):  # x = [θ(R), θ(VLM), (θ(base)), Δ]
+    single = len(sources) == 2
+    gram = torch.zeros(2 if single else 4, 2 if single else 4, dtype=torch.float64)
+
+    def delta(x: torch.Tensor) -> torch.Tensor:  # x = [θ(R), θ(VLM), (θ(base)), Δ]
         torch.sub(x[0], x[-2], out=x[-1])
-        d.add_block(x, delta_from_vlm=len(sources) == 2)
-        stream.write_rows(writer, pair.vlm_name, a, x[-1])
+        rows = (x[1:] if single else x).flatten(1)
+        gram.add_(rows @ rows.T)
+        return x[-1]
+
+    stream.run(sources, shape, delta, out=(writer, name), stop=shared, extra=1)
+    d = Distance(tensors=1)
+    d.add_gram(gram, delta_from_vlm=single)
     if shared is not None and shared < shape[0]:  # VLM rows without counterpart: Δ = 0
-        for a, (v,) in stream.blocks([(vlm, pair.vlm_name)], shape, shared):
-            d.add_vlm_rows(v)
-            stream.write_rows(writer, pair.vlm_name, a, v.zero_())
+        extra_sq = torch.zeros((), dtype=torch.float64)
+
+        def zero(x: torch.Tensor) -> torch.Tensor:
+            v = x[0].flatten()
+            extra_sq.add_(torch.dot(v, v))
+            return x[0].zero_()
+
+        stream.run([(vlm, name)], shape, zero, out=(writer, name), start=shared)
+        d.add_vlm_sq(float(extra_sq))
     return d
 
 

@@ -156,6 +156,20 @@ def test_dare_is_seeded_and_independent_of_layout(tmp_path, tiny_models, vlm, re
         assert all(torch.equal(ma.read(n), mt.read(n)) for n in ma.tensors)
 
 
+@pytest.mark.parametrize("method", ["ties", "dare-ties"])
+def test_results_do_not_depend_on_block_and_tile_size(tmp_path, monkeypatch, vlm, reasoning, reasoning2, method):
+    """TIES thresholds come from histograms over all tiles; DARE draws from one generator per
+    tensor across tiles: both must give the same bytes however the tensors are cut."""
+    import surgeon.streaming
+
+    whole = _merge(tmp_path, vlm, [reasoning, reasoning2], method, "whole", density=DENSITY)
+    monkeypatch.setattr(surgeon.streaming, "BLOCK_ELEMENTS", 1000)
+    monkeypatch.setattr(surgeon.streaming, "TILE_ELEMENTS", 300)
+    cut = _merge(tmp_path, vlm, [reasoning, reasoning2], method, "cut", density=DENSITY)
+    with open_checkpoint(whole) as a, open_checkpoint(cut) as b:
+        assert all(_raw(a, n) == _raw(b, n) for n in a.tensors)
+
+
 def test_dare_ties_with_two_models(tmp_path, vlm, reasoning, reasoning2):
     out = _merge(tmp_path, vlm, [reasoning, reasoning2], "dare-ties", weight=W, density=DENSITY)
     name = "model.layers.1.self_attn.o_proj.weight"

@@ -35,45 +35,50 @@ def test_row_blocks():
     assert compute_threads(1) == 1 and compute_threads(2) == 1 and compute_threads(64) == 8
 
 
-def test_blocks_reassemble_every_tensor(ckpt):
+def _collect(stream, sources, shape, **kw):
+    tiles = []
+    stream.run(sources, shape, lambda x: tiles.append(x.clone()), **kw)
+    return tiles
+
+
+def test_tiles_reassemble_every_tensor(ckpt):
     c, tensors = ckpt
-    with BlockStream(max_elements=20) as stream:
-        got = [(a, x.clone()) for a, x in stream.blocks([(c, "a"), (c, "b")], (37, 5), extra=1)]
-        assert [a for a, _ in got] == list(range(0, 37, 4))
-        assert all(x.shape[0] == 3 and x.dtype == torch.float32 for _, x in got)
-        assert torch.equal(torch.cat([x[0] for _, x in got]), tensors["a"].float())
-        assert torch.equal(torch.cat([x[1] for _, x in got]), tensors["b"])
-        native = torch.cat([x[0].clone() for _, x in stream.blocks([(c, "a"), (c, "c")], (37, 5), start=30, fp32=False)])
+    with BlockStream(max_elements=20, tile_elements=10) as stream:
+        tiles = _collect(stream, [(c, "a"), (c, "b")], (37, 5), extra=1)
+        assert [t.shape[1] for t in tiles] == [2, 2] * 9 + [1]  # blocks of 4 rows, tiles of 2
+        assert all(t.shape[0] == 3 and t.dtype == torch.float32 for t in tiles)
+        assert torch.equal(torch.cat([t[0] for t in tiles]), tensors["a"].float())
+        assert torch.equal(torch.cat([t[1] for t in tiles]), tensors["b"])
+        native = torch.cat([t[0] for t in _collect(stream, [(c, "a"), (c, "c")], (37, 5), start=30, fp32=False)])
         assert native.dtype == torch.bfloat16 and torch.equal(native, tensors["a"][30:])
-        (s,) = [x for _, x in stream.blocks([(c, "s")], ())]
-        assert s.shape == (1,) and float(s[0]) == 3.5
+        (s,) = _collect(stream, [(c, "s")], ())
+        assert s.shape == (1, 1) and float(s[0, 0]) == 3.5
         with pytest.raises(ValueError, match="mixed dtypes"):
-            next(stream.blocks([(c, "a"), (c, "b")], (37, 5), fp32=False))
+            stream.run([(c, "a"), (c, "b")], (37, 5), lambda x: None, fp32=False)
 
 
-def test_stopping_early_leaves_the_stream_usable(ckpt):
+def test_an_error_in_fn_leaves_the_stream_usable(ckpt):
     c, tensors = ckpt
     with BlockStream(max_elements=10) as stream:
-        for _a, _x in stream.blocks([(c, "b")], (37, 5)):
-            break
-        again = torch.cat([x[0].clone() for _, x in stream.blocks([(c, "b")], (37, 5))])
+        with pytest.raises(ZeroDivisionError):
+            stream.run([(c, "b")], (37, 5), lambda x: 1 / 0)
+        again = torch.cat([t[0] for t in _collect(stream, [(c, "b")], (37, 5))])
         assert torch.equal(again, tensors["b"])
 
 
 def test_stream_writes_match_direct_writes(tmp_path, ckpt):
     c, tensors = ckpt
-    specs = [TensorSpec("d", "BF16", (37, 5)), TensorSpec("a", "BF16", (37, 5)), TensorSpec("v", "F16", (11,))]
+    specs = [TensorSpec("d", "BF16", (37, 5)), TensorSpec("a", "BF16", (37, 5)), TensorSpec("v", "F16", (11,)), TensorSpec("s", "F32", ())]
     (tmp_path / "out").mkdir()
-    with ShardedWriter(tmp_path / "out", specs) as w, BlockStream(max_elements=15) as stream:
-        for a, x in stream.blocks([(c, "b"), (c, "a")], (37, 5), extra=1):
-            torch.sub(x[0], x[1], out=x[2])
-            stream.write_rows(w, "d", a, x[2])
+    with ShardedWriter(tmp_path / "out", specs) as w, BlockStream(max_elements=15, tile_elements=4) as stream:
+        stream.run([(c, "b"), (c, "a")], (37, 5), lambda x: torch.sub(x[0], x[1], out=x[2]), out=(w, "d"), extra=1)
         w.copy_raw("a", c.handle(c.tensors["a"].file), c.tensors["a"].start)
-        for a, x in stream.blocks([(c, "v")], (11,), fp32=False):
-            stream.write_rows(w, "v", a, x[0])
+        stream.run([(c, "v")], (11,), lambda x: x[0], out=(w, "v"), fp32=False)
+        stream.run([(c, "s")], (), lambda x: x[0] * 2, out=(w, "s"))
     with open_checkpoint(tmp_path / "out") as out:
         assert torch.equal(out.read("d"), (tensors["b"] - tensors["a"].float()).to(torch.bfloat16))
         assert torch.equal(out.read("a"), tensors["a"]) and torch.equal(out.read("v"), tensors["v"])
+        assert float(out.read("s")) == 7.0
 
 
 def test_writer_refuses_incomplete_or_misplaced_rows(tmp_path):

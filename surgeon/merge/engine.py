@@ -18,7 +18,8 @@ from __future__ import annotations
 import hashlib
 import math
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -119,19 +120,15 @@ def merge_models(config: MergeConfig, progress: Progress | None = None) -> Merge
     method, params = resolve_method(config)
     check_output(config.output, config.overwrite)
     tick = progress or (lambda task, done, total: None)
-    with open_checkpoint(config.vlm) as vlm:
-        models = [open_checkpoint(r) for r in config.reasoning]
-        try:
-            alignments = [align(vlm, m) for m in models]
-            for cfg_name, al in zip(config.reasoning, alignments):
-                if al.vlm_layout.kind == "llm" and al.llm_layout.kind == "vlm":
-                    raise ConfigError("vlm", f"{config.vlm} is a text LLM and {cfg_name} is a VLM", "did you swap --vlm and --reasoning?")
-            plan, notes = _plan(alignments, config.selection, method)
-            result = _write(config, method, params, vlm, models, plan, alignments, notes, tick)
-        finally:
-            for m in models:
-                m.close()
-    return result
+    with ExitStack() as open_:
+        vlm = open_.enter_context(open_checkpoint(config.vlm))
+        models = [open_.enter_context(open_checkpoint(r)) for r in config.reasoning]
+        alignments = [align(vlm, m) for m in models]
+        for source, al in zip(config.reasoning, alignments):
+            if al.vlm_layout.kind == "llm" and al.llm_layout.kind == "vlm":
+                raise ConfigError("vlm", f"{config.vlm} is a text LLM and {source} is a VLM", "did you swap --vlm and --reasoning?")
+        plan, notes = _plan(alignments, config.selection, method)
+        return _write(config, method, params, vlm, models, plan, alignments, notes, tick)
 
 
 def _plan(alignments: list[Alignment], selection: Selection, method: MergeMethod) -> tuple[dict[str, list[Pair]], list[str]]:
@@ -225,23 +222,20 @@ def _merge_tensor(
     weight, density = float(params.get("weight", 1.0)), float(params.get("density", 1.0))
     sources = [(vlm, name)] + [(m, p.llm_name) for m, p in zip(models, pairs)]
 
-    def task_blocks() -> Iterator[list[torch.Tensor]]:
-        for _, x in stream.blocks(sources, shape, 0, shared):
-            yield [o.sub_(x[0]) for o in x[1:]]
+    def scan(visit: Callable[[list[torch.Tensor]], None]) -> None:
+        stream.run(sources, shape, lambda x: visit([o.sub_(x[0]) for o in x[1:]]), stop=shared)
 
     thresholds: tuple[float, ...] = ()
     if method.trims:
         numel = math.prod(shape) if shared is None else shared * math.prod(shape[1:])
         k = kept_count(density, numel)
-        thresholds = (0.0,) * len(pairs) if k >= numel else magnitude_thresholds(task_blocks, k, len(pairs))
+        thresholds = (0.0,) * len(pairs) if k >= numel else magnitude_thresholds(scan, k, len(pairs))
     generators: tuple[torch.Generator, ...] = ()
     if method.random:
         generators = tuple(torch.Generator().manual_seed(_seed(int(params["seed"]), i, first.relative)) for i in range(len(pairs)))
     ctx = TensorContext(first.relative, weight, density, thresholds, generators)
     dtypes = {ckpt.tensors[n].dtype for ckpt, n in sources}
-    fused = method.fused if len(pairs) == 1 and len(dtypes) == 1 and dtypes <= FUSED_DTYPES else None
-    for a, x in stream.blocks(sources, shape, 0, shared, fp32=fused is None):
-        stream.write_rows(writer, name, a, (fused or method.combine)(x[0], list(x[1:]), ctx))
+    combine = method.fused if method.fused and len(pairs) == 1 and len(dtypes) == 1 and dtypes <= FUSED_DTYPES else method.combine
+    stream.run(sources, shape, lambda x: combine(x[0], list(x[1:]), ctx), out=(writer, name), stop=shared, fp32=combine is method.combine)
     if shared is not None and shared < shape[0]:  # the VLM's extra rows: unchanged
-        for a, (v,) in stream.blocks([(vlm, name)], shape, shared, fp32=False):
-            stream.write_rows(writer, name, a, v)
+        stream.run([(vlm, name)], shape, lambda x: x[0], out=(writer, name), start=shared, fp32=False)

@@ -2,7 +2,7 @@
 
     trim(tau, threshold)          TIES: keep entries with |τ| ≥ threshold, zero the rest
     magnitude_thresholds(...)     the k-th largest |τ_i| of each task vector over a whole tensor,
-                                  exact, from blocks streamed twice (peak memory: one block)
+                                  exact, from tiles streamed twice (peak memory: one tile)
     dare(tau, density, gen)       DARE: drop each entry with probability 1−density, rescale by 1/density
     disjoint_mean(taus)           TIES sign election (sign of the sum) and mean of the agreeing entries
 """
@@ -10,11 +10,11 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 
-BlockSource = Callable[[], Iterable[list[torch.Tensor]]]
+Scan = Callable[[Callable[[list[torch.Tensor]], None]], None]
 
 
 def trim(tau: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -48,31 +48,34 @@ def kept_count(density: float, numel: int) -> int:
     return int(density * numel)
 
 
-def magnitude_thresholds(blocks: BlockSource, k: int, count: int) -> tuple[float, ...]:
-    """The exact k-th largest |τ_i| for each of ``count`` task vectors whose blocks ``blocks()``
-    yields (a list of ``count`` fp32 blocks each time; called twice).
+def magnitude_thresholds(scan: Scan, k: int, count: int) -> tuple[float, ...]:
+    """The exact k-th largest |τ_i| over a whole tensor for each of ``count`` task vectors.
 
-    Radix selection on the bit patterns of |τ| (monotone for non-negative floats): a histogram of
-    the high 16 bits finds the bucket holding the k-th largest, a second of the low 16 bits inside
-    that bucket finds the value. ``k == 0`` gives +inf (nothing survives).
+    ``scan(visit)`` must call ``visit([τ_1, …, τ_count])`` on every tile of the tensor (fp32
+    tiles of the same rows); it is called twice. Radix selection on the bit patterns of |τ|
+    (monotone for non-negative floats): a histogram of the high 16 bits finds the bucket holding
+    the k-th largest, a second of the low 16 bits inside that bucket finds the value. Peak memory
+    is one tile. ``k == 0`` gives +inf (nothing survives).
     """
     if k <= 0:
         return (float("inf"),) * count
     high = torch.zeros(count, 1 << 16, dtype=torch.int64)
-    for block in blocks():
-        for i, t in enumerate(block):
+
+    def count_high(taus: list[torch.Tensor]) -> None:
+        for i, t in enumerate(taus):
             high[i] += torch.bincount(_bits(t).bitwise_right_shift(16), minlength=1 << 16)
-    buckets, remaining = [], []
-    for i in range(count):
-        b, r = _bucket(high[i], k)
-        buckets.append(b)
-        remaining.append(r)
+
+    scan(count_high)
+    buckets, remaining = zip(*(_bucket(high[i], k) for i in range(count)))
     low = torch.zeros(count, 1 << 16, dtype=torch.int64)
-    for block in blocks():
-        for i, t in enumerate(block):
+
+    def count_low(taus: list[torch.Tensor]) -> None:
+        for i, t in enumerate(taus):
             bits = _bits(t)
             inside = bits[bits.bitwise_right_shift(16) == buckets[i]]
             low[i] += torch.bincount(inside.bitwise_and(0xFFFF), minlength=1 << 16)
+
+    scan(count_low)
     out = []
     for i in range(count):
         lo, _ = _bucket(low[i], remaining[i])
