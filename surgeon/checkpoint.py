@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -46,6 +47,7 @@ class Checkpoint:
         self.revision = revision
         self.commit = commit
         self._handles: dict[str, BinaryIO] = {}
+        self._lock = threading.Lock()
         self.config = self._load_config()
         self.files, self.tensors, self.index_metadata = self._scan()
 
@@ -138,10 +140,11 @@ class Checkpoint:
 
     def handle(self, file: str) -> BinaryIO:
         """The open binary handle of one of ``files`` (opened once, closed by ``close()``)."""
-        f = self._handles.get(file)
-        if f is None:
-            f = self._handles[file] = open(self.path / file, "rb")
-        return f
+        with self._lock:  # block streaming reads on a background thread
+            f = self._handles.get(file)
+            if f is None:
+                f = self._handles[file] = open(self.path / file, "rb")
+            return f
 
     def iter_tensors(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(name, tensor)`` one at a time, in on-disk order (sequential reads)."""

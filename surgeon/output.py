@@ -214,12 +214,8 @@ class ShardedWriter:
 
     @staticmethod
     def _copy_chunk(src: BinaryIO, dst: BinaryIO, src_pos: int, dst_pos: int, size: int) -> int:
-        src.seek(src_pos)
-        data = src.read(size)
-        dst.seek(dst_pos)
-        dst.write(data)
-        dst.flush()
-        return len(data)
+        data = os.pread(src.fileno(), size, src_pos)  # positional: safe while another thread reads src
+        return os.pwrite(dst.fileno(), data, dst_pos)
 
     def _count(self, name: str, nbytes: int, spec: TensorSpec) -> None:
         done = self._filled.get(name, 0) + nbytes

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from contextlib import ExitStack
+from functools import partial
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from surgeon.families import DEFAULT_MODULES, Selection
 from surgeon.layout import layer_index
 from surgeon.output import DEFAULT_SHARD_SIZE, ShardedWriter, TensorSpec, check_output, output_folder
 from surgeon.provenance import build_record, read_record, write_record
-from surgeon.streaming import BlockStream
+from surgeon.streaming import BlockStream, Job
 
 Progress = Callable[[str, int, int], None]
 DTYPE_NAMES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "fp32": "F32", "float32": "F32"}
@@ -114,16 +115,15 @@ def compute_prior(config: PriorConfig, progress: Progress | None = None) -> Prio
             stats: dict[str, dict] = {}
             grouped: list[tuple[int | None, str, Distance]] = []
             with ShardedWriter(tmp, specs, config.shard_size) as writer, BlockStream() as stream:
-                for i, pair in enumerate(pairs):
-                    tick("prior", i, len(pairs))
-                    bpair = base_pairs.get(pair.relative)
-                    d = _write_delta(stream, writer, vlm, reasoning, pair, base, bpair)
-                    numbers = {k: v for k, v in d.to_dict().items() if k != "tensors"}
-                    layer = layer_index(pair.relative)
-                    rows = _shared_rows(pair, bpair)
-                    stats[pair.vlm_name] = {"relative": pair.relative, "family": pair.family, "layer": layer, "rows": rows, **numbers}
-                    grouped.append((layer, pair.family, d))
-                tick("prior", len(pairs), len(pairs))
+                plans = [_DeltaPlan(writer, vlm, reasoning, p, base, base_pairs.get(p.relative)) for p in pairs]
+                tick("prior", 0, len(plans))
+                stream.run([job for i, plan in enumerate(plans, 1) for job in plan.jobs(partial(tick, "prior", i, len(plans)))])
+            for plan in plans:
+                pair, d = plan.pair, plan.distance()
+                numbers = {k: v for k, v in d.to_dict().items() if k != "tensors"}
+                layer = layer_index(pair.relative)
+                stats[pair.vlm_name] = {"relative": pair.relative, "family": pair.family, "layer": layer, "rows": plan.shared, **numbers}
+                grouped.append((layer, pair.family, d))
             layers, families, total = summarise(grouped)
             result = PriorResult(
                 output=str(config.output),
@@ -180,39 +180,51 @@ def _shared_rows(pair: Pair, bpair: Pair | None) -> int | None:
     return min(rows) if rows else None
 
 
-def _write_delta(
-    stream: BlockStream, writer: ShardedWriter, vlm: Checkpoint, reasoning: Checkpoint, pair: Pair,
-    base: Checkpoint | None, bpair: Pair | None,
-) -> Distance:  # fmt: skip
-    """Stream Δ for one pair into ``writer`` tile by tile; return its statistics."""
-    shape, name = pair.shape, pair.vlm_name
-    shared = _shared_rows(pair, bpair)
-    sources = [(reasoning, pair.llm_name), (vlm, name)]
-    if base is not None and bpair is not None:
-        sources.append((base, bpair.llm_name))
-    single = len(sources) == 2
-    gram = torch.zeros(2 if single else 4, 2 if single else 4, dtype=torch.float64)
+class _DeltaPlan:
+    """The streaming jobs that write Δ for one pair, and the sums its statistics come from."""
 
-    def delta(x: torch.Tensor) -> torch.Tensor:  # x = [θ(R), θ(VLM), (θ(base)), Δ]
+    def __init__(
+        self, writer: ShardedWriter, vlm: Checkpoint, reasoning: Checkpoint, pair: Pair, base: Checkpoint | None, bpair: Pair | None
+    ) -> None:
+        self.writer, self.vlm, self.pair = writer, vlm, pair
+        self.shared = _shared_rows(pair, bpair)
+        self.sources = [(reasoning, pair.llm_name), (vlm, pair.vlm_name)]
+        if base is not None and bpair is not None:
+            self.sources.append((base, bpair.llm_name))
+        self.single = len(self.sources) == 2
+        n = 2 if self.single else 4
+        self.gram = torch.zeros(n, n, dtype=torch.float64)
+        self.extra_sq = torch.zeros((), dtype=torch.float64)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """x = [θ(R), θ(VLM), (θ(base)), Δ] fp32 tile: Δ, and the Gram matrix of [θ(VLM), Δ]
+        (single mode) or of all rows (two-model mode)."""
         torch.sub(x[0], x[-2], out=x[-1])
-        rows = (x[1:] if single else x).flatten(1)
-        gram.add_(rows @ rows.T)
+        rows = (x[1:] if self.single else x).flatten(1)
+        self.gram.add_(rows @ rows.T)
         return x[-1]
 
-    stream.run(sources, shape, delta, out=(writer, name), stop=shared, extra=1)
-    d = Distance(tensors=1)
-    d.add_gram(gram, delta_from_vlm=single)
-    if shared is not None and shared < shape[0]:  # VLM rows without counterpart: Δ = 0
-        extra_sq = torch.zeros((), dtype=torch.float64)
+    def zero(self, x: torch.Tensor) -> torch.Tensor:
+        """VLM rows without counterpart: Δ = 0; they count in ‖θ_VLM‖."""
+        v = x[0].flatten()
+        self.extra_sq.add_(torch.dot(v, v))
+        return x[0].zero_()
 
-        def zero(x: torch.Tensor) -> torch.Tensor:
-            v = x[0].flatten()
-            extra_sq.add_(torch.dot(v, v))
-            return x[0].zero_()
+    def jobs(self, done: Callable[[], None]) -> list[Job]:
+        """Δ over the paired rows, then zeros over the VLM's extra rows; ``done`` after the last."""
+        name, shape = self.pair.vlm_name, self.pair.shape
+        out = (self.writer, name)
+        jobs = [Job(self.sources, shape, self.delta, out=out, stop=self.shared, extra=1)]
+        if self.shared is not None and self.shared < shape[0]:
+            jobs.append(Job([(self.vlm, name)], shape, self.zero, out=out, start=self.shared))
+        jobs[-1].done = done
+        return jobs
 
-        stream.run([(vlm, name)], shape, zero, out=(writer, name), start=shared)
-        d.add_vlm_sq(float(extra_sq))
-    return d
+    def distance(self) -> Distance:
+        d = Distance(tensors=1)
+        d.add_gram(self.gram, delta_from_vlm=self.single)
+        d.add_vlm_sq(float(self.extra_sq))
+        return d
 
 
 class Prior:

@@ -1,26 +1,32 @@
 """Block streaming: tensor arithmetic over whole checkpoints in bounded memory, near I/O speed.
 
+    gram = torch.zeros(2, 2, dtype=torch.float64)
+
+    def delta(x):                              # x: fp32 tile [θ(R), θ(V), scratch]
+        torch.sub(x[0], x[1], out=x[2])
+        gram.add_(x[1:].flatten(1) @ x[1:].flatten(1).T)
+        return x[2]                            # written as rows of `name`
+
     with BlockStream() as stream:
-        def delta(x):                          # x: fp32 tile [θ(R), θ(V), scratch]
-            return torch.sub(x[0], x[1], out=x[2])
-        stream.run([(llm, llm_name), (vlm, name)], shape, delta, out=(writer, name), extra=1)
+        stream.run([Job([(llm, llm_name), (vlm, name)], shape, delta, out=(writer, name), extra=1),
+                    Copy(writer, "visual.patch_embed.proj.weight", vlm_file, start)])
 
-A tensor is cut into blocks of whole rows (``row_blocks``, at most ``BLOCK_ELEMENTS`` elements),
-processed in a three-stage pipeline:
+``run`` takes the whole list of jobs, cuts every tensor into blocks of whole rows (``row_blocks``,
+at most ``BLOCK_ELEMENTS`` elements) and pipelines all blocks of all jobs in three stages:
 
-1. a reading thread reads each source's next block straight into a reused buffer of its stored
-   dtype (``readinto``: no mmap, no fresh allocation);
+1. a reading thread reads the next block of each source straight into a reused buffer of its
+   stored dtype (``readinto``: no mmap, no fresh allocation), across tensor boundaries;
 2. the calling thread walks the current block in tiles of about ``TILE_ELEMENTS`` (small enough to
-   stay in the CPU's L2 cache), converts each tile to fp32, calls ``fn`` on it, and casts the
-   result into an output block of the written dtype;
-3. a writing thread writes the previous output block.
+   stay in the CPU's L2 cache), converts each tile to fp32, calls the job's ``fn`` on it, and
+   casts the result into an output block of the written dtype;
+3. a writing thread writes finished blocks and performs ``Copy`` jobs, in order.
 
-With ``fp32=False`` (arithmetic that needs no conversion, like a fused ``lerp`` computing in fp32
-inside the kernel) ``fn`` gets whole blocks in their stored dtype instead.
-
-Working tile by tile reads and writes each block's bytes in memory about once, instead of once per
-arithmetic pass: measured on a shared 2-core VM, 1.6x faster than whole-block passes. Peak memory
-is a fixed handful of blocks, whatever the size of the model or of its largest tensor.
+Working tile by tile reads and writes each block's bytes in memory about once instead of once per
+arithmetic pass (measured on a shared 2-core VM: 1.6x faster than whole-block passes), and
+pipelining across tensors leaves no thread idle at tensor boundaries. With ``fp32=False``
+(arithmetic that needs no conversion, like a fused ``lerp`` that computes in fp32 inside the
+kernel) ``fn`` gets whole blocks in their stored dtype instead. Peak memory is a fixed handful of
+blocks, whatever the size of the model or of its largest tensor.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import BinaryIO
 
 import torch
 
@@ -38,6 +46,39 @@ BLOCK_ELEMENTS = 1 << 23  # 8M elements per source and block: 16 MB in bf16
 TILE_ELEMENTS = 1 << 17  # 128K elements: a tile's fp32 rows stay in L2
 Source = tuple[Checkpoint, str]
 TileFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+@dataclass
+class Job:
+    """Stream rows ``start .. stop`` (default: all) of same-shaped tensors of ``sources``.
+
+    ``fn`` gets one contiguous ``(len(sources) + extra, rows, …)`` tensor per tile: source j's
+    rows in fp32, then ``extra`` rows of scratch; all of it is scratch to ``fn``. With
+    ``fp32=False`` the rows keep their stored dtype (all sources must share it) and ``fn`` gets
+    whole blocks. With ``out=(writer, name)``, ``fn`` returns the result for those rows of
+    ``name``, cast to its dtype and written. ``done`` runs on the calling thread after the last
+    tile (e.g. to use sums that ``fn`` accumulated).
+    """
+
+    sources: Sequence[Source]
+    shape: tuple[int, ...]
+    fn: TileFn
+    out: tuple[ShardedWriter, str] | None = None
+    start: int = 0
+    stop: int | None = None
+    fp32: bool = True
+    extra: int = 0
+    done: Callable[[], None] | None = None
+
+
+@dataclass
+class Copy:
+    """Copy a planned tensor's bytes unchanged from an open file (``ShardedWriter.copy_raw``)."""
+
+    writer: ShardedWriter
+    name: str
+    src: BinaryIO
+    start: int
 
 
 def row_blocks(shape: tuple[int, ...], rows: int | None = None, max_elements: int = BLOCK_ELEMENTS) -> list[tuple[int, int]]:
@@ -59,8 +100,16 @@ def compute_threads(available: int) -> int:
     return max(1, min(available - 1, 8))
 
 
+@dataclass
+class _Block:
+    job: Job
+    a: int
+    b: int
+    last: bool  # the job's last block
+
+
 class BlockStream:
-    """Reusable buffers and reading / writing threads for streaming tensors block by block.
+    """Reusable buffers and reading / writing threads for streaming jobs block by block.
 
     Blocks alternate between two slots of buffers: while the caller works on one slot, the reader
     fills the other and the writer drains the one before. ``threads`` sets torch's intra-op
@@ -85,88 +134,95 @@ class BlockStream:
             flat = self._flat[(key, dtype)] = torch.empty(max(n, 1), dtype=dtype)
         return flat[:n].view(tuple(shape))
 
-    def run(
-        self,
-        sources: Sequence[Source],
-        shape: tuple[int, ...],
-        fn: TileFn,
-        out: tuple[ShardedWriter, str] | None = None,
-        start: int = 0,
-        stop: int | None = None,
-        fp32: bool = True,
-        extra: int = 0,
-    ) -> None:
-        """Call ``fn`` on every tile of rows ``start .. stop`` (default: to the end) of the
-        sources, tensors of ``shape`` (a source may have more rows; only these are read), in order.
-
-        ``fn`` gets one contiguous ``(len(sources) + extra, rows, …)`` tensor: source j's rows in
-        fp32, then ``extra`` rows of scratch; all of it is scratch to ``fn``. With ``fp32=False``
-        the rows keep their stored dtype (which all sources must share) and ``fn`` gets whole
-        blocks instead of tiles: there is no conversion to keep in cache. With ``out=(writer, name)``,
-        ``fn`` returns the tile's result for those rows of ``name``, which is cast to its dtype and
-        written; everything handed to the writer is out when ``run`` returns.
-        """
-        dtypes = [ckpt.tensors[name].torch_dtype for ckpt, name in sources]
-        if not fp32 and len(set(dtypes)) != 1:
-            raise ValueError(f"tiles of mixed dtypes {sorted(map(str, set(dtypes)))} need fp32=True")
-        work = torch.float32 if fp32 else dtypes[0]
-        shape2 = shape or (1,)  # a 0-d tensor is streamed as one row
-        end = shape2[0] if stop is None else stop
-        ranges = [(a + start, b + start) for a, b in row_blocks((end - start, *shape2[1:]), None, self.max_elements)]
-        if not ranges:
-            return
-        row = math.prod(shape2[1:])
-        tile_rows = max(1, self.tile_elements // max(1, row))
-        out_dtype = out[0].dtype(out[1]) if out else None
-
-        def load(slot: int, a: int, b: int) -> list[torch.Tensor] | torch.Tensor:
-            if not fp32:  # no conversion: read straight into the stacked block fn gets whole
-                stacked = self._buffer(f"in@{slot}", (len(sources) + extra, b - a, *shape2[1:]), work)
-                for j, (ckpt, name) in enumerate(sources):
-                    ckpt.read_into(name, stacked[j] if shape else stacked[j].view(()), a)
-                return stacked
-            bufs = []
-            for j, (ckpt, name) in enumerate(sources):
-                buf = self._buffer(f"raw{j}@{slot}", (b - a, *shape2[1:]), dtypes[j])
-                ckpt.read_into(name, buf if shape else buf.view(()), a)
-                bufs.append(buf)
-            return bufs
-
-        self._drain(0)
-        pending = self._reader.submit(load, 0, *ranges[0])
+    def run(self, jobs: Sequence[Job | Copy]) -> None:
+        """Run ``jobs`` in order (see the module docstring). When it returns, every ``done`` has
+        run and every byte is handed to the writer's files."""
+        steps: list[_Block | Copy] = []
+        for job in jobs:
+            if isinstance(job, Copy):
+                steps.append(job)
+                continue
+            _check(job)
+            shape = job.shape or (1,)  # a 0-d tensor is streamed as one row
+            end = shape[0] if job.stop is None else job.stop
+            ranges = row_blocks((end - job.start, *shape[1:]), None, self.max_elements)
+            steps += [_Block(job, a + job.start, b + job.start, i == len(ranges) - 1) for i, (a, b) in enumerate(ranges)]
+            if not ranges and job.done:
+                steps.append(_Block(job, 0, 0, True))
+        blocks = [s for s in steps if isinstance(s, _Block) and s.b > s.a]
+        loads: dict[int, Future] = {}
+        if blocks:
+            loads[id(blocks[0])] = self._reader.submit(self._load, blocks[0], 0)
+        k = 0  # index of the current block in ``blocks``
+        last_write: Future | None = None
         try:
-            for i, (a, b) in enumerate(ranges):
-                raw = pending.result()
-                slot = i % 2
-                if i + 1 < len(ranges):
-                    self._drain(1 - slot)  # the next slot's last write must be out before reuse
-                    pending = self._reader.submit(load, 1 - slot, *ranges[i + 1])
-                result = None
-                if isinstance(raw, torch.Tensor):  # stored dtype: one call on the whole block
-                    y = fn(raw)
-                    if out_dtype is not None and y is not None:
-                        result = y if y.dtype == out_dtype and y.is_contiguous() else self._cast(f"out@{slot}", y, out_dtype)
-                else:
-                    if out_dtype is not None:
-                        result = self._buffer(f"out@{slot}", (b - a, *shape2[1:]), out_dtype)
-                    for t0 in range(0, b - a, tile_rows):
-                        t1 = min(t0 + tile_rows, b - a)
-                        x = self._buffer("tile", (len(sources) + extra, t1 - t0, *shape2[1:]), work)
-                        for j, r in enumerate(raw):
-                            x[j].copy_(r[t0:t1])
-                        y = fn(x)
-                        if result is not None:
-                            result[t0:t1].copy_(y)  # type: ignore[arg-type]
-                if out and result is not None:
-                    self._writes[slot] = self._writer.submit(out[0].write_rows, out[1], a, result if shape else result.view(()))
-        finally:  # also on error: nothing may still use the buffers
-            pending.exception()
+            for step in steps:
+                if isinstance(step, Copy):
+                    last_write = self._writer.submit(step.writer.copy_raw, step.name, step.src, step.start)
+                    continue
+                if step.b > step.a:
+                    raw = loads.pop(id(step)).result()
+                    slot = k % 2
+                    if k + 1 < len(blocks):
+                        self._drain(1 - slot)  # that slot's last write must be out before it is reused
+                        loads[id(blocks[k + 1])] = self._reader.submit(self._load, blocks[k + 1], 1 - slot)
+                    k += 1
+                    result = self._compute(step, raw, slot)
+                    if result is not None and step.job.out:
+                        writer, name = step.job.out
+                        self._writes[slot] = last_write = self._writer.submit(
+                            writer.write_rows, name, step.a, result if step.job.shape else result.view(())
+                        )
+                if step.last and step.job.done:
+                    step.job.done()
+        finally:  # also on error: nothing may still use the buffers when run returns
+            for pending in loads.values():
+                pending.exception()
             self._drain(0)
             self._drain(1)
+            if last_write is not None:
+                last_write.result()
 
-    def _cast(self, key: str, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        out = self._buffer(key, y.shape, dtype)
-        return out.copy_(y)
+    def _load(self, block: _Block, slot: int) -> list[torch.Tensor] | torch.Tensor:
+        """Reader thread: one block of every source, in its stored dtype."""
+        job, rows = block.job, block.b - block.a
+        shape = job.shape or (1,)
+        if not job.fp32:  # no conversion: read straight into the stacked block fn gets whole
+            dtype = job.sources[0][0].tensors[job.sources[0][1]].torch_dtype
+            stacked = self._buffer(f"in@{slot}", (len(job.sources) + job.extra, rows, *shape[1:]), dtype)
+            for j, (ckpt, name) in enumerate(job.sources):
+                ckpt.read_into(name, stacked[j] if job.shape else stacked[j].view(()), block.a)
+            return stacked
+        bufs = []
+        for j, (ckpt, name) in enumerate(job.sources):
+            buf = self._buffer(f"raw{j}@{slot}", (rows, *shape[1:]), ckpt.tensors[name].torch_dtype)
+            ckpt.read_into(name, buf if job.shape else buf.view(()), block.a)
+            bufs.append(buf)
+        return bufs
+
+    def _compute(self, block: _Block, raw: list[torch.Tensor] | torch.Tensor, slot: int) -> torch.Tensor | None:
+        """Calling thread: ``fn`` over the block's tiles; the result block in the written dtype."""
+        job, rows = block.job, block.b - block.a
+        shape = job.shape or (1,)
+        out_dtype = job.out[0].dtype(job.out[1]) if job.out else None
+        if isinstance(raw, torch.Tensor):  # stored dtype: one call on the whole block
+            y = job.fn(raw)
+            if out_dtype is None or y is None:
+                return None
+            if y.dtype == out_dtype and y.is_contiguous():
+                return y
+            return self._buffer(f"out@{slot}", y.shape, out_dtype).copy_(y)
+        result = self._buffer(f"out@{slot}", (rows, *shape[1:]), out_dtype) if out_dtype else None
+        tile_rows = max(1, self.tile_elements // max(1, math.prod(shape[1:])))
+        for t0 in range(0, rows, tile_rows):
+            t1 = min(t0 + tile_rows, rows)
+            x = self._buffer("tile", (len(raw) + job.extra, t1 - t0, *shape[1:]), torch.float32)
+            for j, r in enumerate(raw):
+                x[j].copy_(r[t0:t1])
+            y = job.fn(x)
+            if result is not None and y is not None:
+                result[t0:t1].copy_(y)
+        return result
 
     def _drain(self, slot: int) -> None:
         pending, self._writes[slot] = self._writes[slot], None
@@ -184,3 +240,10 @@ class BlockStream:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check(job: Job) -> None:
+    if not job.fp32:
+        dtypes = {ckpt.tensors[name].dtype for ckpt, name in job.sources}
+        if len(dtypes) != 1:
+            raise ValueError(f"blocks of mixed dtypes {sorted(dtypes)} need fp32=True")

@@ -115,6 +115,21 @@ def test_several_reasoning_models(tmp_path, vlm, reasoning, reasoning2, method):
             torch.testing.assert_close(m.read(name), want, rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("k", [1, 7, 500, 999, 1000])
+def test_magnitude_thresholds_are_exact_kth_largest(k):
+    from surgeon.merge.sparsify import MagnitudeThresholds
+
+    g = torch.Generator().manual_seed(k)
+    taus = [torch.randn(1000, generator=g).to(torch.bfloat16).float(), torch.randn(1000, generator=g) * 1e-3]
+    taus[0][:50] = 0  # zeros and repeated (bf16-rounded) magnitudes
+    select = MagnitudeThresholds(2, k)
+    for visit, done in ((select.count_high, select.pick), (select.count_low, select.finish)):
+        for a in range(0, 1000, 300):  # tile by tile
+            visit([t[a : a + 300] for t in taus])
+        done()
+    assert select.values == tuple(float(t.abs().topk(k).values[-1]) for t in taus)
+
+
 def test_ties_sign_election_disagrees_somewhere(vlm, reasoning, reasoning2):
     """Guard that the two-model TIES test exercises the election: trimmed signs often disagree."""
     with open_checkpoint(vlm) as v, open_checkpoint(reasoning) as r1, open_checkpoint(reasoning2) as r2:

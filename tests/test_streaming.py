@@ -8,7 +8,7 @@ import torch
 from surgeon.checkpoint import open_checkpoint
 from surgeon.output import ShardedWriter, TensorSpec
 from surgeon.safetensors_io import write_file
-from surgeon.streaming import BlockStream, compute_threads, row_blocks
+from surgeon.streaming import BlockStream, Copy, Job, compute_threads, row_blocks
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def test_row_blocks():
 
 def _collect(stream, sources, shape, **kw):
     tiles = []
-    stream.run(sources, shape, lambda x: tiles.append(x.clone()), **kw)
+    stream.run([Job(sources, shape, lambda x: tiles.append(x.clone()), **kw)])
     return tiles
 
 
@@ -54,14 +54,14 @@ def test_tiles_reassemble_every_tensor(ckpt):
         (s,) = _collect(stream, [(c, "s")], ())
         assert s.shape == (1, 1) and float(s[0, 0]) == 3.5
         with pytest.raises(ValueError, match="mixed dtypes"):
-            stream.run([(c, "a"), (c, "b")], (37, 5), lambda x: None, fp32=False)
+            stream.run([Job([(c, "a"), (c, "b")], (37, 5), lambda x: None, fp32=False)])
 
 
 def test_an_error_in_fn_leaves_the_stream_usable(ckpt):
     c, tensors = ckpt
     with BlockStream(max_elements=10) as stream:
         with pytest.raises(ZeroDivisionError):
-            stream.run([(c, "b")], (37, 5), lambda x: 1 / 0)
+            stream.run([Job([(c, "b")], (37, 5), lambda x: 1 / 0)])
         again = torch.cat([t[0] for t in _collect(stream, [(c, "b")], (37, 5))])
         assert torch.equal(again, tensors["b"])
 
@@ -70,11 +70,17 @@ def test_stream_writes_match_direct_writes(tmp_path, ckpt):
     c, tensors = ckpt
     specs = [TensorSpec("d", "BF16", (37, 5)), TensorSpec("a", "BF16", (37, 5)), TensorSpec("v", "F16", (11,)), TensorSpec("s", "F32", ())]
     (tmp_path / "out").mkdir()
+    done = []
     with ShardedWriter(tmp_path / "out", specs) as w, BlockStream(max_elements=15, tile_elements=4) as stream:
-        stream.run([(c, "b"), (c, "a")], (37, 5), lambda x: torch.sub(x[0], x[1], out=x[2]), out=(w, "d"), extra=1)
-        w.copy_raw("a", c.handle(c.tensors["a"].file), c.tensors["a"].start)
-        stream.run([(c, "v")], (11,), lambda x: x[0], out=(w, "v"), fp32=False)
-        stream.run([(c, "s")], (), lambda x: x[0] * 2, out=(w, "s"))
+        stream.run(
+            [
+                Job([(c, "b"), (c, "a")], (37, 5), lambda x: torch.sub(x[0], x[1], out=x[2]), out=(w, "d"), extra=1, done=lambda: done.append("d")),
+                Copy(w, "a", c.handle(c.tensors["a"].file), c.tensors["a"].start),
+                Job([(c, "v")], (11,), lambda x: x[0], out=(w, "v"), fp32=False, done=lambda: done.append("v")),
+                Job([(c, "s")], (), lambda x: x[0] * 2, out=(w, "s")),
+            ]
+        )
+    assert done == ["d", "v"]
     with open_checkpoint(tmp_path / "out") as out:
         assert torch.equal(out.read("d"), (tensors["b"] - tensors["a"].float()).to(torch.bfloat16))
         assert torch.equal(out.read("a"), tensors["a"]) and torch.equal(out.read("v"), tensors["v"])

@@ -20,7 +20,8 @@ import math
 import shutil
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,10 +32,10 @@ from surgeon.errors import ConfigError, SelectionError
 from surgeon.families import Selection, family_examples
 from surgeon.layout import layer_index
 from surgeon.merge.method import MergeMethod, TensorContext
-from surgeon.merge.sparsify import kept_count, magnitude_thresholds
+from surgeon.merge.sparsify import MagnitudeThresholds, kept_count
 from surgeon.output import DEFAULT_SHARD_SIZE, ShardedWriter, TensorSpec, check_output, output_folder
 from surgeon.provenance import FILE_NAME, build_record, write_record
-from surgeon.streaming import BlockStream
+from surgeon.streaming import BlockStream, Copy, Job
 
 Progress = Callable[[str, int, int], None]
 SKIPPED_FILES = {FILE_NAME, "README.md", INDEX_NAME}
@@ -162,15 +163,17 @@ def _write(
     with output_folder(config.output, config.overwrite) as tmp:
         files = _copy_side_files(vlm.path, tmp)
         with ShardedWriter(tmp, specs, config.shard_size) as writer, BlockStream() as stream:
-            total = len(vlm.tensors)
-            for i, (name, info) in enumerate(vlm.tensors.items()):
-                tick("merge", i, total)
+            jobs: list[Job | Copy] = []
+            merged = 0
+            for name, info in vlm.tensors.items():
                 pairs = plan.get(name)
                 if pairs is None:
-                    writer.copy_raw(name, vlm.handle(info.file), info.start)
+                    jobs.append(Copy(writer, name, vlm.handle(info.file), info.start))
                 else:
-                    _merge_tensor(stream, writer, method, params, vlm, models, pairs)
-            tick("merge", total, total)
+                    merged += 1
+                    jobs += _merge_jobs(writer, method, params, vlm, models, pairs, partial(tick, "merge", merged, len(plan)))
+            tick("merge", 0, len(plan))
+            stream.run(jobs)
             nbytes = writer.total_size
         al = alignments[0]
         counts = {
@@ -211,31 +214,49 @@ def _seed(seed: int, model: int, relative: str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def _merge_tensor(
-    stream: BlockStream, writer: ShardedWriter, method: MergeMethod, params: dict, vlm: Checkpoint,
-    models: list[Checkpoint], pairs: list[Pair],
-) -> None:  # fmt: skip
+def _merge_jobs(
+    writer: ShardedWriter, method: MergeMethod, params: dict, vlm: Checkpoint, models: list[Checkpoint],
+    pairs: list[Pair], done: Callable[[], None],
+) -> list[Job]:  # fmt: skip
+    """The streaming jobs that merge one tensor: TIES' two threshold passes when the method trims,
+    the merge itself over the paired rows, and the VLM's extra rows copied unchanged."""
     first = pairs[0]
     name, shape = first.vlm_name, first.shape
     rows = [p.rows for p in pairs if p.rows is not None]
     shared = min(rows) if rows else None
     weight, density = float(params.get("weight", 1.0)), float(params.get("density", 1.0))
     sources = [(vlm, name)] + [(m, p.llm_name) for m, p in zip(models, pairs)]
-
-    def scan(visit: Callable[[list[torch.Tensor]], None]) -> None:
-        stream.run(sources, shape, lambda x: visit([o.sub_(x[0]) for o in x[1:]]), stop=shared)
-
-    thresholds: tuple[float, ...] = ()
-    if method.trims:
-        numel = math.prod(shape) if shared is None else shared * math.prod(shape[1:])
-        k = kept_count(density, numel)
-        thresholds = (0.0,) * len(pairs) if k >= numel else magnitude_thresholds(scan, k, len(pairs))
     generators: tuple[torch.Generator, ...] = ()
     if method.random:
         generators = tuple(torch.Generator().manual_seed(_seed(int(params["seed"]), i, first.relative)) for i in range(len(pairs)))
-    ctx = TensorContext(first.relative, weight, density, thresholds, generators)
-    dtypes = {ckpt.tensors[n].dtype for ckpt, n in sources}
-    combine = method.fused if method.fused and len(pairs) == 1 and len(dtypes) == 1 and dtypes <= FUSED_DTYPES else method.combine
-    stream.run(sources, shape, lambda x: combine(x[0], list(x[1:]), ctx), out=(writer, name), stop=shared, fp32=combine is method.combine)
+    ctx = TensorContext(first.relative, weight, density, (), generators)
+    jobs: list[Job] = []
+    if method.trims:
+        numel = math.prod(shape) if shared is None else shared * math.prod(shape[1:])
+        k = kept_count(density, numel)
+        select = MagnitudeThresholds(len(pairs), k)
+        if k >= numel:
+            select.values = (0.0,) * len(pairs)
+        elif select.values is None:
+
+            def taus(visit: Callable[[list[torch.Tensor]], None]) -> Callable[[torch.Tensor], None]:
+                return lambda x: visit([o.sub_(x[0]) for o in x[1:]])
+
+            jobs += [
+                Job(sources, shape, taus(select.count_high), stop=shared, done=select.pick),
+                Job(sources, shape, taus(select.count_low), stop=shared, done=select.finish),
+            ]
+
+        def combine(x: torch.Tensor) -> torch.Tensor:
+            return method.combine(x[0], list(x[1:]), replace(ctx, thresholds=select.values or ()))
+
+        jobs.append(Job(sources, shape, combine, out=(writer, name), stop=shared))
+    else:
+        dtypes = {ckpt.tensors[n].dtype for ckpt, n in sources}
+        fused = method.fused if method.fused and len(pairs) == 1 and len(dtypes) == 1 and dtypes <= FUSED_DTYPES else None
+        fn = fused or method.combine
+        jobs.append(Job(sources, shape, lambda x: fn(x[0], list(x[1:]), ctx), out=(writer, name), stop=shared, fp32=fused is None))
     if shared is not None and shared < shape[0]:  # the VLM's extra rows: unchanged
-        stream.run([(vlm, name)], shape, lambda x: x[0], out=(writer, name), start=shared, fp32=False)
+        jobs.append(Job([(vlm, name)], shape, lambda x: x[0], out=(writer, name), start=shared, fp32=False))
+    jobs[-1].done = done
+    return jobs

@@ -1,7 +1,7 @@
 """The tensor maths the TIES and DARE methods share (Yadav et al. 2023; Yu et al. 2024).
 
     trim(tau, threshold)          TIES: keep entries with |τ| ≥ threshold, zero the rest
-    magnitude_thresholds(...)     the k-th largest |τ_i| of each task vector over a whole tensor,
+    MagnitudeThresholds           the k-th largest |τ_i| of each task vector over a whole tensor,
                                   exact, from tiles streamed twice (peak memory: one tile)
     dare(tau, density, gen)       DARE: drop each entry with probability 1−density, rescale by 1/density
     disjoint_mean(taus)           TIES sign election (sign of the sum) and mean of the agreeing entries
@@ -10,11 +10,8 @@
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 
 import torch
-
-Scan = Callable[[Callable[[list[torch.Tensor]], None]], None]
 
 
 def trim(tau: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -48,39 +45,47 @@ def kept_count(density: float, numel: int) -> int:
     return int(density * numel)
 
 
-def magnitude_thresholds(scan: Scan, k: int, count: int) -> tuple[float, ...]:
-    """The exact k-th largest |τ_i| over a whole tensor for each of ``count`` task vectors.
+class MagnitudeThresholds:
+    """The exact k-th largest |τ_i| over a whole tensor for each of ``count`` task vectors, from
+    two passes over its tiles (peak memory: one tile).
 
-    ``scan(visit)`` must call ``visit([τ_1, …, τ_count])`` on every tile of the tensor (fp32
-    tiles of the same rows); it is called twice. Radix selection on the bit patterns of |τ|
-    (monotone for non-negative floats): a histogram of the high 16 bits finds the bucket holding
-    the k-th largest, a second of the low 16 bits inside that bucket finds the value. Peak memory
-    is one tile. ``k == 0`` gives +inf (nothing survives).
+    Radix selection on the bit patterns of |τ| (monotone for non-negative floats): pass 1
+    (``count_high`` on every tile, then ``pick``) histograms the high 16 bits and finds the bucket
+    holding the k-th largest; pass 2 (``count_low``, then ``finish``) histograms the low 16 bits
+    inside that bucket and finds the value, in ``values``. ``k == 0`` gives +inf (nothing
+    survives) without any pass.
     """
-    if k <= 0:
-        return (float("inf"),) * count
-    high = torch.zeros(count, 1 << 16, dtype=torch.int64)
 
-    def count_high(taus: list[torch.Tensor]) -> None:
+    def __init__(self, count: int, k: int) -> None:
+        self.count, self.k = count, k
+        self.values: tuple[float, ...] | None = (float("inf"),) * count if k <= 0 else None
+        self._high = torch.zeros(count, 1 << 16, dtype=torch.int64)
+        self._low = torch.zeros(count, 1 << 16, dtype=torch.int64)
+        self._buckets: list[int] = []
+        self._remaining: list[int] = []
+
+    def count_high(self, taus: list[torch.Tensor]) -> None:
         for i, t in enumerate(taus):
-            high[i] += torch.bincount(_bits(t).bitwise_right_shift(16), minlength=1 << 16)
+            self._high[i] += torch.bincount(_bits(t).bitwise_right_shift(16), minlength=1 << 16)
 
-    scan(count_high)
-    buckets, remaining = zip(*(_bucket(high[i], k) for i in range(count)))
-    low = torch.zeros(count, 1 << 16, dtype=torch.int64)
+    def pick(self) -> None:
+        for i in range(self.count):
+            b, r = _bucket(self._high[i], self.k)
+            self._buckets.append(b)
+            self._remaining.append(r)
 
-    def count_low(taus: list[torch.Tensor]) -> None:
+    def count_low(self, taus: list[torch.Tensor]) -> None:
         for i, t in enumerate(taus):
             bits = _bits(t)
-            inside = bits[bits.bitwise_right_shift(16) == buckets[i]]
-            low[i] += torch.bincount(inside.bitwise_and(0xFFFF), minlength=1 << 16)
+            inside = bits[bits.bitwise_right_shift(16) == self._buckets[i]]
+            self._low[i] += torch.bincount(inside.bitwise_and(0xFFFF), minlength=1 << 16)
 
-    scan(count_low)
-    out = []
-    for i in range(count):
-        lo, _ = _bucket(low[i], remaining[i])
-        out.append(struct.unpack("<f", struct.pack("<I", (buckets[i] << 16) | lo))[0])
-    return tuple(out)
+    def finish(self) -> None:
+        out = []
+        for i in range(self.count):
+            lo, _ = _bucket(self._low[i], self._remaining[i])
+            out.append(struct.unpack("<f", struct.pack("<I", (self._buckets[i] << 16) | lo))[0])
+        self.values = tuple(out)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
