@@ -22,6 +22,7 @@ and is zero in the VLM's extra rows (``Prior.rows(name)`` says how many rows are
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 from functools import partial
@@ -195,28 +196,33 @@ class _DeltaPlan:
         n = 2 if self.single else 4
         self.gram = torch.zeros(n, n, dtype=torch.float64)
         self.extra_sq = torch.zeros((), dtype=torch.float64)
+        self.lock = threading.Lock()
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """x = [θ(R), θ(VLM), (θ(base)), Δ] fp32 tile: Δ, and the Gram matrix of [θ(VLM), Δ]
         (single mode) or of all rows (two-model mode)."""
         torch.sub(x[0], x[-2], out=x[-1])
         rows = (x[1:] if self.single else x).flatten(1)
-        self.gram.add_(rows @ rows.T)
+        gram = rows @ rows.T
+        with self.lock:  # tiles may run on two threads
+            self.gram.add_(gram)
         return x[-1]
 
     def zero(self, x: torch.Tensor) -> torch.Tensor:
         """VLM rows without counterpart: Δ = 0; they count in ‖θ_VLM‖."""
         v = x[0].flatten()
-        self.extra_sq.add_(torch.dot(v, v))
+        sq = torch.dot(v, v)
+        with self.lock:
+            self.extra_sq.add_(sq)
         return x[0].zero_()
 
     def jobs(self, done: Callable[[], None]) -> list[Job]:
         """Δ over the paired rows, then zeros over the VLM's extra rows; ``done`` after the last."""
         name, shape = self.pair.vlm_name, self.pair.shape
         out = (self.writer, name)
-        jobs = [Job(self.sources, shape, self.delta, out=out, stop=self.shared, extra=1)]
+        jobs = [Job(self.sources, shape, self.delta, out=out, stop=self.shared, extra=1, parallel=True)]
         if self.shared is not None and self.shared < shape[0]:
-            jobs.append(Job([(self.vlm, name)], shape, self.zero, out=out, start=self.shared))
+            jobs.append(Job([(self.vlm, name)], shape, self.zero, out=out, start=self.shared, parallel=True))
         jobs[-1].done = done
         return jobs
 

@@ -57,7 +57,9 @@ class Job:
     ``fp32=False`` the rows keep their stored dtype (all sources must share it) and ``fn`` gets
     whole blocks. With ``out=(writer, name)``, ``fn`` returns the result for those rows of
     ``name``, cast to its dtype and written. ``done`` runs on the calling thread after the last
-    tile (e.g. to use sums that ``fn`` accumulated).
+    tile (e.g. to use sums that ``fn`` accumulated). ``parallel``: ``fn`` may run on two tiles
+    at once, from two threads, in any order (it must be thread-safe and order-free); otherwise
+    tiles go through ``fn`` one at a time, in order.
     """
 
     sources: Sequence[Source]
@@ -69,6 +71,7 @@ class Job:
     fp32: bool = True
     extra: int = 0
     done: Callable[[], None] | None = None
+    parallel: bool = False
 
 
 @dataclass
@@ -125,6 +128,9 @@ class BlockStream:
         self._writes: list[Future | None] = [None, None]
         self._threads = torch.get_num_threads()
         torch.set_num_threads(threads or compute_threads(self._threads))
+        # a second thread computing tiles of parallel jobs: worth it when intra-op threading is
+        # not (one intra-op thread: small tiles, few cores)
+        self._helper = ThreadPoolExecutor(1, thread_name_prefix="surgeon-tiles") if torch.get_num_threads() == 1 else None
 
     def _buffer(self, key: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """A reused contiguous buffer of ``shape`` for role ``key`` (contents undefined)."""
@@ -214,14 +220,26 @@ class BlockStream:
             return self._buffer(f"out@{slot}", y.shape, out_dtype).copy_(y)
         result = self._buffer(f"out@{slot}", (rows, *shape[1:]), out_dtype) if out_dtype else None
         tile_rows = max(1, self.tile_elements // max(1, math.prod(shape[1:])))
-        for t0 in range(0, rows, tile_rows):
-            t1 = min(t0 + tile_rows, rows)
-            x = self._buffer("tile", (len(raw) + job.extra, t1 - t0, *shape[1:]), torch.float32)
-            for j, r in enumerate(raw):
-                x[j].copy_(r[t0:t1])
-            y = job.fn(x)
-            if result is not None and y is not None:
-                result[t0:t1].copy_(y)
+        tiles = [(t0, min(t0 + tile_rows, rows)) for t0 in range(0, rows, tile_rows)]
+
+        def work(worker: int, part: list[tuple[int, int]]) -> None:
+            for t0, t1 in part:
+                x = self._buffer(f"tile{worker}", (len(raw) + job.extra, t1 - t0, *shape[1:]), torch.float32)
+                for j, r in enumerate(raw):
+                    x[j].copy_(r[t0:t1])
+                y = job.fn(x)
+                if result is not None and y is not None:
+                    result[t0:t1].copy_(y)
+
+        if job.parallel and self._helper is not None and len(tiles) > 1:
+            half = len(tiles) // 2
+            helper = self._helper.submit(work, 1, tiles[half:])
+            try:
+                work(0, tiles[:half])
+            finally:
+                helper.result()
+        else:
+            work(0, tiles)
         return result
 
     def _drain(self, slot: int) -> None:
@@ -232,6 +250,8 @@ class BlockStream:
     def close(self) -> None:
         self._reader.shutdown(wait=True)
         self._writer.shutdown(wait=True)
+        if self._helper is not None:
+            self._helper.shutdown(wait=True)
         self._flat.clear()
         torch.set_num_threads(self._threads)
 
