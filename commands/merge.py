@@ -22,7 +22,7 @@ METHOD_NAMES = ["linear", "task-arithmetic", "ties", "dare-linear", "dare-ties",
 @click.option("--reasoning", required=True, multiple=True, help="Reasoning LLM(s); repeat for several (not layer-swap).")
 @click.option("--vlm", required=True, help="The VLM to merge into; its vision tower and projector are kept as they are.")
 @click.option("-o", "--output", required=True, help="Output folder: a complete VLM that from_pretrained loads.")
-@click.option("--method", required=True, type=click.Choice(METHOD_NAMES), help="Merge method (see below).")
+@click.option("--method", required=True, type=click.Choice(METHOD_NAMES), help="Merge method (formulas above).")
 @click.option("--weight", type=float, default=None, help="w in the formulas (default 0.5 for every method that uses it).")
 @click.option("--density", type=float, default=None, help="Fraction of τ entries kept (default: ties 0.2, dare-* 0.5).")
 @click.option("--seed", type=int, default=None, help="DARE's random seed (default 0).")

@@ -44,6 +44,7 @@ from surgeon.output import ShardedWriter
 
 BLOCK_ELEMENTS = 1 << 23  # 8M elements per source and block: 16 MB in bf16
 TILE_ELEMENTS = 1 << 17  # 128K elements: a tile's fp32 rows stay in L2
+SLOTS = 4  # blocks in flight: the reader may run 3 blocks ahead of the computation
 Source = tuple[Checkpoint, str]
 TileFn = Callable[[torch.Tensor], "torch.Tensor | None"]
 
@@ -114,8 +115,9 @@ class _Block:
 class BlockStream:
     """Reusable buffers and reading / writing threads for streaming jobs block by block.
 
-    Blocks alternate between two slots of buffers: while the caller works on one slot, the reader
-    fills the other and the writer drains the one before. ``threads`` sets torch's intra-op
+    Blocks rotate through ``SLOTS`` sets of buffers: while the caller works on one, the reader
+    fills the next ones (up to ``SLOTS - 1`` blocks ahead, which evens out the varying speeds of
+    disk and arithmetic) and the writer drains the one before. ``threads`` sets torch's intra-op
     threads while the stream is open (default ``compute_threads``).
     """
 
@@ -125,7 +127,7 @@ class BlockStream:
         self._flat: dict[tuple[str, torch.dtype], torch.Tensor] = {}
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="surgeon-read")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="surgeon-write")
-        self._writes: list[Future | None] = [None, None]
+        self._writes: list[Future | None] = [None] * SLOTS
         self._threads = torch.get_num_threads()
         torch.set_num_threads(threads or compute_threads(self._threads))
         # a second thread computing tiles of parallel jobs: worth it when intra-op threading is
@@ -157,8 +159,14 @@ class BlockStream:
                 steps.append(_Block(job, 0, 0, True))
         blocks = [s for s in steps if isinstance(s, _Block) and s.b > s.a]
         loads: dict[int, Future] = {}
-        if blocks:
-            loads[id(blocks[0])] = self._reader.submit(self._load, blocks[0], 0)
+
+        def prefetch(j: int) -> None:  # block j goes to slot j % SLOTS once that slot's write is out
+            if j < len(blocks):
+                self._drain(j % SLOTS)
+                loads[j] = self._reader.submit(self._load, blocks[j], j % SLOTS)
+
+        for j in range(SLOTS - 1):
+            prefetch(j)
         k = 0  # index of the current block in ``blocks``
         last_write: Future | None = None
         try:
@@ -167,25 +175,22 @@ class BlockStream:
                     last_write = self._writer.submit(step.writer.copy_raw, step.name, step.src, step.start)
                     continue
                 if step.b > step.a:
-                    raw = loads.pop(id(step)).result()
-                    slot = k % 2
-                    if k + 1 < len(blocks):
-                        self._drain(1 - slot)  # that slot's last write must be out before it is reused
-                        loads[id(blocks[k + 1])] = self._reader.submit(self._load, blocks[k + 1], 1 - slot)
-                    k += 1
-                    result = self._compute(step, raw, slot)
+                    slot = k % SLOTS
+                    result = self._compute(step, loads.pop(k).result(), slot)
                     if result is not None and step.job.out:
                         writer, name = step.job.out
                         self._writes[slot] = last_write = self._writer.submit(
                             writer.write_rows, name, step.a, result if step.job.shape else result.view(())
                         )
+                    prefetch(k + SLOTS - 1)  # into the slot of block k - 1, written an iteration ago
+                    k += 1
                 if step.last and step.job.done:
                     step.job.done()
         finally:  # also on error: nothing may still use the buffers when run returns
             for pending in loads.values():
                 pending.exception()
-            self._drain(0)
-            self._drain(1)
+            for slot in range(SLOTS):
+                self._drain(slot)
             if last_write is not None:
                 last_write.result()
 

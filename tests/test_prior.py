@@ -146,6 +146,15 @@ def test_vocab_mismatch_zeroes_the_extra_rows(tmp_path, tiny_models):
             assert p.vlm_norm(name) == pytest.approx(float(v.read(name).double().norm()), rel=1e-6)
 
 
+def test_tied_reasoning_model_pairs_its_embeddings_with_the_vlm_head(tmp_path, tiny_models, vlm):
+    tied = tiny_models("qwen2", seed=1, tie_word_embeddings=True)
+    result = _prior(tmp_path, tied, vlm, modules=("head",))
+    assert any("ties its head to its embeddings" in n for n in result.notes)
+    with open_checkpoint(vlm) as v, open_checkpoint(tied) as r, open_prior(tmp_path / "prior") as p:
+        assert p.names == ["lm_head.weight"]
+        assert torch.equal(p.read("lm_head.weight"), r.read("model.embed_tokens.weight") - v.read("lm_head.weight"))
+
+
 def test_open_prior_refuses_other_folders(tmp_path, vlm):
     with pytest.raises(CheckpointError, match="is not a prior \\(has no surgeon.json\\); create one with: surgeon prior"):
         open_prior(vlm)
