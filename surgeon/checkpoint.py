@@ -140,7 +140,7 @@ class Checkpoint:
 
     def handle(self, file: str) -> BinaryIO:
         """The open binary handle of one of ``files`` (opened once, closed by ``close()``)."""
-        with self._lock:  # block streaming reads on a background thread
+        with self._lock:  # block streaming reads on background threads
             f = self._handles.get(file)
             if f is None:
                 f = self._handles[file] = open(self.path / file, "rb")

@@ -32,7 +32,7 @@ EPS = 1e-12
 
 @dataclass
 class Distance:
-    """Running sums for one tensor or a group of tensors (fp32 blocks in, float64 sums)."""
+    """Running float64 sums for one tensor or a group of tensors."""
 
     tensors: int = 0
     delta_sq: float = 0.0

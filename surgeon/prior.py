@@ -9,7 +9,7 @@
 
 Single mode: Δ_m = θ_m(reasoning) − θ_m(VLM). Two-model mode (``base``): Δ_m = θ_m(reasoning) −
 θ_m(base), attached to the VLM tensor of the same LM-relative name. Arithmetic is fp32, streamed
-block by block (peak memory: a few 64 MB blocks, whatever the model size); Δ is stored raw, in
+(``surgeon.streaming``: peak memory a few blocks, whatever the model size); Δ is stored raw, in
 ``dtype`` (default: the VLM's), as sharded safetensors under the VLM's tensor names, with
 ``surgeon.json`` holding per-tensor, per-layer and per-family statistics (``surgeon.distance``),
 each tensor's ‖θ_VLM‖, and the VLM's ``lm_prefix`` / ``lm_head``. The optional normalisation

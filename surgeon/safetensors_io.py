@@ -122,7 +122,8 @@ def read_tensor(f: BinaryIO, info: TensorInfo, rows: int | None = None, start: i
 
 def read_into(f: BinaryIO, info: TensorInfo, out: torch.Tensor, start: int = 0) -> torch.Tensor:
     """Fill ``out`` (contiguous, the stored dtype, ``len(out)`` rows) with the tensor's rows from
-    row ``start`` on, straight from the file (``readinto``: no intermediate copy, no mmap)."""
+    row ``start`` on, straight from the file: no intermediate copy, no mmap. Reads are positional
+    (``preadv``) where the OS has them, so threads may share one file object."""
     if out.dtype != info.torch_dtype or not out.is_contiguous():
         raise ValueError(f"{info.name}: read_into needs a contiguous {info.dtype} tensor")
     if out.numel() == 0:
@@ -131,8 +132,17 @@ def read_into(f: BinaryIO, info: TensorInfo, out: torch.Tensor, start: int = 0) 
     row_bytes = info.nbytes // info.shape[0] if info.shape else 0
     if start * row_bytes + len(view) > info.nbytes:
         raise ValueError(f"{info.name}: rows {start}.. of shape {tuple(out.shape)} run past {info.shape}")
-    f.seek(info.start + start * row_bytes)
-    got = f.readinto(view)
+    pos = info.start + start * row_bytes
+    if hasattr(os, "preadv"):
+        got = 0
+        while got < len(view):
+            n = os.preadv(f.fileno(), [view[got:]], pos + got)
+            if n <= 0:
+                break
+            got += n
+    else:
+        f.seek(pos)
+        got = f.readinto(view) or 0
     if got != len(view):
         raise FormatError(f"ended early while reading {info.name!r}")
     return out

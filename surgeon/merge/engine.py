@@ -5,12 +5,13 @@
                                       method="task-arithmetic", weight=0.5))
 
 The output holds every tensor of the VLM, under the same names, shapes and dtypes, in the same
-order: selected paired language-model tensors are merged by the method (fp32 arithmetic, block by
-block of rows); every other tensor (vision tower, projector, unpaired or unselected LM tensors,
-the VLM's extra vocabulary rows) is copied byte for byte. Config, generation config, tokenizer,
-processor and chat-template files are copied, so the folder loads with ``from_pretrained``.
-Peak memory is a few 64 MB blocks whatever the model size; TIES reads each tensor's blocks three
-times (two passes find its exact magnitude threshold), the other methods once.
+order: selected paired language-model tensors are merged by the method (fp32 arithmetic, streamed
+through ``surgeon.streaming``); every other tensor (vision tower, projector, unpaired or
+unselected LM tensors, the VLM's extra vocabulary rows) is copied byte for byte. Config,
+generation config, tokenizer, processor and chat-template files are copied, so the folder loads
+with ``from_pretrained``. Peak memory is a few blocks of 8M elements whatever the model size;
+TIES reads each tensor three times (two passes find its exact magnitude threshold), the other
+methods once.
 """
 
 from __future__ import annotations

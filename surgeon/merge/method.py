@@ -1,15 +1,18 @@
-"""What a merge method is: a function on fp32 blocks of one tensor, and what it needs.
+"""What a merge method is: a function on fp32 tiles of one tensor, and what it needs.
 
 A method never sees files. The merge engine (``surgeon.merge.engine``) streams each paired
-tensor in blocks of rows and calls ``combine(base, reasoning, ctx)`` with
+tensor tile by tile (``surgeon.streaming``: rows of one tensor, in order) and calls
+``combine(base, reasoning, ctx)`` with
 
-    base       θ_V, the VLM block (fp32)
-    reasoning  [θ_R1, θ_R2, …], the reasoning models' blocks (fp32, same shape)
+    base       θ_V, the VLM tile (fp32)
+    reasoning  [θ_R1, θ_R2, …], the reasoning models' tiles (fp32, same shape)
     ctx        a ``TensorContext``: weight, density, per-task-vector magnitude thresholds (TIES)
                and random generators (DARE), prepared per tensor
 
-and writes what it returns. Inputs are scratch: a method may overwrite them. Because every
-method is elementwise given its context, the result does not depend on the block size.
+and writes what it returns. Inputs are scratch: a method may overwrite them. Every method is
+elementwise given its context, and DARE's generators are drawn from in row order (torch's CPU
+``rand`` gives the same numbers however a draw is split), so results do not depend on how
+tensors are cut into tiles.
 """
 
 from __future__ import annotations
