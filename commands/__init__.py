@@ -14,6 +14,8 @@ from surgeon.commands import (
     inject_iada,
     inspect,
     push,
+    merge,
+    prior,
 )
 from surgeon.commands._cli import SurgeonGroup
 from surgeon.commands._console import setup_logging
@@ -32,8 +34,10 @@ def main(verbose: int, quiet: bool) -> None:
 
     \b
       inspect         what a checkpoint is and where its parts live
-      diagnose        the perception share of a dataset's supervised tokens and loss
+      prior           DRIFT reasoning prior: Δ = reasoning LLM − VLM, with per-layer statistics
+      merge           merge baselines: linear, task arithmetic, TIES, DARE, layer swap
       inject-iada     add IADA depth-aggregation blocks to a saved model
+      diagnose        the perception share of a dataset's supervised tokens and loss
       demo            the whole pipeline on tiny models built on the spot
       push            publish an output folder to the Hub with a model card from surgeon.json
     """
@@ -42,8 +46,10 @@ def main(verbose: int, quiet: bool) -> None:
 
 for _module in (
     inspect,
-    diagnose,
+    prior,
+    merge,
     inject_iada,
+    diagnose,
     demo,
     push,
 ):

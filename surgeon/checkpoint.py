@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -20,7 +21,7 @@ from typing import BinaryIO
 import torch
 
 from surgeon.errors import CheckpointError
-from surgeon.safetensors_io import FormatError, TensorInfo, read_header, read_tensor
+from surgeon.safetensors_io import FormatError, TensorInfo, read_header, read_into, read_tensor
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -46,6 +47,7 @@ class Checkpoint:
         self.revision = revision
         self.commit = commit
         self._handles: dict[str, BinaryIO] = {}
+        self._lock = threading.Lock()
         self.config = self._load_config()
         self.files, self.tensors, self.index_metadata = self._scan()
 
@@ -118,16 +120,31 @@ class Checkpoint:
         )
 
     # ----------------------------------------------------------------- reading
-    def read(self, name: str, rows: int | None = None) -> torch.Tensor:
-        """Read one tensor, or its first ``rows`` rows, into fresh CPU memory in its stored dtype."""
+    def read(self, name: str, rows: int | None = None, start: int = 0) -> torch.Tensor:
+        """Read one tensor, or ``rows`` of its rows from row ``start`` on (default: the first
+        ``rows``), into fresh CPU memory in its stored dtype."""
         info = self.tensors[name]
-        f = self._handles.get(info.file)
-        if f is None:
-            f = self._handles[info.file] = open(self.path / info.file, "rb")
         try:
-            return read_tensor(f, info, rows)
+            return read_tensor(self.handle(info.file), info, rows, start)
         except FormatError as e:
             raise CheckpointError(self.source, f"{info.file} {e}", "download or copy this file again") from None
+
+    def read_into(self, name: str, out: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Fill ``out`` (contiguous, stored dtype) with rows ``start .. start + len(out)`` of a
+        tensor: the allocation-free read that block streaming uses."""
+        info = self.tensors[name]
+        try:
+            return read_into(self.handle(info.file), info, out, start)
+        except FormatError as e:
+            raise CheckpointError(self.source, f"{info.file} {e}", "download or copy this file again") from None
+
+    def handle(self, file: str) -> BinaryIO:
+        """The open binary handle of one of ``files`` (opened once, closed by ``close()``)."""
+        with self._lock:  # block streaming reads on background threads
+            f = self._handles.get(file)
+            if f is None:
+                f = self._handles[file] = open(self.path / file, "rb")
+            return f
 
     def iter_tensors(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(name, tensor)`` one at a time, in on-disk order (sequential reads)."""

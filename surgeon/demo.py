@@ -67,6 +67,23 @@ def _steps(work: Path) -> Iterator[Step]:
 
     yield timed("inspect", inspect)
 
+    def prior() -> tuple[Path, str]:
+        from surgeon.prior import PriorConfig, compute_prior
+
+        r = compute_prior(PriorConfig(reasoning=str(llm), vlm=str(vlm), output=str(work / "prior"), overwrite=True))
+        t = r.total
+        return work / "prior", f"Δ for {r.counts['selected']} tensors ({r.selection}): ‖Δ‖/‖θ‖ {t['relative_distance']:.4f}, cos {t['cosine']:.6f}"
+
+    yield timed("prior", prior)
+
+    def merge() -> tuple[Path, str]:
+        from surgeon.merge.engine import MergeConfig, merge_models
+
+        r = merge_models(MergeConfig(reasoning=(str(llm),), vlm=str(vlm), output=str(work / "merged"), method="task-arithmetic", overwrite=True))
+        return work / "merged", f"task arithmetic (w={r.params['weight']}): {r.counts['merged']} LM tensors merged, {r.counts['vision']} vision tensors copied"
+
+    yield timed("merge", merge)
+
     def iada() -> tuple[Path, str]:
         from surgeon.iada import IadaConfig, inject_iada
 

@@ -8,7 +8,8 @@
 
 The writer knows every tensor's name, dtype and shape before any data arrives, so each shard's
 header is written first and tensor bytes are streamed to their offsets: peak memory is one
-tensor, not one shard.
+tensor, not one shard. ``write_rows`` writes a tensor block by block (peak memory: one block) and
+``copy_raw`` copies a tensor's bytes unchanged from an input file without passing through memory.
 """
 
 from __future__ import annotations
@@ -134,6 +135,8 @@ class ShardedWriter:
         self._handles: list[BinaryIO] = []
         self._where: dict[str, tuple[int, int, TensorSpec]] = {}
         self._written: set[str] = set()
+        self._filled: dict[str, int] = {}
+        self._cast_buffers: dict[torch.dtype, torch.Tensor] = {}
         self.total_size = sum(s.nbytes for s in specs)
         for i, (fname, shard) in enumerate(zip(self.files, plan)):
             head, offsets = header_bytes([(s.name, s.dtype, s.shape) for s in shard], {"format": "pt"})
@@ -147,16 +150,78 @@ class ShardedWriter:
                 self._where[spec.name] = (i, len(head) + off, spec)
         self.single = len(self.files) == 1 and not always_index
 
+    def dtype(self, name: str) -> torch.dtype:
+        """The dtype a planned tensor is written in."""
+        return DTYPES[self._where[name][2].dtype]
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        shard, offset, spec = self._where[name]
+        """Write a whole tensor (cast to its planned dtype)."""
+        spec = self._where[name][2]
         if tuple(tensor.shape) != spec.shape:
             raise ValueError(f"{name}: planned shape {spec.shape}, got {tuple(tensor.shape)}")
-        if DTYPE_CODES.get(tensor.dtype) != spec.dtype:
-            tensor = tensor.to(DTYPES[spec.dtype])
+        self.write_rows(name, 0, tensor)
+
+    def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
+        """Write rows ``start .. start + len(rows)`` of a planned tensor (cast to its dtype).
+
+        Lets a large tensor be produced block by block; the tensor counts as written once every
+        one of its bytes has been written.
+        """
+        shard, offset, spec = self._where[name]
+        if spec.shape:
+            if tuple(rows.shape[1:]) != spec.shape[1:] or start < 0 or start + rows.shape[0] > spec.shape[0]:
+                raise ValueError(f"{name}: rows {start}..{start + rows.shape[0]} of shape {tuple(rows.shape)} do not fit {spec.shape}")
+            offset += start * (spec.nbytes // spec.shape[0] if spec.shape[0] else 0)
+        elif tuple(rows.shape) != ():
+            raise ValueError(f"{name}: planned shape (), got {tuple(rows.shape)}")
+        if DTYPE_CODES.get(rows.dtype) != spec.dtype:
+            rows = self._cast(rows, DTYPES[spec.dtype])
+        data = tensor_bytes(rows)
         f = self._handles[shard]
         f.seek(offset)
-        f.write(tensor_bytes(tensor))
-        self._written.add(name)
+        f.write(data)
+        self._count(name, len(data), spec)
+
+    def _cast(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``rows`` in ``dtype``, through one reused buffer per dtype (no allocation per block);
+        a whole large tensor is converted into a fresh one instead of growing the buffer."""
+        if rows.numel() > 1 << 24:
+            return rows.to(dtype)
+        flat = self._cast_buffers.get(dtype)
+        if flat is None or flat.numel() < rows.numel():
+            flat = self._cast_buffers[dtype] = torch.empty(max(rows.numel(), 1), dtype=dtype)
+        out = flat[: rows.numel()].view(rows.shape)
+        out.copy_(rows)
+        return out
+
+    def copy_raw(self, name: str, src: BinaryIO, start: int) -> None:
+        """Copy a tensor's bytes unchanged from an open safetensors file, where they begin at byte
+        ``start`` (its ``TensorInfo.start``). The planned dtype must be the stored one; the copy
+        happens in the kernel where it can (``copy_file_range``), never through a tensor."""
+        shard, offset, spec = self._where[name]
+        f = self._handles[shard]
+        f.flush()
+        remaining, src_pos, dst_pos = spec.nbytes, start, offset
+        while remaining:
+            try:
+                n = os.copy_file_range(src.fileno(), f.fileno(), min(remaining, 1 << 30), src_pos, dst_pos)
+            except OSError:
+                n = self._copy_chunk(src, f, src_pos, dst_pos, min(remaining, 1 << 26))
+            if n <= 0:
+                raise OSError(f"unexpected end of input while copying {name}")
+            remaining, src_pos, dst_pos = remaining - n, src_pos + n, dst_pos + n
+        self._count(name, spec.nbytes, spec)
+
+    @staticmethod
+    def _copy_chunk(src: BinaryIO, dst: BinaryIO, src_pos: int, dst_pos: int, size: int) -> int:
+        data = os.pread(src.fileno(), size, src_pos)  # positional: safe while another thread reads src
+        return os.pwrite(dst.fileno(), data, dst_pos)
+
+    def _count(self, name: str, nbytes: int, spec: TensorSpec) -> None:
+        done = self._filled.get(name, 0) + nbytes
+        self._filled[name] = done
+        if done >= spec.nbytes:
+            self._written.add(name)
 
     def weight_map(self) -> dict[str, str]:
         return {name: self.files[shard] for name, (shard, _, _) in self._where.items()}

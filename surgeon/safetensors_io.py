@@ -107,15 +107,42 @@ def read_header(path: Path, file_name: str | None = None) -> tuple[dict[str, Ten
     return ordered, {str(k): str(v) for k, v in meta.items()}
 
 
-def read_tensor(f: BinaryIO, info: TensorInfo, rows: int | None = None) -> torch.Tensor:
-    """Read one tensor (or its first ``rows`` rows) from an open file into a new CPU tensor."""
-    shape = info.shape if rows is None else (min(rows, info.shape[0]), *info.shape[1:])
+def read_tensor(f: BinaryIO, info: TensorInfo, rows: int | None = None, start: int = 0) -> torch.Tensor:
+    """Read one tensor, or ``rows`` of its rows from row ``start`` on, from an open file into a new
+    CPU tensor. Row ranges are clipped to the tensor; a 0-d tensor is always read whole."""
+    if not info.shape or (rows is None and start == 0):
+        shape = info.shape
+    else:
+        first = min(start, info.shape[0])
+        stop = info.shape[0] if rows is None else min(first + rows, info.shape[0])
+        shape = (stop - first, *info.shape[1:])
     out = torch.empty(shape, dtype=info.torch_dtype)
+    return read_into(f, info, out, start if info.shape else 0)
+
+
+def read_into(f: BinaryIO, info: TensorInfo, out: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Fill ``out`` (contiguous, the stored dtype, ``len(out)`` rows) with the tensor's rows from
+    row ``start`` on, straight from the file: no intermediate copy, no mmap. Reads are positional
+    (``preadv``) where the OS has them, so threads may share one file object."""
+    if out.dtype != info.torch_dtype or not out.is_contiguous():
+        raise ValueError(f"{info.name}: read_into needs a contiguous {info.dtype} tensor")
     if out.numel() == 0:
         return out
     view = memoryview(out.view(-1).view(torch.uint8).numpy())
-    f.seek(info.start)
-    got = f.readinto(view)
+    row_bytes = info.nbytes // info.shape[0] if info.shape else 0
+    if start * row_bytes + len(view) > info.nbytes:
+        raise ValueError(f"{info.name}: rows {start}.. of shape {tuple(out.shape)} run past {info.shape}")
+    pos = info.start + start * row_bytes
+    if hasattr(os, "preadv"):
+        got = 0
+        while got < len(view):
+            n = os.preadv(f.fileno(), [view[got:]], pos + got)
+            if n <= 0:
+                break
+            got += n
+    else:
+        f.seek(pos)
+        got = f.readinto(view) or 0
     if got != len(view):
         raise FormatError(f"ended early while reading {info.name!r}")
     return out

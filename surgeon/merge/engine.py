@@ -1,0 +1,263 @@
+"""``surgeon merge``: stream a VLM and reasoning LLMs into a merged, complete VLM folder.
+
+    result = merge_models(MergeConfig(reasoning=("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",),
+                                      vlm="Qwen/Qwen2.5-VL-7B-Instruct", output="merged",
+                                      method="task-arithmetic", weight=0.5))
+
+The output holds every tensor of the VLM, under the same names, shapes and dtypes, in the same
+order: selected paired language-model tensors are merged by the method (fp32 arithmetic, streamed
+through ``surgeon.streaming``); every other tensor (vision tower, projector, unpaired or
+unselected LM tensors, the VLM's extra vocabulary rows) is copied byte for byte. Config,
+generation config, tokenizer, processor and chat-template files are copied, so the folder loads
+with ``from_pretrained``. Peak memory is a few blocks of 8M elements whatever the model size;
+TIES reads each tensor three times (two passes find its exact magnitude threshold), the other
+methods once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from surgeon.align import Alignment, Pair, align
+from surgeon.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint, open_checkpoint
+from surgeon.errors import ConfigError, SelectionError
+from surgeon.families import Selection, family_examples
+from surgeon.layout import layer_index
+from surgeon.merge.method import MergeMethod, TensorContext
+from surgeon.merge.sparsify import MagnitudeThresholds, kept_count
+from surgeon.output import DEFAULT_SHARD_SIZE, ShardedWriter, TensorSpec, check_output, output_folder
+from surgeon.provenance import FILE_NAME, build_record, write_record
+from surgeon.streaming import BlockStream, Copy, Job
+
+Progress = Callable[[str, int, int], None]
+SKIPPED_FILES = {FILE_NAME, "README.md", INDEX_NAME}
+FUSED_DTYPES = {"BF16", "F16", "F32"}
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """Options of ``surgeon merge``; each CLI option is one field.
+
+    ``weight`` / ``density`` / ``seed``: None means the method's default; giving one the method
+    does not use is an error. ``modules`` / ``layers`` / ``skip_first`` / ``bias`` select the
+    paired tensors to merge (default: all of them); ``layer-swap`` needs ``layers``.
+    """
+
+    reasoning: tuple[str, ...]
+    vlm: str
+    output: str
+    method: str
+    weight: float | None = None
+    density: float | None = None
+    seed: int | None = None
+    modules: tuple[str, ...] = ("full",)
+    layers: tuple[int, ...] | None = None
+    skip_first: int = 0
+    bias: bool = True
+    shard_size: int = DEFAULT_SHARD_SIZE
+    overwrite: bool = False
+
+    @property
+    def selection(self) -> Selection:
+        return Selection(tuple(self.modules), tuple(self.layers) if self.layers is not None else None, self.skip_first, self.bias)
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What ``merge_models`` wrote (also in the output's ``surgeon.json``)."""
+
+    output: str
+    method: str
+    params: dict[str, float | int | str]
+    selection: str
+    counts: dict[str, int]
+    notes: list[str] = field(default_factory=list)
+    bytes: int = 0
+    files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_method(config: MergeConfig) -> tuple[MergeMethod, dict[str, float | int]]:
+    """The method and its parameters (given or default). ConfigError for anything it cannot use."""
+    from surgeon.merge import METHODS
+
+    method = METHODS.get(config.method)
+    if method is None:
+        raise ConfigError("method", f"unknown merge method {config.method!r}", f"choose from {', '.join(METHODS)}")
+    params: dict[str, float | int] = {}
+    for opt in ("weight", "density", "seed"):
+        given = getattr(config, opt)
+        if given is not None and opt not in method.options:
+            users = [n for n, m in METHODS.items() if opt in m.options]
+            raise ConfigError(opt, f"is not used by {method.name}", f"leave it out, or choose {', '.join(users)}")
+        if opt in method.options:
+            params[opt] = given if given is not None else method.defaults[opt]
+    if "density" in params and not 0 < float(params["density"]) <= 1:
+        raise ConfigError("density", f"must be in (0, 1], got {params['density']}")
+    if not config.reasoning:
+        raise ConfigError("reasoning", "no reasoning model given")
+    if method.single_model and len(config.reasoning) != 1:
+        raise ConfigError("reasoning", f"{method.name} takes exactly one reasoning model, got {len(config.reasoning)}")
+    if method.layers_only and not config.layers:
+        raise ConfigError("layers", f"{method.name} needs the decoder layers to swap", "give a range, e.g. --layers 14-27")
+    return method, params
+
+
+def merge_models(config: MergeConfig, progress: Progress | None = None) -> MergeResult:
+    """Merge ``config.reasoning`` into ``config.vlm`` with ``config.method``; write ``config.output``.
+
+    Raises ConfigError, AlignmentError, SelectionError or OutputExistsError before writing anything.
+    """
+    method, params = resolve_method(config)
+    check_output(config.output, config.overwrite)
+    tick = progress or (lambda task, done, total: None)
+    with ExitStack() as open_:
+        vlm = open_.enter_context(open_checkpoint(config.vlm))
+        models = [open_.enter_context(open_checkpoint(r)) for r in config.reasoning]
+        alignments = [align(vlm, m) for m in models]
+        for source, al in zip(config.reasoning, alignments):
+            if al.vlm_layout.kind == "llm" and al.llm_layout.kind == "vlm":
+                raise ConfigError("vlm", f"{config.vlm} is a text LLM and {source} is a VLM", "did you swap --vlm and --reasoning?")
+        plan, notes = _plan(alignments, config.selection, method)
+        return _write(config, method, params, vlm, models, plan, alignments, notes, tick)
+
+
+def _plan(alignments: list[Alignment], selection: Selection, method: MergeMethod) -> tuple[dict[str, list[Pair]], list[str]]:
+    """VLM name -> the pair with each reasoning model, for every selected tensor all of them have."""
+    first = alignments[0]
+    chosen = first.select(selection)
+    if method.layers_only:
+        chosen = [p for p in chosen if layer_index(p.relative) is not None]
+        if not chosen:
+            raise SelectionError("decoder-layer selection", selection.describe(), family_examples(p.relative for p in first.pairs))
+    others = [{p.relative: p for p in al.pairs} for al in alignments[1:]]
+    plan: dict[str, list[Pair]] = {}
+    missing = 0
+    for p in chosen:
+        found = [o.get(p.relative) for o in others]
+        if all(found):
+            plan[p.vlm_name] = [p, *found]  # type: ignore[list-item]
+        else:
+            missing += 1
+    notes = [n for al in alignments for n in al.notes]
+    if missing:
+        notes.append(f"{missing} selected tensor(s) are missing from some reasoning model and were copied unchanged")
+    return plan, notes
+
+
+def _write(
+    config: MergeConfig, method: MergeMethod, params: dict, vlm: Checkpoint, models: list[Checkpoint],
+    plan: dict[str, list[Pair]], alignments: list[Alignment], notes: list[str], tick: Progress,
+) -> MergeResult:  # fmt: skip
+    specs = [TensorSpec(n, i.dtype, i.shape) for n, i in vlm.tensors.items()]
+    with output_folder(config.output, config.overwrite) as tmp:
+        files = _copy_side_files(vlm.path, tmp)
+        with ShardedWriter(tmp, specs, config.shard_size) as writer, BlockStream() as stream:
+            jobs: list[Job | Copy] = []
+            merged = 0
+            for name, info in vlm.tensors.items():
+                pairs = plan.get(name)
+                if pairs is None:
+                    jobs.append(Copy(writer, name, vlm.handle(info.file), info.start))
+                else:
+                    merged += 1
+                    jobs += _merge_jobs(writer, method, params, vlm, models, pairs, partial(tick, "merge", merged, len(plan)))
+            tick("merge", 0, len(plan))
+            stream.run(jobs)
+            nbytes = writer.total_size
+        al = alignments[0]
+        counts = {
+            "merged": len(plan),
+            "copied": len(vlm.tensors) - len(plan),
+            "vision": len(al.vision),
+            "matched": len(al.pairs),
+            "skipped": len(al.pairs) - len(plan),
+            "unmatched_lm": len(al.unmatched_lm),
+            "llm_only": len(al.llm_only),
+        }
+        result = MergeResult(
+            output=str(config.output), method=method.name, params={"formula": method.summary, **params},
+            selection=config.selection.describe(), counts=counts, notes=notes, bytes=nbytes, files=files,
+        )  # fmt: skip
+        stats = {k: v for k, v in result.to_dict().items() if k != "output"}
+        write_record(tmp, build_record("merge", "model", config, {"vlm": vlm, "reasoning": list(models)}, stats))
+    return result
+
+
+def _copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Copy config, tokenizer, processor, chat-template and generation files (every top-level
+    file that is not weights, a pickle, an index, a model card or a surgeon record)."""
+    copied = []
+    for f in sorted(src.iterdir()):
+        if not f.is_file() or f.name.startswith(".") or f.name in SKIPPED_FILES:
+            continue
+        if f.suffix == ".safetensors" or f.name.endswith(".safetensors.index.json") or f.suffix in PICKLE_SUFFIXES:
+            continue
+        shutil.copyfile(f, dst / f.name)
+        copied.append(f.name)
+    return copied
+
+
+def _seed(seed: int, model: int, relative: str) -> int:
+    """A stable 63-bit seed per (seed, reasoning model, tensor): independent of tensor order."""
+    digest = hashlib.sha256(f"{seed}|{model}|{relative}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _merge_jobs(
+    writer: ShardedWriter, method: MergeMethod, params: dict, vlm: Checkpoint, models: list[Checkpoint],
+    pairs: list[Pair], done: Callable[[], None],
+) -> list[Job]:  # fmt: skip
+    """The streaming jobs that merge one tensor: TIES' two threshold passes when the method trims,
+    the merge itself over the paired rows, and the VLM's extra rows copied unchanged."""
+    first = pairs[0]
+    name, shape = first.vlm_name, first.shape
+    rows = [p.rows for p in pairs if p.rows is not None]
+    shared = min(rows) if rows else None
+    weight, density = float(params.get("weight", 1.0)), float(params.get("density", 1.0))
+    sources = [(vlm, name)] + [(m, p.llm_name) for m, p in zip(models, pairs)]
+    generators: tuple[torch.Generator, ...] = ()
+    if method.random:
+        generators = tuple(torch.Generator().manual_seed(_seed(int(params["seed"]), i, first.relative)) for i in range(len(pairs)))
+    ctx = TensorContext(first.relative, weight, density, (), generators)
+    jobs: list[Job] = []
+    if method.trims:
+        numel = math.prod(shape) if shared is None else shared * math.prod(shape[1:])
+        k = kept_count(density, numel)
+        select = MagnitudeThresholds(len(pairs), k)
+        if k >= numel:
+            select.values = (0.0,) * len(pairs)
+        elif select.values is None:
+
+            def taus(visit: Callable[[list[torch.Tensor]], None]) -> Callable[[torch.Tensor], None]:
+                return lambda x: visit([o.sub_(x[0]) for o in x[1:]])
+
+            jobs += [
+                Job(sources, shape, taus(select.count_high), stop=shared, done=select.pick),
+                Job(sources, shape, taus(select.count_low), stop=shared, done=select.finish),
+            ]
+
+        def combine(x: torch.Tensor) -> torch.Tensor:
+            return method.combine(x[0], list(x[1:]), replace(ctx, thresholds=select.values or ()))
+
+        jobs.append(Job(sources, shape, combine, out=(writer, name), stop=shared))
+    else:
+        dtypes = {ckpt.tensors[n].dtype for ckpt, n in sources}
+        fused = method.fused if method.fused and len(pairs) == 1 and len(dtypes) == 1 and dtypes <= FUSED_DTYPES else None
+        fn = fused or method.combine
+        jobs.append(Job(sources, shape, lambda x: fn(x[0], list(x[1:]), ctx), out=(writer, name), stop=shared, fp32=fused is None))
+    if shared is not None and shared < shape[0]:  # the VLM's extra rows: unchanged
+        jobs.append(Job([(vlm, name)], shape, lambda x: x[0], out=(writer, name), start=shared, fp32=False))
+    jobs[-1].done = done
+    return jobs

@@ -1,0 +1,35 @@
+"""``task-arithmetic``: θ = θ_V + w·τ with τ = θ_R − θ_V (METHODS.md §2).
+
+With several reasoning models the task vectors are summed, θ = θ_V + w·Σ_i τ_i (Ilharco et al.;
+not specified by the DRIFT paper). Default w = 0.5 (not specified by the paper; surgeon default).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from surgeon.merge.method import MergeMethod, TensorContext
+
+
+def fused(base: torch.Tensor, reasoning: list[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+    """One model: θ_V + w·(θ_R − θ_V) as one ``lerp`` pass, in place (the blocks are scratch)."""
+    return torch.lerp(base, reasoning[0], ctx.weight, out=base)
+
+
+def combine(base: torch.Tensor, reasoning: list[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
+    if len(reasoning) == 1:
+        return fused(base, reasoning, ctx)
+    tau = reasoning[0].sub_(base)
+    for r in reasoning[1:]:
+        tau += r.sub_(base)
+    return base.add_(tau, alpha=ctx.weight)  # in place: the blocks are scratch
+
+
+METHOD = MergeMethod(
+    name="task-arithmetic",
+    summary="θ_V + w·Σ_i τ_i, τ_i = θ_Ri − θ_V",
+    combine=combine,
+    fused=fused,
+    options=frozenset({"weight"}),
+    defaults={"weight": 0.5},
+)
