@@ -10,7 +10,9 @@ import click
 from surgeon import __version__
 from surgeon.commands import (
     demo,
+    diagnose,
     inspect,
+    push,
 )
 from surgeon.commands._cli import SurgeonGroup
 from surgeon.commands._console import setup_logging
@@ -29,13 +31,17 @@ def main(verbose: int, quiet: bool) -> None:
 
     \b
       inspect         what a checkpoint is and where its parts live
+      diagnose        the perception share of a dataset's supervised tokens and loss
       demo            the whole pipeline on tiny models built on the spot
+      push            publish an output folder to the Hub with a model card from surgeon.json
     """
     setup_logging(verbose, quiet)
 
 
 for _module in (
     inspect,
+    diagnose,
     demo,
+    push,
 ):
     main.add_command(_module.command)

@@ -25,9 +25,12 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from surgeon.errors import LayoutError
+
+if TYPE_CHECKING:
+    import torch
 
 Role = Literal["language_model", "vision", "projector", "other"]
 
@@ -163,3 +166,20 @@ def placeholder_token_ids(config: dict) -> dict[str, int]:
                 out[kind] = config[key]
                 break
     return out
+
+
+def visual_token_mask(input_ids: torch.Tensor, config: object) -> torch.Tensor:
+    """bool, shaped like ``input_ids``: True at image and video placeholder positions.
+
+    ``config`` is a config dict, a transformers config, or a ``{"image": id, "video": id}`` map
+    from ``placeholder_token_ids``. A text-only config gives an all-False mask.
+    """
+    import torch
+
+    to_dict = getattr(config, "to_dict", None)
+    if callable(to_dict):
+        config = to_dict()
+    mapping: dict = config if isinstance(config, dict) else {}
+    ids = mapping if mapping and set(mapping) <= {"image", "video"} else placeholder_token_ids(mapping)
+    wanted = torch.tensor(sorted(ids.values()), dtype=input_ids.dtype, device=input_ids.device)
+    return torch.isin(input_ids, wanted)

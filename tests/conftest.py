@@ -93,6 +93,24 @@ def llm(tiny_models) -> Path:
 
 
 @pytest.fixture
+def hub_standin(monkeypatch):
+    """A local stand-in of the Hub's upload API (``surgeon.hub_standin``) that the real client
+    talks to: HF_ENDPOINT points at it, offline mode is off, Xet is off, no token is set."""
+    from huggingface_hub import constants
+
+    from surgeon.hub_standin import HubStandIn
+
+    with HubStandIn() as standin:
+        for name, value in (("ENDPOINT", standin.url), ("HF_HUB_OFFLINE", False), ("HF_HUB_DISABLE_XET", True)):
+            monkeypatch.setattr(constants, name, value)
+        for name, value in (("HF_ENDPOINT", standin.url), ("HF_HUB_OFFLINE", "0"), ("HF_HUB_DISABLE_XET", "1")):
+            monkeypatch.setenv(name, value)
+        for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+            monkeypatch.delenv(name, raising=False)
+        yield standin
+
+
+@pytest.fixture
 def cli():
     """Invoke the real ``surgeon`` entry point in-process; returns the click Result."""
     from click.testing import CliRunner
@@ -105,3 +123,23 @@ def cli():
         return runner.invoke(main, [str(a) for a in args], catch_exceptions=False, **kw)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory):
+    """The synthetic dataset of ``examples/make_dataset.py`` (12 samples, seed 0): ``fmt -> data.jsonl``."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "make_dataset.py"
+    spec = importlib.util.spec_from_file_location("make_dataset", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    root = tmp_path_factory.mktemp("shapes-data")
+    made: dict[str, Path] = {}
+
+    def get(fmt: str = "trl") -> Path:
+        if fmt not in made:
+            made[fmt] = module.make_dataset(root / fmt, n=12, seed=0, fmt=fmt)
+        return made[fmt]
+
+    return get

@@ -22,3 +22,24 @@ def test_inspect_layouts_example(tmp_path):
     assert by_family["llava"]["head"] == "language_model.lm_head.weight"
     assert by_family["gemma3"]["head"] is None
     assert all(r["other"] == 0 for r in rows)
+
+
+def test_make_dataset_example(tmp_path):
+    import json
+
+    make = load("make_dataset").make_dataset
+    paths = {fmt: make(tmp_path / fmt, n=14, seed=3, fmt=fmt) for fmt in ("trl", "sharegpt", "llamafactory")}
+    rows = [json.loads(line) for line in paths["trl"].read_text().splitlines()]
+    assert len(rows) == 14 and {r["kind"] for r in rows} == {"shapes", "count", "chart", "multi", "text", "multiturn"}
+    images = sorted(p.name for p in (tmp_path / "trl" / "images").iterdir())
+    assert images == sorted(p.name for p in (tmp_path / "sharegpt" / "images").iterdir())
+    assert len(images) == sum(len(r.get("images", [])) for r in map(json.loads, paths["sharegpt"].read_text().splitlines()))
+    for row in rows:
+        answers = [m["content"][0]["text"] for m in row["messages"] if m["role"] == "assistant"]
+        assert (f"<perception>{row['perception_reference']}</perception>" in answers[0]) == bool(row["perception_reference"])
+        assert answers[-1].endswith(f"Answer: {row['answer']}")
+    # deterministic from the seed
+    again = make(tmp_path / "again", n=14, seed=3, fmt="trl")
+    assert again.read_text() == paths["trl"].read_text()
+    assert (tmp_path / "again" / "images" / images[0]).read_bytes() == (tmp_path / "trl" / "images" / images[0]).read_bytes()
+    assert make(tmp_path / "other", n=14, seed=4).read_text() != paths["trl"].read_text()

@@ -1,0 +1,68 @@
+"""``surgeon push DIR --repo ORG/NAME``: publish an output folder with a model card from surgeon.json."""
+
+from __future__ import annotations
+
+import click
+from rich.table import Table
+
+from surgeon.commands._cli import example
+from surgeon.commands._console import emit_json, err, human_bytes, out
+
+_CARD = {
+    "surgeon.json": "README.md: model card built from surgeon.json",
+    "kept": "README.md: the folder's own, kept (--overwrite-card replaces it with the card built from surgeon.json)",
+    "none": "no surgeon.json and no README.md: the repo gets no model card",
+}
+
+
+@click.command(
+    "push",
+    epilog=example(
+        "surgeon push ./merged --repo my-user/qwen2.5-vl-ties --dry-run",
+        "surgeon push ./merged --repo my-user/qwen2.5-vl-ties --private",
+        "surgeon push ./prior --repo my-org/drift-prior --branch experiments -m 'prior from R1-distill'",
+    ),
+)
+@click.argument("folder")
+@click.option("--repo", required=True, metavar="ORG/NAME", help="Hub repo to publish to; created when missing.")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--revision", "--branch", "revision", default=None, metavar="BRANCH", help="Branch to commit to; created from main when missing (default: main).")
+@click.option("--message", "-m", default=None, help="Commit message (default: names the surgeon command that made the folder).")
+@click.option("--token", default=None, metavar="TOKEN", help="Hub token with write access (default: HF_TOKEN, then the `hf auth login` token). Never stored.")
+@click.option("--dry-run", is_flag=True, help="Print the files with their sizes and the model card; send nothing.")
+@click.option("--overwrite-card", is_flag=True, help="Replace a README.md in FOLDER by the card built from surgeon.json.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+def command(
+    folder: str, repo: str, private: bool, revision: str | None, message: str | None, token: str | None,
+    dry_run: bool, overwrite_card: bool, as_json: bool,
+) -> None:
+    """Upload FOLDER (the output of a surgeon command) to the Hub repo ORG/NAME.
+
+    Writes the repo's README.md from the folder's surgeon.json: base models, method, settings,
+    statistics and a loading snippet for what the folder holds. The folder itself is never
+    changed, so a failed push can simply be run again. Files are checked first: a Hub token or a
+    local path you did not type stops the push before anything is sent.
+    """
+    from surgeon.hub import PushConfig, push_folder
+
+    config = PushConfig(repo, private, revision, message, token, dry_run, overwrite_card)
+    result = push_folder(folder, config)
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    files = Table(title=f"{'would send' if dry_run else 'sent'} to {result.repo} ({result.revision})", title_justify="left")
+    files.add_column("file")
+    files.add_column("size", justify="right")
+    for path, size in result.files:
+        files.add_row(path, human_bytes(size))
+    files.add_row(f"{len(result.files)} files", human_bytes(sum(n for _, n in result.files)), style="bold")
+    out.print(files)
+    out.print(_CARD[result.card_source], highlight=False)
+    for note in result.notes:
+        out.print(f"changed in the uploaded copy: {note}", highlight=False)
+    if dry_run:
+        if result.card is not None:
+            out.print("\n" + result.card, markup=False, highlight=False)
+        err.print(f"dry run: nothing was sent (would publish to {result.url})", highlight=False)
+    else:
+        out.print(f"pushed to {result.url}\ncommit {result.commit_url}", highlight=False)
