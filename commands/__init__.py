@@ -13,6 +13,7 @@ from surgeon.commands import (
     diagnose,
     inspect,
     push,
+    train,
 )
 from surgeon.commands._cli import SurgeonGroup
 from surgeon.commands._console import setup_logging
@@ -31,6 +32,7 @@ def main(verbose: int, quiet: bool) -> None:
 
     \b
       inspect         what a checkpoint is and where its parts live
+      train           LoRA / full fine-tuning with DRIFT, IADA and perception reweighting
       diagnose        the perception share of a dataset's supervised tokens and loss
       demo            the whole pipeline on tiny models built on the spot
       push            publish an output folder to the Hub with a model card from surgeon.json
@@ -43,5 +45,6 @@ for _module in (
     diagnose,
     demo,
     push,
+    train,
 ):
     main.add_command(_module.command)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -115,6 +116,42 @@ class Drift:
             self.delta_norms.append(_local(torch.linalg.vector_norm(delta.float())))
         if not self.params:
             raise ConfigError("prior", "no parameter of the model is biased by the prior", "check the prior's tensor selection")
+
+    @classmethod
+    def from_prior(
+        cls,
+        parameters: dict[str, torch.nn.Parameter],
+        prior: str | Path,
+        alpha: float = 1.0,
+        scale: str = "adaptive_cosine",
+        normalize: bool = True,
+    ) -> Drift:
+        """Attach a ``surgeon prior`` folder to a model's language-model parameters.
+
+        ``parameters`` maps LM-relative names (``layers.3.mlp.up_proj.weight``, ``lm_head.weight``;
+        see ``surgeon.training.model.lm_parameters``) to parameters; the prior's tensors are
+        matched through the same names, whatever the on-disk layout of the VLM it was made from.
+        ``normalize``: Δ ← Δ·‖θ_VLM‖/max(‖Δ‖, eps) (the reference default; it changes only the
+        ``absolute`` scale). Every prior tensor must find its parameter, with the same shape.
+        """
+        from surgeon.prior import open_prior
+
+        targets = []
+        with open_prior(prior) as p:
+            missing = [p.relative(n) for n in p.names if p.relative(n) not in parameters]
+            if missing:
+                raise ConfigError(
+                    "prior",
+                    f"{len(missing)} of the prior's {len(p.names)} tensors have no parameter in the model, e.g. {missing[0]}",
+                    "use a prior computed for this model's language model",
+                )
+            for name in p.names:
+                rel = p.relative(name)
+                delta = p.read(name)
+                if normalize:
+                    delta = delta * (p.vlm_norm(name) / max(float(torch.linalg.vector_norm(delta)), EPS))
+                targets.append((rel, parameters[rel], delta))
+        return cls(targets, alpha=alpha, scale=scale)
 
     @property
     def numel(self) -> int:

@@ -1,0 +1,140 @@
+"""Before and after the loop: data, model and trainable parameters in; the output folder out."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgeon.errors import ConfigError
+from surgeon.training.config import TrainConfig
+from surgeon.training.model import apply_lora, lm_parameters, set_trainable, surgeon_parameters, trainable
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built from a TrainConfig."""
+
+    model: torch.nn.Module
+    dataset: Any  # surgeon.encoding.EncodedDataset
+    collate: Callable[[list[Any]], dict[str, torch.Tensor]]
+    processor: Any
+    checkpoint: Any  # surgeon.checkpoint.Checkpoint of the model
+    trainable: dict[str, torch.nn.Parameter]
+    data_fingerprint: str
+    has_surgeon_modules: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _file_hash(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def load_base_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """A transformers model from a local folder (VLM or causal LM)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(path)
+    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    return auto.from_pretrained(path, dtype=dtype)
+
+
+def check_inputs(config: TrainConfig) -> Any:
+    """Fail fast, before anything slow, on inputs that cannot work; returns the model checkpoint."""
+    from surgeon.checkpoint import open_checkpoint
+    from surgeon.errors import DataError
+
+    if not Path(config.data).is_file():
+        raise DataError(config.data, "no such file", "give the path of a .jsonl file")
+    if config.prior:
+        from surgeon.prior import open_prior
+
+        open_prior(config.prior).close()
+    return open_checkpoint(config.model)
+
+
+def prepare(config: TrainConfig, ckpt: Any) -> Run:
+    """Load and encode the data, load the model, choose and mark the trainable parameters."""
+    from surgeon.data import DataStats, load_samples
+    from surgeon.encoding import EncodedDataset, SampleEncoder
+
+    stats = DataStats()
+    samples = load_samples(config.data, config.perception_regex, skip_bad=config.skip_bad_lines, stats=stats)
+    encoder = SampleEncoder.from_pretrained(ckpt.path, max_length=config.max_length, name=config.model)
+    dataset = EncodedDataset(samples, encoder, stats=stats, skip_bad=config.skip_bad_lines, cache=True)
+
+    dtype = torch.bfloat16 if (torch.cuda.is_available() and not config.full and torch.cuda.is_bf16_supported()) else torch.float32
+    model = load_base_model(ckpt.path, dtype)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    if config.full:
+        set_trainable(model, full=True, train_vision=config.train_vision)
+    else:
+        model = apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.lora_dropout)
+        set_trainable(model, full=False, train_vision=config.train_vision)
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()  # adapters and unfrozen modules train in fp32
+    params = trainable(model)
+    if not params:
+        raise ConfigError("model", "no parameter would train", "check --full / LoRA targets")
+    n_train = sum(p.numel() for p in params.values())
+    n_total = sum(p.numel() for p in model.parameters())
+    return Run(
+        model=model,
+        dataset=dataset,
+        collate=encoder.collate,
+        processor=encoder.processor,
+        checkpoint=ckpt,
+        trainable=params,
+        data_fingerprint=_file_hash(config.data),
+        has_surgeon_modules=bool(surgeon_parameters(model)),
+        stats={"data": dataset.stats.to_dict(), "trainable_parameters": n_train, "parameters": n_total},
+    )
+
+
+def drift_for(run: Run, config: TrainConfig, device: torch.device) -> Any:
+    """The Drift object for ``config.prior`` (None without a prior), Δ already on ``device``."""
+    if not config.prior:
+        return None
+    from surgeon.drift import Drift
+
+    return Drift.from_prior(
+        dict(lm_parameters(run.model)), config.prior, alpha=config.drift_alpha, scale=config.drift_scale, normalize=config.drift_normalize
+    )
+
+
+def save_output(run: Run, model: torch.nn.Module, config: TrainConfig, stats: dict, metrics: Path) -> Path:
+    """Write the final folder: a peft adapter, a merged model, or full weights; plus the
+    processor, ``metrics.jsonl`` and ``surgeon.json``."""
+    from surgeon.output import output_folder
+    from surgeon.provenance import build_record, write_record
+
+    with output_folder(config.output, overwrite=config.overwrite) as tmp:
+        artifact = "model"
+        if config.full:
+            model.save_pretrained(tmp)
+        elif config.merge_lora:
+            model.merge_and_unload().save_pretrained(tmp)
+        else:
+            model.peft_config["default"].base_model_name_or_path = config.model
+            model.save_pretrained(tmp)
+            artifact = "peft-adapter"
+        run.processor.save_pretrained(tmp)
+        if metrics.exists():
+            shutil.copy(metrics, tmp / "metrics.jsonl")
+        inputs: dict[str, Any] = {"model": run.checkpoint, "data": {"source": config.data, "sha256": run.data_fingerprint}}
+        if config.prior:
+            inputs["prior"] = {"source": config.prior}
+        write_record(tmp, build_record("train", artifact, config, inputs, stats))
+    return Path(config.output)
