@@ -11,6 +11,7 @@ from surgeon import __version__
 from surgeon.commands import (
     demo,
     diagnose,
+    inject_iada,
     inspect,
     push,
     train,
@@ -34,6 +35,7 @@ def main(verbose: int, quiet: bool) -> None:
       inspect         what a checkpoint is and where its parts live
       train           LoRA / full fine-tuning with DRIFT, IADA and perception reweighting
       diagnose        the perception share of a dataset's supervised tokens and loss
+      inject-iada     add IADA depth-aggregation blocks to a saved model
       demo            the whole pipeline on tiny models built on the spot
       push            publish an output folder to the Hub with a model card from surgeon.json
     """
@@ -43,6 +45,7 @@ def main(verbose: int, quiet: bool) -> None:
 for _module in (
     inspect,
     diagnose,
+    inject_iada,
     demo,
     push,
     train,

@@ -5,4 +5,19 @@ priors and merge baselines, IADA depth aggregation, Image-LoRA, perception/reaso
 a minimal trainer, and Hub publishing. Each command's work is one function here.
 """
 
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
 __version__ = "0.1.0"
+
+
+def load_model(path: str | Path, **kwargs: Any) -> Any:
+    """Load a model folder with its surgeon modules (IADA, …) attached; no remote code needed.
+
+    See ``surgeon.modules.load_model``; ``kwargs`` go to transformers' ``from_pretrained``.
+    """
+    from surgeon.modules import load_model as load
+
+    return load(path, **kwargs)

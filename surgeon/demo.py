@@ -66,3 +66,12 @@ def _steps(work: Path) -> Iterator[Step]:
         return vlm, f"{r.architecture}: {r.num_layers} layers, {p['language_model']:,} LM / {p['vision']:,} vision / {p['projector']:,} projector params"
 
     yield timed("inspect", inspect)
+
+    def iada() -> tuple[Path, str]:
+        from surgeon.iada import IadaConfig, inject_iada
+
+        result = inject_iada(str(vlm), work / "vlm-iada", IadaConfig(block_size=2), overwrite=True)
+        after = ", ".join(str(b.after_layers) for b in result.plan.boundaries)
+        return work / "vlm-iada", f"IADA blocks after layers {after}: +{result.plan.params:,} parameters, same outputs until trained"
+
+    yield timed("inject-iada", iada)

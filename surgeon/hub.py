@@ -175,6 +175,16 @@ def download_checkpoint(repo_id: str, revision: str | None = None) -> tuple[str,
     return str(path), commit
 
 
+def download_config(repo_id: str, revision: str | None = None) -> tuple[str, str | None]:
+    """Fetch (or find in the cache) only ``config.json``. Returns (its path, commit)."""
+    from huggingface_hub import hf_hub_download
+
+    with _translated(repo_id):
+        path = Path(hf_hub_download(repo_id, "config.json", revision=revision))
+    commit = path.parent.name if path.parent.parent.name == "snapshots" else None
+    return str(path), commit
+
+
 def _refuse_pickle_only(repo_id: str, revision: str | None) -> None:
     from huggingface_hub import list_repo_files
 

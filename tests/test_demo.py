@@ -8,6 +8,7 @@ def test_demo_runs_every_step(cli, tmp_path):
     result = cli("demo", "--workdir", work)
     assert result.exit_code == 0, result.output
     steps = [line.split("│")[1].strip() for line in result.stdout.splitlines() if line.startswith("│")]
-    assert [s for s in steps if s] == ["build", "inspect"]
+    assert [s for s in steps if s] == ["build", "inspect", "inject-iada"]
     assert (work / "vlm" / "model.safetensors").exists()
     assert (work / "reasoning-llm" / "model.safetensors").exists()
+    assert (work / "vlm-iada" / "surgeon-iada.safetensors").exists()

@@ -1,0 +1,201 @@
+"""``surgeon inject-iada``: the folder it writes, round trips (surgeon and trust_remote_code), bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_one_line_error, logits
+from safetensors.torch import load_file, save_file
+from test_iada import image_batch, randomise
+
+import surgeon
+from surgeon import load_model
+from surgeon.iada import SHARD, IadaConfig, add_iada, inject_iada
+from surgeon.modules import module_parameters, save_model
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+def test_inject_writes_a_standard_model_folder(cli, vlm, tmp_path):
+    before = snapshot(vlm)
+    out = tmp_path / "vlm-iada"
+    result = cli("inject-iada", vlm, "-o", out, "--block-size", "2")
+    assert result.exit_code == 0, result.output
+    assert "added parameters: 2,176" in result.stdout  # 2 boundaries × (4·64·4 + 64)
+    assert snapshot(vlm) == before
+    assert os.stat(out / "model.safetensors").st_ino == os.stat(vlm / "model.safetensors").st_ino  # hard link
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert {f for n, f in index.items() if n.startswith("surgeon.iada.")} == {SHARD}
+    assert {f for n, f in index.items() if not n.startswith("surgeon.")} == {"model.safetensors"}
+    assert set(load_file(out / SHARD)) == {n for n in index if n.startswith("surgeon.iada.")}
+    config = json.loads((out / "config.json").read_text())
+    assert config["surgeon"]["iada"]["boundaries"] == [2, 4] and config["surgeon"]["iada"]["rank"] == 4
+    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_surgeon.SurgeonQwen2_5_VLForConditionalGeneration"
+    assert config["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
+    shipped = Path(surgeon.__file__).parent / "modeling_surgeon.py"
+    assert (out / "modeling_surgeon.py").read_bytes() == shipped.read_bytes()
+    record = json.loads((out / "surgeon.json").read_text())
+    assert record["artifact"] == "model+remote-code" and record["config"]["block_size"] == 2
+    assert (out / "tokenizer.json").exists() and (out / "chat_template.jinja").exists()
+
+
+def test_in_memory_injection_matches_the_written_folder(vlm, tmp_path):
+    """One source of truth: add_iada and inject_iada create the same initial weights."""
+    from transformers import AutoModelForImageTextToText
+
+    out = tmp_path / "vlm-iada"
+    inject_iada(str(vlm), out, IadaConfig(block_size=2, seed=5))
+    loaded = module_parameters(load_model(out))
+    model = AutoModelForImageTextToText.from_pretrained(vlm)
+    add_iada(model, IadaConfig(block_size=2, seed=5))
+    made = module_parameters(model)
+    assert loaded.keys() == made.keys()
+    assert all(torch.equal(loaded[n], made[n]) and made[n].dtype == torch.float32 for n in made)
+
+
+# ------------------------------------------------------------------------ round trip, remote code
+REMOTE = textwrap.dedent(
+    """
+    import json, sys
+    sys.path[:0] = json.loads(sys.argv[2])
+    try:
+        import surgeon
+        sys.exit("surgeon is importable")
+    except ImportError:
+        pass
+    import torch, transformers
+    from safetensors.torch import load_file, save_file
+    for job in json.load(open(sys.argv[1])):
+        auto = getattr(transformers, job["auto"])
+        model = auto.from_pretrained(job["folder"], trust_remote_code=True).eval()
+        assert type(model).__name__.startswith("Surgeon"), type(model)
+        assert "surgeon" not in sys.modules
+        with torch.no_grad():
+            out = model(**load_file(job["inputs"])).logits
+        save_file({"logits": out.contiguous()}, job["output"])
+    print("ok")
+    """
+)
+
+
+def run_without_surgeon(jobs: list[dict], tmp_path: Path) -> None:
+    """Load each folder with trust_remote_code in ``python -I -S`` whose path holds the dependencies
+    (torch, transformers) but neither the source tree nor surgeon's editable install."""
+    import transformers
+
+    deps = sorted({str(Path(transformers.__file__).parents[1]), str(Path(torch.__file__).parents[1])})
+    assert not any((Path(d) / "surgeon").exists() for d in deps)
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    (tmp_path / "remote.py").write_text(REMOTE)
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", str(tmp_path / "remote.py"), str(tmp_path / "jobs.json"), json.dumps(deps)],
+        cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_round_trip_through_surgeon_and_trust_remote_code(tiny_models, vlm, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+
+    llm = tiny_models("qwen2", seed=1)
+    cases = {
+        "vlm": (vlm, AutoModelForImageTextToText, image_batch(vlm), AutoProcessor.from_pretrained(vlm)),
+        "llm": (llm, AutoModelForCausalLM, {"input_ids": torch.randint(20, 400, (2, 9))}, None),
+    }
+    jobs, expected = [], {}
+    for name, (base_dir, auto, batch, processor) in cases.items():
+        injected = tmp_path / f"{name}-iada"
+        inject_iada(str(base_dir), injected, IadaConfig(block_size=2, gate="scalar" if name == "llm" else "channel"))
+        model = load_model(injected).eval()
+        randomise(model, seed=7, scale=0.4)
+        ref = logits(model, **batch)
+        base = logits(auto.from_pretrained(base_dir).eval(), **batch)
+        assert not torch.allclose(ref, base)
+        saved = save_model(model, tmp_path / f"{name}-trained", processor=processor)
+        assert torch.equal(logits(load_model(saved).eval(), **batch), ref)  # through surgeon
+        plain = auto.from_pretrained(saved).eval()  # no trust_remote_code: the base model
+        assert not hasattr(plain, "surgeon") and torch.equal(logits(plain, **batch), base)
+        save_file({k: v.contiguous() for k, v in batch.items()}, tmp_path / f"{name}-inputs.safetensors")
+        for folder, want in ((saved, ref), (injected, base)):  # trained weights, and the identity at init
+            out = str(tmp_path / f"{folder.name}-logits.safetensors")
+            jobs.append({"folder": str(folder), "auto": auto.__name__, "inputs": str(tmp_path / f"{name}-inputs.safetensors"), "output": out})
+            expected[out] = want
+    run_without_surgeon(jobs, tmp_path)
+    for out, want in expected.items():
+        assert torch.equal(load_file(out)["logits"], want), out
+
+
+# -------------------------------------------------------------------------- options and bad input
+def test_dry_run_reads_config_json_alone(cli, vlm, tmp_path):
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    (folder / "config.json").write_bytes((vlm / "config.json").read_bytes())
+    result = cli("inject-iada", folder, "--dry-run", "--json", "--block-size", "1", "--depth", "2", "--mode", "fixed")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)["plan"]
+    assert [(b["after_layers"], b["sources"]) for b in plan["boundaries"]] == [(1, [0]), (2, [0, 1]), (3, [1, 2]), (4, [2, 3])]
+    assert plan["params"] == 4 * 64 + (1 + 2 + 2 + 2)  # gates + fixed depth logits
+    text = cli("inject-iada", folder, "--dry-run", "--block-size", "2")
+    assert "added parameters: 2,176" in text.stdout and "dry run: nothing written" in text.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config-only"]
+
+
+def test_dry_run_fills_in_default_sizes(cli, tiny_models, tmp_path):
+    """LLaVA-style config.json files often omit the text model's default sizes (LlamaConfig: 32 x 4096)."""
+    config = json.loads((tiny_models("llava") / "config.json").read_text())
+    text = config["text_config"]
+    for key in ("hidden_size", "num_hidden_layers", "layer_types", "intermediate_size"):
+        text.pop(key, None)
+    text["model_type"] = "llama"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    plan = json.loads(cli("inject-iada", tmp_path, "--dry-run", "--json").stdout)["plan"]
+    assert (plan["num_layers"], plan["hidden_size"]) == (32, 4096)
+    assert plan["params"] == 4 * (4 * 4096 * 4 + 4096) and plan["visual_token_ids"] == [config["image_token_index"]]
+
+
+def test_reinjecting_needs_replace(cli, vlm, tmp_path):
+    import shutil
+
+    shutil.copytree(vlm, tmp_path / "m")
+    assert cli("inject-iada", tmp_path / "m", "--block-size", "2").exit_code == 0
+    first = tmp_path / "m-iada"  # the default output: a sibling of MODEL
+    assert_one_line_error(cli("inject-iada", first, "-o", tmp_path / "b", "--block-size", "2"), "already has IADA blocks", "--replace")
+    assert not (tmp_path / "b").exists()
+    result = cli("inject-iada", first, "-o", tmp_path / "b", "--block-size", "4", "--rank", "2", "--replace")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config["surgeon"]["iada"]["boundaries"] == [4] and config["surgeon"]["iada"]["rank"] == 2
+    index = json.loads((tmp_path / "b" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert sorted(n for n in index if n.startswith("surgeon.")) == sorted(load_file(tmp_path / "b" / SHARD))
+    model = load_model(tmp_path / "b")
+    assert model.surgeon.iada.blocks[0].down.shape == (2, 2, 64) and len(model.surgeon.iada.blocks) == 1
+
+
+@pytest.mark.parametrize(
+    "args,fragments",
+    [
+        (["--block-size", "5"], ["block_size: 5 leaves no boundary in a 4-layer decoder", "at most 4"]),
+        (["--rank", "0"], ["rank: must be at least 1"]),
+        (["--depth", "0"], ["depth: must be at least 1"]),
+    ],
+)
+def test_bad_options_give_one_line_and_write_nothing(cli, vlm, tmp_path, args, fragments):
+    assert_one_line_error(cli("inject-iada", vlm, "-o", tmp_path / "out", *args), *fragments)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_inputs_give_one_line(cli, vlm, tmp_path):
+    assert_one_line_error(cli("inject-iada", tmp_path / "nope"), "no such folder")
+    assert_one_line_error(cli("inject-iada", tmp_path / "nope", "--dry-run"), "no such folder")
+    before = snapshot(vlm)
+    assert_one_line_error(cli("inject-iada", vlm, "-o", vlm, "--block-size", "2"), "is the input folder", "never edits its input")
+    assert snapshot(vlm) == before and not [p for p in vlm.parent.iterdir() if "surgeon-tmp" in p.name]
