@@ -115,3 +115,43 @@ def test_cli_bad_input(cli, vlm, data, tmp_path):
     assert_one_line_error(cli("train", vlm, "--data", tmp_path / "none.jsonl", "-o", tmp_path / "o"), "none.jsonl")
     assert_one_line_error(cli("train", vlm, "--data", data, "-o", tmp_path / "o", "--perception-weight", "2"), "perception_weight")
     assert not (tmp_path / "o").exists() and not (tmp_path / "o-checkpoints").exists()
+
+
+def test_iada_with_lora_trains_and_saves_beside_the_adapter(tiny_models, data, tmp_path):
+    """IADA blocks of the model train with LoRA; the adapter folder carries them; merged and
+    full outputs are remote-code folders."""
+    from surgeon import load_model
+    from surgeon.iada import IadaConfig, inject_iada
+    from surgeon.modules import module_parameters
+
+    vlm = inject_iada(tiny_models("qwen2_5_vl"), tmp_path / "vlm-iada", IadaConfig(block_size=2)).output
+    _run(vlm, data, tmp_path / "lora", max_steps=12, batch_size=4, lr=1e-2)
+    losses = [m["loss"] for m in _metrics(tmp_path / "lora")]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
+    assert (tmp_path / "lora" / "surgeon-modules.safetensors").exists()
+    gates = load_file(str(tmp_path / "lora" / "surgeon-modules.safetensors"))
+    assert any(k.endswith("gate") and v.abs().sum() > 0 for k, v in gates.items())  # trained from 0
+
+    model = load_model(tmp_path / "lora")
+    loaded = {k.split("surgeon.", 1)[1]: v for k, v in module_parameters(model.get_base_model()).items()}
+    assert all(torch.equal(loaded[k], gates[k]) for k in gates)
+
+    _run(vlm, data, tmp_path / "merged", max_steps=2, lr=1e-2, merge_lora=True)
+    assert json.loads((tmp_path / "merged" / "surgeon.json").read_text())["artifact"] == "model+remote-code"
+    assert "auto_map" in json.loads((tmp_path / "merged" / "config.json").read_text())
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.isfinite(load_model(tmp_path / "merged")(input_ids=ids).logits).all()
+
+
+def test_iada_flag_injects_defaults_and_refuses_a_model_that_has_them(tiny_models, data, tmp_path):
+    from surgeon.errors import ConfigError
+    from surgeon.iada import IadaConfig, inject_iada
+
+    deep = tiny_models("qwen2_5_vl", num_hidden_layers=8)  # S=7 gives one boundary
+    result = _run(deep, data, tmp_path / "a", max_steps=1, iada=True, full=True)
+    assert result.stats["trainable_parameters"] > 0
+    assert "surgeon" in json.loads((tmp_path / "a" / "config.json").read_text())
+    injected = inject_iada(deep, tmp_path / "deep-iada", IadaConfig()).output
+    with pytest.raises(ConfigError, match="already has IADA"):
+        _run(injected, data, tmp_path / "b", max_steps=1, iada=True)

@@ -73,11 +73,6 @@ def lora_target_regex(model: torch.nn.Module, presets: str) -> str:
     return pattern
 
 
-def surgeon_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    """Parameters of injected surgeon modules (IADA, Image-LoRA): their names contain ``surgeon``."""
-    return [(n, p) for n, p in model.named_parameters() if "surgeon" in n.split(".")]
-
-
 def set_trainable(model: torch.nn.Module, full: bool, train_vision: bool) -> None:
     """Freeze everything, then unfreeze the language model (``full``), the vision tower and
     projector (``train_vision``) and any surgeon modules. LoRA parameters are set by peft."""

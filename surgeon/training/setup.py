@@ -13,7 +13,9 @@ import torch
 
 from surgeon.errors import ConfigError
 from surgeon.training.config import TrainConfig
-from surgeon.training.model import apply_lora, lm_parameters, set_trainable, surgeon_parameters, trainable
+from surgeon.iada import IadaConfig, add_iada
+from surgeon.modules import load_model, module_parameters, write_adapter_modules, write_model
+from surgeon.training.model import apply_lora, lm_parameters, set_trainable, trainable
 
 
 @dataclass
@@ -37,15 +39,6 @@ def _file_hash(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
-
-
-def load_base_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:
-    """A transformers model from a local folder (VLM or causal LM)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-
-    config = AutoConfig.from_pretrained(path)
-    auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
-    return auto.from_pretrained(path, dtype=dtype)
 
 
 def check_inputs(config: TrainConfig) -> Any:
@@ -73,7 +66,12 @@ def prepare(config: TrainConfig, ckpt: Any) -> Run:
     dataset = EncodedDataset(samples, encoder, stats=stats, skip_bad=config.skip_bad_lines, cache=True)
 
     dtype = torch.bfloat16 if (torch.cuda.is_available() and not config.full and torch.cuda.is_bf16_supported()) else torch.float32
-    model = load_base_model(ckpt.path, dtype)
+    model = load_model(ckpt.path, dtype=dtype)
+    if config.iada:
+        if module_parameters(model, "iada"):
+            raise ConfigError("iada", f"{config.model} already has IADA blocks, which train anyway", "drop --iada")
+        add_iada(model, IadaConfig())
+    has_modules = bool(module_parameters(model))
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
@@ -98,7 +96,7 @@ def prepare(config: TrainConfig, ckpt: Any) -> Run:
         checkpoint=ckpt,
         trainable=params,
         data_fingerprint=_file_hash(config.data),
-        has_surgeon_modules=bool(surgeon_parameters(model)),
+        has_surgeon_modules=has_modules,
         stats={"data": dataset.stats.to_dict(), "trainable_parameters": n_train, "parameters": n_total},
     )
 
@@ -121,16 +119,16 @@ def save_output(run: Run, model: torch.nn.Module, config: TrainConfig, stats: di
     from surgeon.provenance import build_record, write_record
 
     with output_folder(config.output, overwrite=config.overwrite) as tmp:
-        artifact = "model"
-        if config.full:
-            model.save_pretrained(tmp)
-        elif config.merge_lora:
-            model.merge_and_unload().save_pretrained(tmp)
+        if config.full or config.merge_lora:
+            final = model if config.full else model.merge_and_unload()
+            write_model(final, tmp, run.processor)
+            artifact = "model+remote-code" if module_parameters(final) else "model"
         else:
             model.peft_config["default"].base_model_name_or_path = config.model
             model.save_pretrained(tmp)
+            write_adapter_modules(model, tmp)
+            run.processor.save_pretrained(tmp)
             artifact = "peft-adapter"
-        run.processor.save_pretrained(tmp)
         if metrics.exists():
             shutil.copy(metrics, tmp / "metrics.jsonl")
         inputs: dict[str, Any] = {"model": run.checkpoint, "data": {"source": config.data, "sha256": run.data_fingerprint}}
