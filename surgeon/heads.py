@@ -3,18 +3,14 @@
     result = score_heads(ScoreHeadsConfig(model="vlm/", data="data.jsonl", output="heads.json"))
     result.scores        # [layers][kv_heads]: Σ over probe batches of the probe's squared gradients
     result.selected      # [layers][selected KV heads], what `surgeon train --image-lora` adapts
-    budgets, selected = select_heads(scores, budget=28, tau=0.5)     # the allocation alone
     read_heads("heads.json").selected
 
 Scoring: the model is frozen; a probe (``surgeon.probes``: ``gate`` as released, ``rank1`` as the
 paper describes) acts at visual tokens only; each probe batch's loss is the token-averaged
 cross-entropy of its answer tokens (the assistant turns, as ``surgeon train`` supervises them).
 
-Selection under a global budget K: layer mass M_l = Σ_h max(score, 0); k_l = round(K·M_l^τ/Σ M^τ)
-capped at H_kv; then Σ k_l = K is restored by adding one head at a time to the highest-mass layers
-first, or removing from the lowest-mass layers first; if every mass is zero the budget follows
-capacity. Each layer keeps its k_l highest-scoring heads. τ = 0 spreads the budget evenly, τ = 1
-follows the mass. Or a fixed ``per_layer`` count.
+Selection (``surgeon.selection``): a global budget K spread over layers by score mass^τ, or a
+fixed ``per_layer`` count; each layer keeps its highest-scoring heads.
 
 Output: ``heads.json`` (scores, per-layer budgets, selected heads, the FLOPs report and, under
 ``"surgeon"``, the provenance record), written atomically. ``output`` ending in ``.json`` is that
@@ -29,17 +25,19 @@ import math
 import os
 import random
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from surgeon.errors import ConfigError, DataError
+from surgeon.selection import select_heads
 
 HEADS_FILE = "heads.json"
 FORMAT = "surgeon-head-scores/1"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 FLOPS_RANK = 8  # the reference's default rank; the FLOPs ratio does not depend on it
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -126,59 +124,8 @@ class HeadScores:
         return cls(**{k: v for k, v in data.items() if k in known and k != "output"}, output=output)
 
 
-# ------------------------------------------------------------------------------------- selection
-def default_budget(num_layers: int, num_kv_heads: int) -> int:
-    """A quarter of all KV heads (the reference's default), rounded half up, at least 1."""
-    return max(1, math.floor(num_layers * num_kv_heads / 4 + 0.5))
-
-
-def allocate_budget(scores: Sequence[Sequence[float]], budget: int, tau: float = 0.5) -> list[int]:
-    """Heads per layer, summing to ``budget`` and at most H_kv each (METHODS §4).
-
-    k_l = round(K·M_l^τ/Σ M^τ) (half up; the rounding rule is not specified by the paper) with
-    M_l = Σ_h max(score, 0) and 0^0 = 1, so τ = 0 gives every layer the same share.
-    """
-    layers, capacity = len(scores), len(scores[0])
-    if not 1 <= budget <= layers * capacity:
-        raise ConfigError("budget", f"must lie in [1, {layers * capacity}] (all KV heads), got {budget}")
-    mass = [sum(max(float(s), 0.0) for s in row) for row in scores]
-    weights = [m**tau for m in mass] if any(m > 0 for m in mass) else [float(capacity)] * layers
-    total = sum(weights)
-    k = [min(capacity, math.floor(budget * w / total + 0.5)) for w in weights]
-    by_mass = sorted(range(layers), key=lambda i: (-mass[i], i))  # highest mass first, then lower layer
-    while sum(k) < budget:
-        for i in by_mass:
-            if sum(k) < budget and k[i] < capacity:
-                k[i] += 1
-    while sum(k) > budget:
-        for i in reversed(by_mass):
-            if sum(k) > budget and k[i] > 0:
-                k[i] -= 1
-    return k
-
-
-def top_heads(row: Sequence[float], k: int) -> list[int]:
-    """The ``k`` highest-scoring heads of one layer (ties: lower index), in ascending order."""
-    return sorted(sorted(range(len(row)), key=lambda h: (-float(row[h]), h))[:k])
-
-
-def select_heads(
-    scores: Sequence[Sequence[float]], budget: int | None = None, tau: float = 0.5, per_layer: int | None = None
-) -> tuple[list[int], list[list[int]]]:
-    """``(per-layer budgets, selected heads)`` under a global ``budget`` (default: a quarter of all
-    KV heads) with ``tau``, or a fixed ``per_layer`` count."""
-    layers, capacity = len(scores), len(scores[0])
-    if per_layer is not None:
-        if per_layer > capacity:
-            raise ConfigError("per_layer", f"{per_layer} exceeds the model's {capacity} KV heads per layer")
-        budgets = [per_layer] * layers
-    else:
-        budgets = allocate_budget(scores, budget if budget is not None else default_budget(layers, capacity), tau)
-    return budgets, [top_heads(row, k) for row, k in zip(scores, budgets)]
-
-
 # --------------------------------------------------------------------------------------- scoring
-def score_heads(config: ScoreHeadsConfig, progress: Any = None) -> HeadScores:
+def score_heads(config: ScoreHeadsConfig, progress: Progress | None = None) -> HeadScores:
     """Score every KV head of ``config.model`` on probe batches of ``config.data``, select heads,
     and write ``config.output`` (and ``config.plot``) when given. ``progress(task, done, total)``."""
     import torch

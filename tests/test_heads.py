@@ -11,7 +11,8 @@ from helpers import assert_one_line_error
 from test_iada import image_batch
 
 from surgeon.errors import ConfigError
-from surgeon.heads import ScoreHeadsConfig, allocate_budget, default_budget, read_heads, score_heads, select_heads
+from surgeon.heads import ScoreHeadsConfig, read_heads, score_heads
+from surgeon.selection import allocate_budget, default_budget, select_heads
 
 
 # ------------------------------------------------------------------------------------ allocation
