@@ -14,9 +14,9 @@ from surgeon.heads import HeadScores
 @click.command(
     "score-heads",
     epilog=example(
-        "python examples/make_dataset.py shapes/ && surgeon demo --workdir demo/",
-        "surgeon score-heads demo/vlm --data shapes/data.jsonl -o heads.json --steps 8",
-        "surgeon train demo/vlm --data shapes/data.jsonl -o run/ --image-lora heads.json --max-steps 20 --lr 1e-3",
+        "surgeon demo --workdir demo/",
+        "surgeon score-heads demo/vlm --data demo/shapes/data.jsonl -o heads.json --steps 4",
+        "surgeon train demo/vlm --data demo/shapes/data.jsonl -o run/ --image-lora heads.json --max-steps 20 --lr 1e-3",
     ),
 )
 @click.argument("model")
