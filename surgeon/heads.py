@@ -217,7 +217,8 @@ def score_heads(config: ScoreHeadsConfig, progress: Progress | None = None) -> H
         inputs = {"model": source, "data": {"source": config.data, "sha256": _file_hash(config.data)}}
         stats_out = {"batches": batches, "samples": used, "tokens": tokens, "visual_tokens": visual,
                      "budget": result.budget, "flops_ratio": flops.ratio, "data": stats.to_dict()}  # fmt: skip
-        write_heads(result, config.output, config.overwrite, build_record("score-heads", "head-scores", config, inputs, stats_out))
+        record = build_record("score-heads", "head-scores", config, inputs, stats_out)
+        write_heads(result, config.output, config.overwrite, record)
     if config.plot is not None:
         plot_heads(result, config.plot)
     return result
@@ -324,8 +325,10 @@ def read_heads(path: str | Path, field_name: str = "heads") -> HeadScores:
     except (OSError, ValueError) as e:
         raise ConfigError(field_name, f"{path}: cannot read it as JSON ({e})") from None
     selected = data.get("selected") if isinstance(data, dict) else None
-    if not isinstance(selected, list) or not all(isinstance(row, list) and all(isinstance(h, int) for h in row) for row in selected):
-        raise ConfigError(field_name, f"{path}: holds no per-layer list of selected heads", "give the heads.json of surgeon score-heads")
+    rows_ok = isinstance(selected, list) and all(isinstance(r, list) and all(isinstance(h, int) for h in r) for r in selected)
+    if not rows_ok:
+        hint = "give the heads.json of surgeon score-heads"
+        raise ConfigError(field_name, f"{path}: holds no per-layer list of selected heads", hint)
     try:
         return HeadScores.from_dict(data, output=str(path))
     except TypeError as e:

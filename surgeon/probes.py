@@ -75,8 +75,8 @@ class Rank1Probe(nn.Module):
     def batch_scores(self) -> torch.Tensor:
         rows = []
         for layer in self.adapter.layers.values():
-            grad = layer.up.grad  # type: ignore[union-attr]
-            rows.append(torch.zeros(layer.up.shape[0]) if grad is None else grad.detach().float().pow(2).sum((1, 2)).cpu())  # type: ignore[union-attr]
+            up: torch.Tensor = layer.up  # type: ignore[assignment]
+            rows.append(torch.zeros(up.shape[0]) if up.grad is None else up.grad.detach().float().pow(2).sum((1, 2)).cpu())
         return torch.stack(rows)
 
 
