@@ -14,6 +14,7 @@ from surgeon.commands import (
     inject_iada,
     inspect,
     push,
+    score_heads,
     train,
 )
 from surgeon.commands._cli import SurgeonGroup
@@ -33,9 +34,10 @@ def main(verbose: int, quiet: bool) -> None:
 
     \b
       inspect         what a checkpoint is and where its parts live
-      train           LoRA / full fine-tuning with DRIFT, IADA and perception reweighting
+      train           LoRA / full / Image-LoRA fine-tuning with DRIFT, IADA and perception reweighting
       diagnose        the perception share of a dataset's supervised tokens and loss
       inject-iada     add IADA depth-aggregation blocks to a saved model
+      score-heads     which KV heads Image-LoRA adapts: influence scores and a budgeted selection
       demo            the whole pipeline on tiny models built on the spot
       push            publish an output folder to the Hub with a model card from surgeon.json
     """
@@ -48,6 +50,7 @@ for _module in (
     inject_iada,
     demo,
     push,
+    score_heads,
     train,
 ):
     main.add_command(_module.command)

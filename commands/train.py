@@ -11,9 +11,10 @@ from surgeon.commands._console import emit_json, err, out, quiet_transformers
 @click.command(
     "train",
     epilog=example(
-        "python examples/make_dataset.py shapes/ && surgeon demo --workdir demo/",
-        "surgeon train demo/vlm --data shapes/data.jsonl -o run/ --max-steps 20 --perception-weight 0.5",
-        "surgeon train demo/vlm --data shapes/data.jsonl -o run-drift/ --full --prior demo/prior --max-steps 20",
+        "surgeon demo --workdir demo/",
+        "surgeon train demo/vlm --data demo/shapes/data.jsonl -o run/ --max-steps 20 --perception-weight 0.5",
+        "surgeon train demo/vlm --data demo/shapes/data.jsonl -o run-drift/ --full --prior demo/prior --max-steps 20",
+        "surgeon train demo/vlm --data demo/shapes/data.jsonl -o run-il/ --image-lora demo/heads --max-steps 20 --lr 1e-3",
     ),
 )
 @click.argument("model")
@@ -52,12 +53,27 @@ from surgeon.commands._console import emit_json, err, out, quiet_transformers
     "--perception-weight", default=None, help="λ in [0,1] for L = λ·L_perception + (1−λ)·L_reasoning, or 'dynamic'."
 )
 @click.option("--perception-regex", default=None, help="Regex for perception spans instead of <perception> tags.")
+@click.option(
+    "--image-lora", default=None, metavar="HEADS_JSON",
+    help="Train Image-LoRA on the heads selected by `surgeon score-heads` (language model frozen, no LoRA on it).",
+)
+@click.option("--image-lora-rank", type=int, default=8, show_default=True, help="Image-LoRA rank r.")
+@click.option("--image-lora-alpha", type=float, default=16.0, show_default=True, help="Image-LoRA α (scale α/r).")
 @click.option("--skip-bad-lines", is_flag=True, help="Skip and count malformed samples instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (and its checkpoints).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def command(as_json: bool, **options: object) -> None:
     """Fine-tune MODEL on --data with LoRA (default) or --full, optionally with DRIFT (--prior),
     perception/reasoning reweighting (--perception-weight) and the model's IADA blocks.
+
+    \b
+    --image-lora HEADS_JSON trains Image-LoRA instead of LoRA: value-projection adapters at
+    image/video tokens of the selected KV heads only, with the language model frozen (the
+    paper's setting; default lr 1e-5 as in its reference code). IADA blocks of the model (or
+    --iada) train beside it. The output is then MODEL's files (weights hard-linked) plus the
+    adapters in surgeon-image_lora.safetensors and remote code: it loads with
+    surgeon.load_model(OUT) or from_pretrained(OUT, trust_remote_code=True). --full, --prior and
+    --merge-lora do not combine with it.
 
     \b
     Runs on one CPU or GPU as is, and on several with

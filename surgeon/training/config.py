@@ -21,7 +21,7 @@ class TrainConfig:
     output: str  # final folder; checkpoints go to ``<output>-checkpoints/``
     max_steps: int | None = None  # optimiser steps; None: ``epochs`` over the data
     epochs: float = 1.0
-    lr: float | None = None  # None: 1e-4 with LoRA, 1e-5 with --full (ours)
+    lr: float | None = None  # None: 1e-4 with LoRA, 1e-5 with --full (ours) or Image-LoRA (the reference's)
     batch_size: int = 1  # per process and micro-batch
     grad_accum: int = 1
     warmup_ratio: float = 0.03
@@ -47,12 +47,18 @@ class TrainConfig:
     perception_weight: str | None = None  # a λ in [0, 1], or "dynamic"; None: plain cross-entropy
     perception_regex: str | None = None
     iada: bool = False  # inject IADA blocks with default settings before training
+    image_lora: str | None = None  # heads.json of `surgeon score-heads`: train Image-LoRA, language model frozen
+    image_lora_rank: int = 8
+    image_lora_alpha: float = 16.0
     skip_bad_lines: bool = False
     log_every: int = 1
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "lora_rank": self.lora_rank, "max_length": self.max_length}
+        positive = {
+            "batch_size": self.batch_size, "grad_accum": self.grad_accum, "lora_rank": self.lora_rank,
+            "max_length": self.max_length, "image_lora_rank": self.image_lora_rank,
+        }  # fmt: skip
         for field, value in positive.items():
             if value < 1:
                 raise ConfigError(field, f"must be at least 1, got {value}")
@@ -71,6 +77,16 @@ class TrainConfig:
                 raise ConfigError("perception_weight", f"{self.perception_weight!r} is neither a number nor 'dynamic'") from None
             if not 0.0 <= lam <= 1.0:
                 raise ConfigError("perception_weight", f"must lie in [0, 1], got {lam}")
+        if self.image_lora_alpha <= 0:
+            raise ConfigError("image_lora_alpha", f"must be positive, got {self.image_lora_alpha}")
+        if self.image_lora and (self.full or self.prior):
+            raise ConfigError(
+                "image_lora",
+                "Image-LoRA trains beside a frozen language model, which full fine-tuning (and DRIFT with it) would train",
+                "drop --full/--prior, or train without --image-lora",
+            )
+        if self.image_lora and self.merge_lora:
+            raise ConfigError("merge_lora", "with Image-LoRA no LoRA trains on the language model, so there is none to merge", "drop --merge-lora")
         if self.prior and not self.full:
             raise ConfigError(
                 "prior",
@@ -84,7 +100,7 @@ class TrainConfig:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (1e-5 if self.full else 1e-4)
+        return self.lr if self.lr is not None else (1e-5 if self.full or self.image_lora else 1e-4)
 
     @property
     def fixed_lambda(self) -> float | None:

@@ -83,6 +83,13 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
     checkpoint = setup.check_inputs(config)
     status("loading data and model")
     run = setup.prepare(config, checkpoint)
+    if "image_lora" in run.stats:
+        il, flops = run.stats["image_lora"], run.stats["image_lora"]["flops"]
+        status(
+            f"Image-LoRA on {sum(map(len, il['heads']))} KV heads in {sum(1 for h in il['heads'] if h)} layers, "
+            f"{il['parameters']:,} parameters; adapter FLOPs {flops['ratio']:.2%} of LoRA on v_proj over all tokens "
+            f"(visual-token fraction of the data {flops['visual_fraction']:.2%})"
+        )
     ddp = DistributedDataParallelKwargs(find_unused_parameters=run.has_surgeon_modules)
     accelerator = Accelerator(mixed_precision=_mixed_precision(config), kwargs_handlers=[ddp], cpu=cpu)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -137,6 +144,8 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
             with sync:
                 with accelerator.autocast():
                     logits = model(**batch).logits
+                if not logits.requires_grad:  # a text-only batch when only visual-token adapters train
+                    logits = logits + sum(p.sum() for p in params) * 0.0  # same values, zero gradients
                 losses = span_losses(logits, labels.to(logits.device), mask.to(logits.device), totals=(n_p, n_r))
                 if dynamic is not None:
                     dynamic.backward(losses)

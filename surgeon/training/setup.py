@@ -14,7 +14,7 @@ import torch
 from surgeon.errors import ConfigError
 from surgeon.training.config import TrainConfig
 from surgeon.iada import IadaConfig, add_iada
-from surgeon.modules import load_model, module_parameters, write_adapter_modules, write_model
+from surgeon.modules import load_model, module_parameters, write_adapter_modules, write_model, write_module_folder
 from surgeon.training.model import apply_lora, lm_parameters, set_trainable, trainable
 
 
@@ -52,7 +52,20 @@ def check_inputs(config: TrainConfig) -> Any:
         from surgeon.prior import open_prior
 
         open_prior(config.prior).close()
-    return open_checkpoint(config.model)
+    ckpt = open_checkpoint(config.model)
+    if config.image_lora:
+        from surgeon.heads import read_heads
+        from surgeon.layout import config_value, text_config
+
+        layers = config_value(text_config(ckpt.config), "num_hidden_layers")
+        selected = read_heads(config.image_lora, "image_lora").selected
+        if isinstance(layers, int) and len(selected) != layers:
+            raise ConfigError(
+                "image_lora",
+                f"{config.image_lora} selects heads in {len(selected)} layers but {config.model} has {layers}",
+                "score the heads of this model with surgeon score-heads",
+            )
+    return ckpt
 
 
 def prepare(config: TrainConfig, ckpt: Any) -> Run:
@@ -71,6 +84,9 @@ def prepare(config: TrainConfig, ckpt: Any) -> Run:
         if module_parameters(model, "iada"):
             raise ConfigError("iada", f"{config.model} already has IADA blocks, which train anyway", "drop --iada")
         add_iada(model, IadaConfig())
+    extra: dict[str, Any] = {}
+    if config.image_lora:
+        extra["image_lora"] = _add_image_lora(model, config, dataset)
     has_modules = bool(module_parameters(model))
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -78,7 +94,8 @@ def prepare(config: TrainConfig, ckpt: Any) -> Run:
     if config.full:
         set_trainable(model, full=True, train_vision=config.train_vision)
     else:
-        model = apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.lora_dropout)
+        if not config.image_lora:  # Image-LoRA trains alone: no LoRA on the language model, which stays frozen
+            model = apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.lora_dropout)
         set_trainable(model, full=False, train_vision=config.train_vision)
         for p in model.parameters():
             if p.requires_grad and p.dtype != torch.float32:
@@ -97,8 +114,27 @@ def prepare(config: TrainConfig, ckpt: Any) -> Run:
         trainable=params,
         data_fingerprint=_file_hash(config.data),
         has_surgeon_modules=has_modules,
-        stats={"data": dataset.stats.to_dict(), "trainable_parameters": n_train, "parameters": n_total},
+        stats={"data": dataset.stats.to_dict(), "trainable_parameters": n_train, "parameters": n_total, **extra},
     )
+
+
+def _add_image_lora(model: torch.nn.Module, config: TrainConfig, dataset: Any) -> dict[str, Any]:
+    """Attach Image-LoRA for ``config.image_lora``'s heads; returns its statistics, with the FLOPs
+    report over the whole dataset (tokens and visual tokens of every usable sample)."""
+    from surgeon.heads import read_heads
+    from surgeon.image_lora import ImageLoraConfig, add_image_lora, count_parameters, flops_report
+    from surgeon.modeling_surgeon import visual_token_ids
+
+    if module_parameters(model, "image_lora"):
+        raise ConfigError("image_lora", f"{config.model} already has Image-LoRA adapters, which train anyway", "drop --image-lora")
+    heads = read_heads(config.image_lora, "image_lora")  # type: ignore[arg-type]
+    module = add_image_lora(model, heads, ImageLoraConfig(rank=config.image_lora_rank, alpha=config.image_lora_alpha))
+    s = module.settings
+    ids = torch.tensor(visual_token_ids(model.config))
+    visual = sum(int(torch.isin(dataset[i].input_ids, ids).sum()) for i in range(len(dataset)))
+    flops = flops_report(s["heads"], s["hidden_size"], s["num_kv_heads"], s["head_dim"], sum(dataset.lengths), visual, s["rank"])
+    params = count_parameters(s["heads"], s["hidden_size"], s["head_dim"], s["rank"])
+    return {"heads": s["heads"], "parameters": params, "flops": flops.to_dict()}
 
 
 def drift_for(run: Run, config: TrainConfig, device: torch.device) -> Any:
@@ -123,6 +159,12 @@ def save_output(run: Run, model: torch.nn.Module, config: TrainConfig, stats: di
             final = model if config.full else model.merge_and_unload()
             write_model(final, tmp, run.processor)
             artifact = "model+remote-code" if module_parameters(final) else "model"
+        elif config.image_lora:  # only surgeon modules (and maybe the vision tower) trained
+            if config.train_vision:
+                write_model(model, tmp, run.processor)
+            else:
+                write_module_folder(model, run.checkpoint, tmp)
+            artifact = "model+remote-code"
         else:
             model.peft_config["default"].base_model_name_or_path = config.model
             model.save_pretrained(tmp)
@@ -134,5 +176,9 @@ def save_output(run: Run, model: torch.nn.Module, config: TrainConfig, stats: di
         inputs: dict[str, Any] = {"model": run.checkpoint, "data": {"source": config.data, "sha256": run.data_fingerprint}}
         if config.prior:
             inputs["prior"] = {"source": config.prior}
+        if config.image_lora:
+            from surgeon.heads import heads_file
+
+            inputs["heads"] = {"source": config.image_lora, "sha256": _file_hash(heads_file(config.image_lora))}
         write_record(tmp, build_record("train", artifact, config, inputs, stats))
     return Path(config.output)
