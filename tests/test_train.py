@@ -103,6 +103,20 @@ def test_adapter_and_merged_folders_load_in_transformers_and_peft(vlm, data, tmp
     assert torch.allclose(tuned, merged, atol=1e-5)
 
 
+def test_lora_with_train_vision_saves_the_vision_tower_in_the_adapter(vlm, data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    _run(vlm, data, tmp_path / "a", max_steps=2, lr=1e-2, train_vision=True)
+    saved = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    vision = [k for k in saved if ".visual." in k]
+    assert vision and any("merger" in k for k in vision) and not any("lora_" in k for k in vision)
+    base = AutoModelForImageTextToText.from_pretrained(vlm)
+    before = base.model.visual.merger.mlp[0].weight.detach().clone()
+    tuned = PeftModel.from_pretrained(base, tmp_path / "a").merge_and_unload()
+    assert not torch.equal(before, tuned.model.visual.merger.mlp[0].weight)
+
+
 def test_lora_never_wraps_vision_blocks(vlm, data, tmp_path):
     _run(vlm, data, tmp_path / "a", max_steps=1)
     names = load_file(str(tmp_path / "a" / "adapter_model.safetensors")).keys()

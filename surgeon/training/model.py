@@ -75,22 +75,46 @@ def lora_target_regex(model: torch.nn.Module, presets: str) -> str:
 
 def set_trainable(model: torch.nn.Module, full: bool, train_vision: bool) -> None:
     """Freeze everything, then unfreeze the language model (``full``), the vision tower and
-    projector (``train_vision``) and any surgeon modules. LoRA parameters are set by peft."""
+    projector (``train_vision``) and any surgeon modules. LoRA parameters and peft's
+    ``modules_to_save`` copies are left as peft set them."""
     lm = {id(p) for _, p in lm_parameters(model)}
     for name, p in model.named_parameters():
         is_lm = id(p) in lm
-        if "lora_" in name:
+        if "lora_" in name or ".modules_to_save." in name:  # peft owns these
             continue
         p.requires_grad_((full and is_lm) or (train_vision and not is_lm) or "surgeon" in name.split("."))
 
 
-def apply_lora(model: torch.nn.Module, rank: int, alpha: float, targets: str, dropout: float = 0.0) -> Any:
-    """Wrap the language model's projections with peft LoRA; returns the PeftModel."""
+def vision_modules(model: torch.nn.Module) -> list[str]:
+    """Module paths of the vision tower and projector: the language model's siblings that hold
+    parameters (``model.visual``; ``model.vision_tower`` and ``model.multi_modal_projector`` …)."""
+    path = module_path(model, language_model(model))
+    parent = path.rpartition(".")[0]
+    owner = model.get_submodule(parent) if parent else model
+    decoder = language_model(model)
+    return [
+        f"{parent}.{name}" if parent else name
+        for name, child in owner.named_children()
+        if child is not decoder and any(True for _ in child.parameters()) and name != "surgeon"
+    ]
+
+
+def apply_lora(
+    model: torch.nn.Module, rank: int, alpha: float, targets: str, dropout: float = 0.0, train_vision: bool = False
+) -> Any:
+    """Wrap the language model's projections with peft LoRA; returns the PeftModel.
+
+    ``train_vision``: the vision tower and projector train fully as peft ``modules_to_save``, so
+    the adapter folder carries them."""
     from peft import LoraConfig, get_peft_model
 
+    save = vision_modules(model) if train_vision else None
+    if train_vision and not save:
+        raise ConfigError("train_vision", f"{type(model).__name__} has no vision tower to train", "drop --train-vision")
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_regex(model, targets), bias="none"
-    )
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_regex(model, targets), bias="none",
+        modules_to_save=save,
+    )  # fmt: skip
     return get_peft_model(model, config)
 
 

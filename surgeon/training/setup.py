@@ -94,9 +94,12 @@ def prepare(config: TrainConfig, ckpt: Any) -> Run:
     if config.full:
         set_trainable(model, full=True, train_vision=config.train_vision)
     else:
-        if not config.image_lora:  # Image-LoRA trains alone: no LoRA on the language model, which stays frozen
-            model = apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.lora_dropout)
-        set_trainable(model, full=False, train_vision=config.train_vision)
+        lora = not config.image_lora  # Image-LoRA trains alone: no LoRA on the language model, which stays frozen
+        if lora:  # with --train-vision, peft trains and saves the vision tower and projector (modules_to_save)
+            model = apply_lora(
+                model, config.lora_rank, config.lora_alpha, config.lora_targets, config.lora_dropout, config.train_vision
+            )
+        set_trainable(model, full=False, train_vision=config.train_vision and not lora)
         for p in model.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()  # adapters and unfrozen modules train in fp32
