@@ -13,9 +13,11 @@ from surgeon.commands import (
     diagnose,
     inject_iada,
     inspect,
-    push,
     merge,
     prior,
+    push,
+    score_heads,
+    train,
 )
 from surgeon.commands._cli import SurgeonGroup
 from surgeon.commands._console import setup_logging
@@ -37,6 +39,8 @@ def main(verbose: int, quiet: bool) -> None:
       prior           DRIFT reasoning prior: Δ = reasoning LLM − VLM, with per-layer statistics
       merge           merge baselines: linear, task arithmetic, TIES, DARE, layer swap
       inject-iada     add IADA depth-aggregation blocks to a saved model
+      score-heads     which KV heads Image-LoRA adapts: influence scores and a budgeted selection
+      train           LoRA / full / Image-LoRA fine-tuning with DRIFT, IADA and perception reweighting
       diagnose        the perception share of a dataset's supervised tokens and loss
       demo            the whole pipeline on tiny models built on the spot
       push            publish an output folder to the Hub with a model card from surgeon.json
@@ -49,6 +53,8 @@ for _module in (
     prior,
     merge,
     inject_iada,
+    score_heads,
+    train,
     diagnose,
     demo,
     push,

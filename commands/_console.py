@@ -16,12 +16,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 out = Console(soft_wrap=True)
 err = Console(stderr=True)
 _quiet = False
+_verbose = 0
 
 
 def setup_logging(verbose: int, quiet: bool) -> None:
     """``-q``: warnings only; default: info; ``-v``: debug; ``-vv``: debug incl. transformers."""
-    global _quiet
-    _quiet = quiet
+    global _quiet, _verbose
+    _quiet, _verbose = quiet, verbose
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     log = logging.getLogger("surgeon")
     log.handlers[:] = [RichHandler(console=err, show_time=False, show_path=False, markup=False)]
@@ -32,6 +33,14 @@ def setup_logging(verbose: int, quiet: bool) -> None:
 
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def quiet_transformers() -> None:
+    """Hide transformers' own weight-loading/saving bars unless -vv (downloads keep theirs)."""
+    if _verbose < 2:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def emit_json(data: Any) -> None:

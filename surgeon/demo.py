@@ -92,3 +92,39 @@ def _steps(work: Path) -> Iterator[Step]:
         return work / "vlm-iada", f"IADA blocks after layers {after}: +{result.plan.params:,} parameters, same outputs until trained"
 
     yield timed("inject-iada", iada)
+
+    def heads() -> tuple[Path, str]:
+        from surgeon.heads import ScoreHeadsConfig, score_heads
+
+        data = _shapes_dataset(work / "shapes")
+        config = ScoreHeadsConfig(model=str(vlm), data=str(data), output=str(work / "heads"), steps=4, overwrite=True)
+        r = score_heads(config)
+        return work / "heads", (
+            f"{r.probe} scores of {r.num_layers}×{r.num_kv_heads} KV heads on {r.batches} image batches; "
+            f"{r.budget} selected for Image-LoRA, adapter FLOPs {r.flops['ratio']:.1%} of v_proj LoRA "
+            f"at {r.flops['visual_fraction']:.1%} visual tokens"
+        )
+
+    yield timed("score-heads", heads)
+
+
+def _shapes_dataset(folder: Path, n: int = 6) -> Path:
+    """A few coloured-square images with a question and a tagged answer each (TRL JSONL)."""
+    import json
+
+    from PIL import Image, ImageDraw
+
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "images").mkdir(parents=True)
+    colours = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220)}
+    lines = []
+    for i in range(n):
+        name, rgb = list(colours.items())[i % len(colours)]
+        image = Image.new("RGB", (56 + 28 * (i % 2), 56), (255, 255, 255))
+        ImageDraw.Draw(image).rectangle((12, 12, 44, 44), fill=rgb)
+        image.save(folder / "images" / f"{i}.png")
+        user = [{"type": "image", "image": f"images/{i}.png"}, {"type": "text", "text": "What color is the square?"}]
+        answer = f"<perception>The square is {name}.</perception> Answer: {name}"
+        lines.append(json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}))
+    (folder / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "data.jsonl"

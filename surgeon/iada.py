@@ -9,7 +9,8 @@ The maths (METHODS.md §3, a reconstruction: the paper's code is not public) liv
 ``surgeon/modeling_surgeon.py``, the file that is also shipped into the output folder, so the
 folder loads with ``trust_remote_code=True`` without surgeon and with ``surgeon.load_model``.
 
-The output folder hard-links the unchanged weight files (copies across filesystems), adds the IADA
+The output folder hard-links the unchanged weight files (copies across filesystems; a lone
+``model.safetensors`` as ``model-00001-of-00001.safetensors``, so that transformers reads the index), adds the IADA
 tensors in their own shard ``surgeon-iada.safetensors`` listed in ``model.safetensors.index.json``,
 and records the settings in ``config.json`` under ``"surgeon": {"iada": …}`` plus ``auto_map``.
 At initialisation the gate is 0, so the model computes exactly what the input model computed.
@@ -18,22 +19,22 @@ At initialisation the gate is 0, so the model computes exactly what the input mo
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from surgeon import modeling_surgeon as modeling
-from surgeon.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, REPO_ID, open_checkpoint
+from surgeon.checkpoint import INDEX_NAME, REPO_ID, open_checkpoint
 from surgeon.errors import CheckpointError, ConfigError, LayoutError
 from surgeon.layout import config_value, detect_layout, placeholder_token_ids
-from surgeon.output import link_or_copy, output_folder, write_index
+from surgeon.modules import carry_files, indexed_names, module_shard
+from surgeon.output import output_folder, write_index
 from surgeon.provenance import FILE_NAME as RECORD_NAME
 from surgeon.provenance import build_record, write_record
 from surgeon.safetensors_io import write_file
 
 KIND = "iada"
-SHARD = "surgeon-iada.safetensors"
+SHARD = module_shard(KIND)
 PREFIX = f"{modeling.MODULE_ATTR}.{KIND}."
 
 
@@ -271,7 +272,9 @@ def inject_iada(
         total = sum(info.nbytes for name, info in ckpt.tensors.items() if name in weight_map)
         files: dict[str, list[str]] = {"linked": [], "copied": [], "skipped": []}
         with output_folder(out, overwrite) as tmp:
-            _carry_files(ckpt.path, tmp, set(weight_map.values()), files)
+            rename = indexed_names(set(weight_map.values()))
+            carry_files(ckpt.path, tmp, set(weight_map.values()), files, _REWRITTEN, rename)
+            weight_map = {name: rename.get(file, file) for name, file in weight_map.items()}
             write_file(tmp / SHARD, tensors, {"format": "pt"})
             weight_map.update(dict.fromkeys(tensors, SHARD))
             total += sum(t.numel() * t.element_size() for t in tensors.values())
@@ -286,23 +289,6 @@ def inject_iada(
 
 
 _REWRITTEN = {"config.json", INDEX_NAME, RECORD_NAME, modeling.MODELING_FILE, SHARD}
-
-
-def _carry_files(src: Path, dst: Path, weight_files: set[str], files: dict[str, list[str]]) -> None:
-    """Link the weight files still in use, copy the other top-level files (tokenizer, processor,
-    generation config); skip pickles, sub-folders and what the injection rewrites."""
-    for path in sorted(src.iterdir()):
-        name = path.name
-        if name in _REWRITTEN:
-            continue
-        weights = name.endswith(".safetensors")
-        if path.is_dir() or path.suffix in PICKLE_SUFFIXES or (weights and name not in weight_files):
-            files["skipped"].append(name)
-        elif weights:
-            files["linked" if link_or_copy(path, dst / name) == "link" else "copied"].append(name)
-        else:
-            shutil.copy2(path, dst / name)
-            files["copied"].append(name)
 
 
 def add_iada(model: Any, config: IadaConfig = IadaConfig(), replace: bool = False) -> Any:

@@ -1,4 +1,4 @@
-"""surgeon modules inside a transformers model: IADA depth aggregation (more kinds register here).
+"""surgeon modules inside a transformers model: IADA depth aggregation and Image-LoRA value adapters.
 
 This one file is both a module of the ``surgeon`` library and the remote code shipped verbatim
 into every model folder that carries surgeon modules. It imports only torch and transformers, so
@@ -11,9 +11,10 @@ model (the extra tensors are reported as unused).
 
 How a model folder describes its modules::
 
-    config.json   "surgeon": {"iada": {...settings...}}             one key per module kind
+    config.json   "surgeon": {"iada": {...settings...}, "image_lora": {...}}   one key per module kind
                   "auto_map": {"AutoModelForImageTextToText": "modeling_surgeon.SurgeonQwen2_5_VLForConditionalGeneration"}
     weights       surgeon.iada.blocks.0.down, surgeon.iada.blocks.0.up, surgeon.iada.blocks.0.gate, ...
+                  surgeon.image_lora.layers.3.down, surgeon.image_lora.layers.3.up, surgeon.image_lora.layers.3.gamma, ...
 
 In memory the modules live in ``model.surgeon`` (an ``nn.ModuleDict`` keyed by kind), so their
 parameter names start with ``surgeon.<kind>.``, a prefix that no checkpoint key conversion of the
@@ -26,7 +27,8 @@ context)`` (creates and initialises its fp32 parameters), ``settings`` (the dict
 config.json), ``attach(model) -> list of hook handles`` and ``reset_parameters()``; mark each
 submodule that owns parameters with ``surgeon_params = True`` (and a ``reset_parameters()``) so that
 a checkpoint lacking them still initialises them; add one entry to ``MODULE_KINDS``. Kinds share the
-``TokenContext`` (which tokens of the running forward pass are visual) and the decoder lookup.
+``TokenContext`` (which tokens of the running forward pass are visual) and the decoder lookup;
+a kind that changes value vectors at visual tokens subclasses ``VisualValueEdit``.
 """
 
 from __future__ import annotations
@@ -118,7 +120,8 @@ class TokenContext:
 
     The top model's forward pre-hook records ``input_ids`` (VLMs call their language model with
     ``inputs_embeds``, so the ids are only visible there); a direct call of the decoder with
-    ``input_ids`` records them too. Without ids every token counts as text.
+    ``input_ids`` records them too. Without ids every token counts as text. ``running`` is True
+    while a forward pass of the model (or of its decoder) is under way.
     """
 
     def __init__(self, visual_ids: list[int]) -> None:
@@ -126,8 +129,10 @@ class TokenContext:
         self._ids: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
         self._outer = False
+        self.running = False
 
     def begin(self, input_ids: torch.Tensor | None, outer: bool) -> None:
+        self.running = True
         if outer:
             self._outer = True
         elif self._outer and input_ids is None:
@@ -136,7 +141,7 @@ class TokenContext:
 
     def end(self, outer: bool) -> None:
         if outer or not self._outer:
-            self._ids, self._mask, self._outer = None, None, False
+            self._ids, self._mask, self._outer, self.running = None, None, False, False
 
     def visual_mask(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Bool ``(batch, seq)`` for ``hidden`` of shape ``(batch, seq, d)``; None when all text."""
@@ -359,9 +364,235 @@ def check_iada_settings(settings: dict) -> dict:
     return s
 
 
+# ------------------------------------------------------------------------------------- Image-LoRA
+def value_projection(layer: nn.Module) -> nn.Linear:
+    """The value projection of one decoder layer (``self_attn.v_proj``; under a peft LoRA wrapper
+    its base layer, which a merge keeps). Its output is ``(batch, seq, H_kv · d_h)``, head-major."""
+    attn = getattr(layer, "self_attn", None)
+    proj = getattr(attn, "v_proj", None)
+    if proj is None:
+        proj = next((m for n, m in layer.named_modules() if n.split(".")[-1] == "v_proj"), None)
+    if proj is None:
+        raise SurgeonModelingError(
+            f"decoder layer {type(layer).__name__} has no v_proj (fused query/key/value projections are not supported)"
+        )
+    base = getattr(proj, "get_base_layer", None)
+    return base() if callable(base) else proj
+
+
+def value_dims(model: nn.Module) -> tuple[int, int, int]:
+    """``(hidden size d, KV heads H_kv, head dim d_h)`` of the language model, checked against the
+    shape of its first value projection."""
+    text = text_config_of(model.config)
+    heads = getattr(text, "num_attention_heads", None)
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    _, layers = decoder_of(model)
+    proj = value_projection(layers[0])
+    if (proj.in_features, proj.out_features) != (text.hidden_size, kv * head_dim):
+        raise SurgeonModelingError(
+            f"v_proj maps {proj.in_features} -> {proj.out_features} features, but the config says hidden size "
+            f"{text.hidden_size} and {kv} KV heads of size {head_dim}"
+        )
+    return text.hidden_size, kv, head_dim
+
+
+class VisualValueEdit(nn.Module):
+    """Base of the modules that change value vectors at visual-token positions only: a forward hook
+    on the value projection of each chosen decoder layer.
+
+    A subclass implements ``edit(layer, x, values) -> values``, with ``x`` (N, d) the inputs of
+    ``v_proj`` at the N visual positions of the batch (all images and videos of every sample) and
+    ``values`` (N, H_kv, d_h) its outputs there. The hook writes the result back at those rows
+    only (``index_put`` on a copy); a batch without visual tokens (text, decode steps of
+    ``generate``) returns the output untouched, so text positions are bit-for-bit unchanged.
+
+    Under gradient checkpointing the backward pass re-runs the layer after the forward pass has
+    ended (transformers ≥ 5 checkpoints a layer's ``forward``, so ``v_proj`` hooks run inside the
+    checkpoint); the re-run reuses the visual positions of the layer's last forward pass. A
+    backward pass must therefore follow its own forward pass before the next forward pass of a
+    checkpointed layer (as in ordinary training loops).
+    """
+
+    def __init__(self, context: TokenContext | None, num_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.context = context
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self._rows: tuple[torch.Tensor, Any] | None = None  # (mask of this forward, its (b, t) indices)
+        self._replay: dict[int, Any] = {}  # layer -> rows of its last forward (checkpoint re-runs)
+        self._owners: dict[int, nn.Module] = {}  # layer -> decoder layer (plain dict: not submodules)
+
+    def edit(self, layer: int, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def hook_layers(self, model: nn.Module, indices: list[int]) -> list[Any]:
+        """Register the hook on the value projections of decoder layers ``indices``."""
+        _, layers = decoder_of(model)
+        handles = []
+        for i in indices:
+            self._owners[i] = layers[i]
+            # partial of a bound method, not a closure: copy.deepcopy(model) rebinds it to the copy
+            handles.append(value_projection(layers[i]).register_forward_hook(functools.partial(self._hook, i)))
+        return handles
+
+    def _visual_rows(self, layer: int, x: torch.Tensor) -> Any:
+        context = self.context
+        if context is not None and context.running:
+            mask = context.visual_mask(x)
+            if mask is None:
+                rows = None
+            elif self._rows is not None and self._rows[0] is mask:
+                rows = self._rows[1]
+            else:
+                index = mask.nonzero(as_tuple=True)
+                rows = index if index[0].numel() else None
+                self._rows = (mask, rows)
+            if torch.is_grad_enabled():
+                self._replay[layer] = rows
+            return rows
+        owner = self._owners.get(layer)
+        if owner is not None and owner.training and getattr(owner, "gradient_checkpointing", False) and torch.is_grad_enabled():
+            return self._replay.get(layer)  # the backward pass re-running this layer's forward
+        return None
+
+    def _hook(self, layer: int, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        rows = self._visual_rows(layer, args[0])
+        if rows is None:
+            return None
+        x = args[0]
+        values = output.view(*output.shape[:-1], self.num_heads, self.head_dim)
+        new = self.edit(layer, x[rows], values[rows])
+        return values.index_put(rows, new).view_as(output)
+
+
+class ImageLoraLayer(nn.Module):
+    """The Image-LoRA parameters of one decoder layer with H_sel selected KV heads (METHODS §4).
+
+    ``down`` (d, r)           A, shared by the layer's selected heads, init N(0, 1/r²)
+    ``up``   (H_sel, r, d_h)  B_h for each selected head (in ``heads`` order), init 0
+    ``gamma`` (1,)            γ, init 0.01
+    """
+
+    surgeon_params = True  # owns surgeon parameters: SurgeonMixin._init_weights calls reset_parameters()
+
+    def __init__(self, hidden_size: int, rank: int, heads: list[int], head_dim: int, gamma: float, seed: int) -> None:
+        super().__init__()
+        self.heads, self.rank, self.gamma_init, self.seed = list(heads), rank, gamma, seed
+        f32 = torch.float32
+        self.down = nn.Parameter(torch.empty(hidden_size, rank, dtype=f32))
+        self.up = nn.Parameter(torch.empty(len(heads), rank, head_dim, dtype=f32))
+        self.gamma = nn.Parameter(torch.empty(1, dtype=f32))
+        self._index: dict[torch.device, torch.Tensor] = {}
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """A ~ N(0, 1/r²) from ``seed`` (the seed is surgeon's), B = 0 (identity), γ = 0.01."""
+        gen = torch.Generator().manual_seed(self.seed)
+        self.down.copy_(torch.randn(self.down.shape, generator=gen, device="cpu") / self.rank)
+        self.up.zero_()
+        self.gamma.fill_(self.gamma_init)
+
+    def head_index(self, device: torch.device) -> torch.Tensor:
+        if device not in self._index:
+            self._index[device] = torch.tensor(self.heads, dtype=torch.long, device=device)
+        return self._index[device]
+
+
+class ImageLoraModule(VisualValueEdit):
+    """Image-LoRA: LoRA on the value projection, at visual tokens only, for selected KV heads only.
+
+    For a layer with H_sel ≥ 1 selected heads and a visual token t with v_proj input x_t::
+
+        ΔV[t, h] = (x_t · A · B_h) · (α/r) · γ / √H_sel      for each selected head h
+
+    added to the value projection's output at head h's columns ``[h·d_h, (h+1)·d_h)``. Layers
+    without selected heads get no parameters and no hook. Computed in fp32 (autocast off) and
+    cast to the value dtype at the end; parameters are fp32.
+
+    ``settings`` (the ``config.json`` entry ``surgeon.image_lora``)::
+
+        heads         [[1], [], [0, 3], …]   selected KV heads of every decoder layer
+        rank, alpha   r and α (reference defaults 8 and 16)
+        gamma         γ's initial value (0.01)
+        seed          seed of A's random init (layer l uses seed + l; surgeon default)
+        hidden_size, num_kv_heads, head_dim   checked against the model
+
+    Parameters: ``surgeon.image_lora.layers.<l>.down|up|gamma``, d·r + H_sel·r·d_h + 1 per layer.
+    """
+
+    kind = "image_lora"
+
+    def __init__(self, settings: dict, model: nn.Module | None, context: TokenContext | None) -> None:
+        s = check_image_lora_settings(settings)
+        super().__init__(context, s["num_kv_heads"], s["head_dim"])
+        self.settings = s
+        if model is not None:
+            dims = value_dims(model)
+            want = (s["hidden_size"], s["num_kv_heads"], s["head_dim"])
+            if dims != want:
+                raise SurgeonModelingError(
+                    f"Image-LoRA settings are for (hidden, KV heads, head dim) = {want}, the model has {dims}"
+                )
+        self.layers = nn.ModuleDict(
+            {
+                str(i): ImageLoraLayer(s["hidden_size"], s["rank"], heads, s["head_dim"], s["gamma"], s["seed"] + i)
+                for i, heads in enumerate(s["heads"])
+                if heads
+            }
+        )
+        self.scales = {int(i): s["alpha"] / s["rank"] / math.sqrt(len(layer.heads)) for i, layer in self.layers.items()}
+
+    def reset_parameters(self) -> None:
+        for layer in self.layers.values():
+            layer.reset_parameters()  # type: ignore[operator]
+
+    def attach(self, model: nn.Module) -> list[Any]:
+        _, layers = decoder_of(model)
+        if len(layers) != len(self.settings["heads"]):
+            raise SurgeonModelingError(
+                f"Image-LoRA heads are given for {len(self.settings['heads'])} layers but the decoder has {len(layers)}"
+            )
+        return self.hook_layers(model, sorted(self.scales))
+
+    def edit(self, layer: int, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        p = self.layers[str(layer)]
+        heads = p.head_index(values.device)  # type: ignore[operator]
+        with torch.autocast(x.device.type, enabled=False):
+            u = x.float() @ p.down.to(x.device)  # (N, r)
+            delta = torch.einsum("nr,hrk->nhk", u, p.up.to(x.device)) * (p.gamma.to(x.device) * self.scales[layer])
+            picked = values.index_select(1, heads).float() + delta
+        return values.index_copy(1, heads, picked.to(values.dtype))
+
+
+def check_image_lora_settings(settings: dict) -> dict:
+    """Validate and complete an Image-LoRA settings dict (raises SurgeonModelingError naming the field).
+
+    Defaults alpha 16 and gamma 0.01 are the reference's; seed 0 is surgeon's."""
+    s = {"alpha": 16.0, "gamma": 0.01, "seed": 0, **settings}
+    for key in ("heads", "rank", "hidden_size", "num_kv_heads", "head_dim"):
+        if key not in s:
+            raise SurgeonModelingError(f"Image-LoRA settings lack {key!r}")
+    for key in ("rank", "hidden_size", "num_kv_heads", "head_dim"):
+        if not isinstance(s[key], int) or s[key] < 1:
+            raise SurgeonModelingError(f"Image-LoRA {key} must be a positive integer, got {s[key]!r}")
+    heads, kv = s["heads"], s["num_kv_heads"]
+    if not isinstance(heads, list) or not all(isinstance(h, list) for h in heads):
+        raise SurgeonModelingError("Image-LoRA heads must be a list with one list of KV heads per decoder layer")
+    for i, layer in enumerate(heads):
+        if any(not isinstance(h, int) or not 0 <= h < kv for h in layer) or len(set(layer)) != len(layer):
+            raise SurgeonModelingError(f"Image-LoRA heads of layer {i} must be distinct KV heads in [0, {kv}), got {layer!r}")
+    if not any(heads):
+        raise SurgeonModelingError("Image-LoRA selects no head in any layer")
+    s["heads"] = [sorted(layer) for layer in heads]
+    s["alpha"], s["gamma"] = float(s["alpha"]), float(s["gamma"])
+    return s
+
+
 # ------------------------------------------------------------------------------ registry + attach
 MODULE_KINDS: dict[str, type[nn.Module]] = {
     "iada": IadaModule,
+    "image_lora": ImageLoraModule,
 }
 
 
@@ -412,6 +643,12 @@ def _container(model: nn.Module) -> SurgeonModules:
             decoder.register_forward_hook(container._inner_end, always_call=True),
         ]
     return container
+
+
+def token_context(model: nn.Module) -> TokenContext:
+    """The model's shared TokenContext (creating ``model.surgeon`` and its hooks if needed), for
+    temporary edits such as head-scoring probes that are not attached as module kinds."""
+    return _container(model).context
 
 
 def add_module(model: nn.Module, kind: str, settings: dict) -> nn.Module:

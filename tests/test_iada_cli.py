@@ -32,10 +32,14 @@ def test_inject_writes_a_standard_model_folder(cli, vlm, tmp_path):
     assert result.exit_code == 0, result.output
     assert "added parameters: 2,176" in result.stdout  # 2 boundaries × (4·64·4 + 64)
     assert snapshot(vlm) == before
-    assert os.stat(out / "model.safetensors").st_ino == os.stat(vlm / "model.safetensors").st_ino  # hard link
+    linked = "model-00001-of-00001.safetensors"  # not model.safetensors, which transformers would read instead of the index
+    assert os.stat(out / linked).st_ino == os.stat(vlm / "model.safetensors").st_ino  # hard link
+    assert not (out / "model.safetensors").exists()
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     assert {f for n, f in index.items() if n.startswith("surgeon.iada.")} == {SHARD}
-    assert {f for n, f in index.items() if not n.startswith("surgeon.")} == {"model.safetensors"}
+    assert {f for n, f in index.items() if not n.startswith("surgeon.")} == {linked}
+    _, info = load_model(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]  # the IADA shard is read
     assert set(load_file(out / SHARD)) == {n for n in index if n.startswith("surgeon.iada.")}
     config = json.loads((out / "config.json").read_text())
     assert config["surgeon"]["iada"]["boundaries"] == [2, 4] and config["surgeon"]["iada"]["rank"] == 4

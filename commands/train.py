@@ -1,0 +1,125 @@
+"""``surgeon train``: fine-tune a VLM with LoRA or fully, with DRIFT, IADA and reweighting."""
+
+from __future__ import annotations
+
+import click
+
+from surgeon.commands._cli import example
+from surgeon.commands._console import emit_json, err, out, quiet_transformers
+
+
+@click.command(
+    "train",
+    epilog=example(
+        "surgeon demo --workdir demo/",
+        "surgeon train demo/vlm --data demo/shapes/data.jsonl -o run/ --max-steps 20 --perception-weight 0.5",
+        "surgeon train demo/vlm --data demo/shapes/data.jsonl -o run-drift/ --full --prior demo/prior --max-steps 20",
+        "surgeon train demo/vlm --data demo/shapes/data.jsonl -o run-il/ --image-lora demo/heads --max-steps 20 --lr 1e-3",
+    ),
+)
+@click.argument("model")
+@click.option("--data", required=True, help="JSONL: TRL `messages` or ShareGPT/LLaMA-Factory style; image paths relative to it.")
+@click.option("-o", "--output", required=True, help="Output folder (checkpoints go to OUTPUT-checkpoints/).")
+@click.option("--max-steps", type=int, default=None, help="Optimiser steps (default: --epochs over the data).")
+@click.option("--epochs", type=float, default=1.0, show_default=True)
+@click.option("--lr", type=float, default=None, help="Peak learning rate [default: 1e-4 LoRA, 1e-5 --full].")
+@click.option("--batch-size", type=int, default=1, show_default=True, help="Samples per micro-batch and process.")
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimiser step.")
+@click.option("--warmup-ratio", type=float, default=0.03, show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Clip the gradient norm (0: off).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--full", is_flag=True, help="Full fine-tuning of the language model instead of LoRA.")
+@click.option("--lora-rank", type=int, default=16, show_default=True)
+@click.option("--lora-alpha", type=float, default=32.0, show_default=True)
+@click.option("--lora-dropout", type=float, default=0.0, show_default=True)
+@click.option("--lora-targets", default="attn,mlp", show_default=True, help="Language-model projections LoRA wraps: attn, mlp.")
+@click.option("--train-vision", is_flag=True, help="Also train the vision tower and projector.")
+@click.option("--max-length", type=int, default=2048, show_default=True, help="Tokens per sample; longer samples are skipped.")
+@click.option("--mixed-precision", type=click.Choice(["auto", "no", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for activation memory.")
+@click.option("--save-steps", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: never).")
+@click.option("--resume", is_flag=True, help="Continue exactly from the latest checkpoint in OUTPUT-checkpoints/.")
+@click.option("--merge-lora", is_flag=True, help="Write a standard merged model folder instead of a peft adapter.")
+@click.option("--prior", default=None, help="DRIFT: a prior folder from `surgeon prior` (needs --full).")
+@click.option("--drift-alpha", type=float, default=1.0, show_default=True, help="DRIFT strength α.")
+@click.option(
+    "--drift-scale", type=click.Choice(["adaptive_cosine", "gradnorm", "absolute"]), default="adaptive_cosine", show_default=True
+)
+@click.option(
+    "--drift-normalize/--no-drift-normalize", default=True, show_default=True, help="Scale Δ to ‖θ_VLM‖ (affects absolute only)."
+)
+@click.option(
+    "--perception-weight", default=None, help="λ in [0,1] for L = λ·L_perception + (1−λ)·L_reasoning, or 'dynamic'."
+)
+@click.option("--perception-regex", default=None, help="Regex for perception spans instead of <perception> tags.")
+@click.option(
+    "--image-lora", default=None, metavar="HEADS_JSON",
+    help="Train Image-LoRA on the heads selected by `surgeon score-heads` (language model frozen, no LoRA on it).",
+)
+@click.option("--image-lora-rank", type=int, default=8, show_default=True, help="Image-LoRA rank r.")
+@click.option("--image-lora-alpha", type=float, default=16.0, show_default=True, help="Image-LoRA α (scale α/r).")
+@click.option("--skip-bad-lines", is_flag=True, help="Skip and count malformed samples instead of stopping.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output (and its checkpoints).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+def command(as_json: bool, **options: object) -> None:
+    """Fine-tune MODEL on --data with LoRA (default) or --full, optionally with DRIFT (--prior),
+    perception/reasoning reweighting (--perception-weight) and the model's IADA blocks.
+
+    \b
+    --image-lora HEADS_JSON trains Image-LoRA instead of LoRA: value-projection adapters at
+    image/video tokens of the selected KV heads only, with the language model frozen (the
+    paper's setting; default lr 1e-5 as in its reference code). IADA blocks of the model (or
+    --iada) train beside it. The output is then MODEL's files (weights hard-linked) plus the
+    adapters in surgeon-image_lora.safetensors and remote code: it loads with
+    surgeon.load_model(OUT) or from_pretrained(OUT, trust_remote_code=True). --full, --prior and
+    --merge-lora do not combine with it.
+
+    \b
+    Runs on one CPU or GPU as is, and on several with
+      accelerate launch -m surgeon.commands train …   or   torchrun --nproc-per-node N -m surgeon.commands train …
+    The update does not depend on how the global batch (batch size × accumulation × processes)
+    is split. Output: a peft adapter folder (or full weights, or --merge-lora), metrics.jsonl and
+    surgeon.json.
+    """
+    from surgeon.training.config import TrainConfig
+    from surgeon.training.loop import train
+
+    config = TrainConfig(**options)  # type: ignore[arg-type]
+    quiet_transformers()
+    with _StepBar() as bar:
+        result = train(config, on_step=bar.update, on_status=lambda text: err.print(f"surgeon train: {text}"))
+    if not result.main_process:
+        return
+    if as_json:
+        emit_json({"output": result.output, "steps": result.steps, "metrics": result.metrics, "stats": result.stats})
+        return
+    m = result.metrics
+    out.print(f"trained {result.steps} steps: loss {m.get('loss', float('nan')):.4f}; wrote {result.output}")
+
+
+class _StepBar:
+    """A rich progress bar on stderr showing loss, learning rate and tokens/s."""
+
+    def __enter__(self) -> _StepBar:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), console=err, transient=False, disable=not err.is_terminal,
+        )  # fmt: skip
+        self.task = None
+        self.progress.__enter__()
+        return self
+
+    def update(self, metrics: dict) -> None:
+        info = f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}"
+        if metrics.get("tokens_per_s"):
+            info += f"  {metrics['tokens_per_s']:.0f} tok/s"
+        total = metrics.get("total_steps")
+        if self.task is None:
+            self.task = self.progress.add_task("train", total=total, info=info)
+        self.progress.update(self.task, completed=metrics["step"], total=total, info=info)
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)

@@ -1,0 +1,1 @@
+"""The minimal trainer behind ``surgeon train``: sample order, checkpoints, the loop."""

@@ -1,0 +1,112 @@
+"""``TrainConfig``: every option of ``surgeon train``, validated in one place."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+from surgeon.errors import ConfigError
+
+# Fields that do not change what a run computes: excluded from the resume fingerprint.
+_NOT_FINGERPRINTED = {"output", "save_steps", "resume", "overwrite", "log_every"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run. Defaults marked (ours) are surgeon's choices, not from a paper."""
+
+    model: str  # model folder or Hub repo id (a surgeon folder with IADA / Image-LoRA is fine)
+    data: str  # JSONL file (TRL messages or ShareGPT/LLaMA-Factory style)
+    output: str  # final folder; checkpoints go to ``<output>-checkpoints/``
+    max_steps: int | None = None  # optimiser steps; None: ``epochs`` over the data
+    epochs: float = 1.0
+    lr: float | None = None  # None: 1e-4 with LoRA, 1e-5 with --full (ours) or Image-LoRA (the reference's)
+    batch_size: int = 1  # per process and micro-batch
+    grad_accum: int = 1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    seed: int = 0
+    full: bool = False  # full fine-tuning of the language model instead of LoRA
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "attn,mlp"
+    train_vision: bool = False  # also train the vision tower and projector (fully)
+    max_length: int = 2048
+    mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else no
+    gradient_checkpointing: bool = False
+    save_steps: int = 0  # 0: no intermediate checkpoints
+    resume: bool = False  # continue from the latest checkpoint in ``<output>-checkpoints/``
+    merge_lora: bool = False  # write a standard merged model folder instead of an adapter
+    prior: str | None = None  # DRIFT prior folder (``surgeon prior``)
+    drift_alpha: float = 1.0
+    drift_scale: str = "adaptive_cosine"
+    drift_normalize: bool = True  # Δ ← Δ·‖θ_VLM‖/‖Δ‖ (reference default); affects ``absolute`` only
+    perception_weight: str | None = None  # a λ in [0, 1], or "dynamic"; None: plain cross-entropy
+    perception_regex: str | None = None
+    iada: bool = False  # inject IADA blocks with default settings before training
+    image_lora: str | None = None  # heads.json of `surgeon score-heads`: train Image-LoRA, language model frozen
+    image_lora_rank: int = 8
+    image_lora_alpha: float = 16.0
+    skip_bad_lines: bool = False
+    log_every: int = 1
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        positive = {
+            "batch_size": self.batch_size, "grad_accum": self.grad_accum, "lora_rank": self.lora_rank,
+            "max_length": self.max_length, "image_lora_rank": self.image_lora_rank,
+        }  # fmt: skip
+        for field, value in positive.items():
+            if value < 1:
+                raise ConfigError(field, f"must be at least 1, got {value}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError("max_steps", f"must be at least 1, got {self.max_steps}")
+        if self.epochs <= 0:
+            raise ConfigError("epochs", f"must be positive, got {self.epochs}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError("warmup_ratio", f"must lie in [0, 1), got {self.warmup_ratio}")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ConfigError("mixed_precision", f"unknown value {self.mixed_precision!r}", "choose auto, no, bf16 or fp16")
+        if self.perception_weight is not None and self.perception_weight != "dynamic":
+            try:
+                lam = float(self.perception_weight)
+            except ValueError:
+                raise ConfigError("perception_weight", f"{self.perception_weight!r} is neither a number nor 'dynamic'") from None
+            if not 0.0 <= lam <= 1.0:
+                raise ConfigError("perception_weight", f"must lie in [0, 1], got {lam}")
+        if self.image_lora_alpha <= 0:
+            raise ConfigError("image_lora_alpha", f"must be positive, got {self.image_lora_alpha}")
+        if self.image_lora and (self.full or self.prior):
+            raise ConfigError(
+                "image_lora",
+                "Image-LoRA trains beside a frozen language model, which full fine-tuning (and DRIFT with it) would train",
+                "drop --full/--prior, or train without --image-lora",
+            )
+        if self.image_lora and self.merge_lora:
+            raise ConfigError("merge_lora", "with Image-LoRA no LoRA trains on the language model, so there is none to merge", "drop --merge-lora")
+        if self.prior and not self.full:
+            raise ConfigError(
+                "prior",
+                "DRIFT biases the gradients of the full weights it has a prior for, which LoRA does not train",
+                "add --full (the paper's setting: full fine-tuning of the language model)",
+            )
+        if self.merge_lora and self.full:
+            raise ConfigError("merge_lora", "there is no LoRA to merge with --full", "drop --merge-lora")
+        if self.perception_weight == "dynamic" and self.mixed_precision == "fp16":
+            raise ConfigError("perception_weight", "dynamic λ does not work with fp16 loss scaling", "use --mixed-precision bf16 or no")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (1e-5 if self.full or self.image_lora else 1e-4)
+
+    @property
+    def fixed_lambda(self) -> float | None:
+        return None if self.perception_weight in (None, "dynamic") else float(self.perception_weight)
+
+    def fingerprint(self) -> str:
+        """A hash of the settings that shape the run (what ``--resume`` must match)."""
+        fields = {k: v for k, v in asdict(self).items() if k not in _NOT_FINGERPRINTED}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]

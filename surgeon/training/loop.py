@@ -1,0 +1,210 @@
+"""The training loop of ``surgeon train``: explicit, on Accelerate, exact under any batch split.
+
+    result = train(TrainConfig(model="vlm/", data="data.jsonl", output="run/", max_steps=100))
+
+One optimiser step::
+
+    global batch  = batch_size × grad_accum × world_size samples (surgeon.training.order)
+    token counts  = (N_p, N_r) over the whole global batch, all-reduced before any forward
+    micro-batches : loss = λ·Σ_p ce/N_p + (1−λ)·Σ_r ce/N_r   (λ = N_p/(N_p+N_r) without reweighting:
+                    plain token-averaged cross-entropy), backward; DDP syncs on the last one only
+    dynamic λ     : ∇L_p and ∇L_r kept apart over the step, summed over ranks, λ from their norms
+    DRIFT         : once, on the accumulated all-reduced gradient   (surgeon.drift)
+    clip, AdamW, cosine schedule with warmup
+
+Because every loss is normalised by the global token counts and DRIFT sees the final gradient,
+1 process × 2 accumulation steps and 2 processes × 1 step give the same update. Run it with
+``surgeon train …`` on one device, or ``accelerate launch -m surgeon.commands train …`` /
+``torchrun --nproc-per-node N -m surgeon.commands train …`` on several.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgeon.training.config import TrainConfig
+
+StepCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a run produced: the output folder, steps, last metrics, data and model facts."""
+
+    output: str
+    steps: int
+    metrics: dict[str, Any]
+    stats: dict[str, Any] = field(default_factory=dict)
+    main_process: bool = True  # False on the other ranks of a multi-process run
+
+
+def checkpoint_root(output: str | Path) -> Path:
+    """Where intermediate checkpoints of a run writing ``output`` live."""
+    out = Path(output)
+    return out.parent / f"{out.name}-checkpoints"
+
+
+def _mixed_precision(config: TrainConfig) -> str:
+    if config.mixed_precision != "auto":
+        return config.mixed_precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: Callable[[str], None] | None = None) -> TrainResult:
+    """Run ``config`` to the end and write its output folder; ``on_step`` receives each step's metrics."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from transformers import get_cosine_schedule_with_warmup
+
+    from surgeon.output import check_output
+    from surgeon.reweight import PerceptionGradients, combine, count_span_tokens, span_losses
+    from surgeon.training import setup
+    from surgeon.training.order import SampleOrder
+    from surgeon.training.state import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
+
+    from accelerate import PartialState
+
+    # cpu=True on machines without CUDA, so that torchrun/accelerate launch gives a gloo process group
+    cpu = not torch.cuda.is_available()
+    main = PartialState(cpu=cpu).is_main_process
+    status = on_status if (on_status is not None and main) else (lambda text: None)
+    check_output(config.output, config.overwrite)
+    set_seed(config.seed)
+    checkpoint = setup.check_inputs(config)
+    status("loading data and model")
+    run = setup.prepare(config, checkpoint)
+    if "image_lora" in run.stats:
+        il, flops = run.stats["image_lora"], run.stats["image_lora"]["flops"]
+        status(
+            f"Image-LoRA on {sum(map(len, il['heads']))} KV heads in {sum(1 for h in il['heads'] if h)} layers, "
+            f"{il['parameters']:,} parameters; adapter FLOPs {flops['ratio']:.2%} of LoRA on v_proj over all tokens "
+            f"(visual-token fraction of the data {flops['visual_fraction']:.2%})"
+        )
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=run.has_surgeon_modules)
+    accelerator = Accelerator(mixed_precision=_mixed_precision(config), kwargs_handlers=[ddp], cpu=cpu)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    order = SampleOrder(len(run.dataset), config.batch_size, config.grad_accum, world, config.seed)
+    total = config.max_steps or max(1, math.ceil(config.epochs * order.steps_per_epoch))
+    params = list(run.trainable.values())
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total), total)
+    model, optimizer = accelerator.prepare(run.model, optimizer)
+    drift = setup.drift_for(run, config, accelerator.device)
+    dynamic = PerceptionGradients(params) if config.perception_weight == "dynamic" else None
+    fingerprint = config.fingerprint() + run.data_fingerprint
+
+    start = 0
+    ckpt_root = checkpoint_root(config.output)
+    if not config.resume and ckpt_root.exists() and accelerator.is_main_process:
+        if not config.overwrite:
+            from surgeon.errors import OutputExistsError
+
+            raise OutputExistsError(str(ckpt_root))
+        shutil.rmtree(ckpt_root)
+    accelerator.wait_for_everyone()
+    if config.resume:
+        latest = latest_checkpoint(ckpt_root)
+        if latest is None:
+            from surgeon.errors import ConfigError
+
+            raise ConfigError("resume", f"no checkpoint in {ckpt_root}", "run without --resume, or check --output")
+        start = load_checkpoint(latest, fingerprint, run.trainable, optimizer, scheduler)
+        status(f"resumed from {latest} at step {start}")
+
+    def all_reduce(t: torch.Tensor) -> torch.Tensor:
+        if world > 1:
+            torch.distributed.all_reduce(t)
+        return t
+
+    metrics_lines: list[str] = []
+    metrics: dict[str, Any] = {}
+    model.train()
+    for step in range(start, total):
+        started = time.perf_counter()
+        batches = [run.collate([run.dataset[i] for i in mb]) for mb in order.micro_batches(step, rank)]
+        counts = torch.tensor([list(count_span_tokens(b["labels"], b["perception_mask"])) for b in batches]).sum(0)
+        n_p, n_r = (int(x) for x in all_reduce(counts.to(accelerator.device)))
+        lam = config.fixed_lambda if config.fixed_lambda is not None else n_p / max(n_p + n_r, 1)
+        sums = torch.zeros(3, device=accelerator.device)  # L_p, L_r, tokens seen (this rank)
+        for j, batch in enumerate(batches):
+            last = j == len(batches) - 1 and dynamic is None
+            sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+            labels, mask = batch.pop("labels"), batch.pop("perception_mask")
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with sync:
+                with accelerator.autocast():
+                    logits = model(**batch).logits
+                if not logits.requires_grad:  # a text-only batch when only visual-token adapters train
+                    logits = logits + sum(p.sum() for p in params) * 0.0  # same values, zero gradients
+                losses = span_losses(logits, labels.to(logits.device), mask.to(logits.device), totals=(n_p, n_r))
+                if dynamic is not None:
+                    dynamic.backward(losses)
+                else:
+                    accelerator.backward(combine(losses, lam) * world)
+            sums += torch.stack([losses.perception.detach(), losses.reasoning.detach(), batch["attention_mask"].sum().float()])
+        if dynamic is not None:
+            lam = dynamic.apply(reduce=all_reduce if world > 1 else None).lam
+        if accelerator.scaler is not None:
+            accelerator.unscale_gradients(optimizer)
+        drift_stats = drift.apply() if drift is not None else None
+        grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        l_p, l_r, tokens = (float(x) for x in all_reduce(sums))
+        eff = 0.0 if n_p == 0 else 1.0 if n_r == 0 else lam
+        elapsed = time.perf_counter() - started
+        metrics = {
+            "step": step + 1,
+            "total_steps": total,
+            "loss": eff * l_p + (1 - eff) * l_r,
+            "loss_perception": l_p,
+            "loss_reasoning": l_r,
+            "lambda": eff,
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens": int(tokens),
+            "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
+            "perception_tokens": n_p,
+            "reasoning_tokens": n_r,
+        }
+        if drift_stats is not None:
+            metrics["drift_tensors"] = drift_stats.biased
+            metrics["drift_coefficient"] = drift_stats.mean_coefficient
+        metrics_lines.append(json.dumps(metrics))
+        if on_step is not None and accelerator.is_main_process:
+            on_step(metrics)
+        if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < total:
+            if accelerator.is_main_process:
+                save_checkpoint(ckpt_root / f"checkpoint-{step + 1}", Progress(step + 1, fingerprint), run.trainable, optimizer, scheduler)
+                _append_metrics(ckpt_root, metrics_lines)
+                metrics_lines = []
+            accelerator.wait_for_everyone()
+
+    stats = {**run.stats, "steps": total, "world_size": world, "global_batch": order.global_batch, "final": metrics}
+    if drift is not None:
+        stats["drift"] = {"tensors": len(drift.params), "parameters": drift.numel}
+    if accelerator.is_main_process:
+        _append_metrics(ckpt_root, metrics_lines)
+        setup.save_output(run, accelerator.unwrap_model(model), config, stats, ckpt_root / "metrics.jsonl")
+    accelerator.wait_for_everyone()
+    return TrainResult(config.output, total, metrics, stats, accelerator.is_main_process)
+
+
+def _append_metrics(root: Path, lines: list[str]) -> None:
+    if not lines:
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "metrics.jsonl", "a") as f:
+        f.write("\n".join(lines) + "\n")

@@ -1,0 +1,187 @@
+"""Before and after the loop: data, model and trainable parameters in; the output folder out."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgeon.errors import ConfigError
+from surgeon.training.config import TrainConfig
+from surgeon.iada import IadaConfig, add_iada
+from surgeon.modules import load_model, module_parameters, write_adapter_modules, write_model, write_module_folder
+from surgeon.training.model import apply_lora, lm_parameters, set_trainable, trainable
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built from a TrainConfig."""
+
+    model: torch.nn.Module
+    dataset: Any  # surgeon.encoding.EncodedDataset
+    collate: Callable[[list[Any]], dict[str, torch.Tensor]]
+    processor: Any
+    checkpoint: Any  # surgeon.checkpoint.Checkpoint of the model
+    trainable: dict[str, torch.nn.Parameter]
+    data_fingerprint: str
+    has_surgeon_modules: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _file_hash(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def check_inputs(config: TrainConfig) -> Any:
+    """Fail fast, before anything slow, on inputs that cannot work; returns the model checkpoint."""
+    from surgeon.checkpoint import open_checkpoint
+    from surgeon.errors import DataError
+
+    if not Path(config.data).is_file():
+        raise DataError(config.data, "no such file", "give the path of a .jsonl file")
+    if config.prior:
+        from surgeon.prior import open_prior
+
+        open_prior(config.prior).close()
+    ckpt = open_checkpoint(config.model)
+    if config.image_lora:
+        from surgeon.heads import read_heads
+        from surgeon.layout import config_value, text_config
+
+        layers = config_value(text_config(ckpt.config), "num_hidden_layers")
+        selected = read_heads(config.image_lora, "image_lora").selected
+        if isinstance(layers, int) and len(selected) != layers:
+            raise ConfigError(
+                "image_lora",
+                f"{config.image_lora} selects heads in {len(selected)} layers but {config.model} has {layers}",
+                "score the heads of this model with surgeon score-heads",
+            )
+    return ckpt
+
+
+def prepare(config: TrainConfig, ckpt: Any) -> Run:
+    """Load and encode the data, load the model, choose and mark the trainable parameters."""
+    from surgeon.data import DataStats, load_samples
+    from surgeon.encoding import EncodedDataset, SampleEncoder
+
+    stats = DataStats()
+    samples = load_samples(config.data, config.perception_regex, skip_bad=config.skip_bad_lines, stats=stats)
+    encoder = SampleEncoder.from_pretrained(ckpt.path, max_length=config.max_length, name=config.model)
+    dataset = EncodedDataset(samples, encoder, stats=stats, skip_bad=config.skip_bad_lines, cache=True)
+
+    dtype = torch.bfloat16 if (torch.cuda.is_available() and not config.full and torch.cuda.is_bf16_supported()) else torch.float32
+    model = load_model(ckpt.path, dtype=dtype)
+    if config.iada:
+        if module_parameters(model, "iada"):
+            raise ConfigError("iada", f"{config.model} already has IADA blocks, which train anyway", "drop --iada")
+        add_iada(model, IadaConfig())
+    extra: dict[str, Any] = {}
+    if config.image_lora:
+        extra["image_lora"] = _add_image_lora(model, config, dataset)
+    has_modules = bool(module_parameters(model))
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    if config.full:
+        set_trainable(model, full=True, train_vision=config.train_vision)
+    else:
+        lora = not config.image_lora  # Image-LoRA trains alone: no LoRA on the language model, which stays frozen
+        if lora:  # with --train-vision, peft trains and saves the vision tower and projector (modules_to_save)
+            model = apply_lora(
+                model, config.lora_rank, config.lora_alpha, config.lora_targets, config.lora_dropout, config.train_vision
+            )
+        set_trainable(model, full=False, train_vision=config.train_vision and not lora)
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()  # adapters and unfrozen modules train in fp32
+    params = trainable(model)
+    if not params:
+        raise ConfigError("model", "no parameter would train", "check --full / LoRA targets")
+    n_train = sum(p.numel() for p in params.values())
+    n_total = sum(p.numel() for p in model.parameters())
+    return Run(
+        model=model,
+        dataset=dataset,
+        collate=encoder.collate,
+        processor=encoder.processor,
+        checkpoint=ckpt,
+        trainable=params,
+        data_fingerprint=_file_hash(config.data),
+        has_surgeon_modules=has_modules,
+        stats={"data": dataset.stats.to_dict(), "trainable_parameters": n_train, "parameters": n_total, **extra},
+    )
+
+
+def _add_image_lora(model: torch.nn.Module, config: TrainConfig, dataset: Any) -> dict[str, Any]:
+    """Attach Image-LoRA for ``config.image_lora``'s heads; returns its statistics, with the FLOPs
+    report over the whole dataset (tokens and visual tokens of every usable sample)."""
+    from surgeon.heads import read_heads
+    from surgeon.image_lora import ImageLoraConfig, add_image_lora, count_parameters, flops_report
+    from surgeon.modeling_surgeon import visual_token_ids
+
+    if module_parameters(model, "image_lora"):
+        raise ConfigError("image_lora", f"{config.model} already has Image-LoRA adapters, which train anyway", "drop --image-lora")
+    heads = read_heads(config.image_lora, "image_lora")  # type: ignore[arg-type]
+    module = add_image_lora(model, heads, ImageLoraConfig(rank=config.image_lora_rank, alpha=config.image_lora_alpha))
+    s = module.settings
+    ids = torch.tensor(visual_token_ids(model.config))
+    visual = sum(int(torch.isin(dataset[i].input_ids, ids).sum()) for i in range(len(dataset)))
+    flops = flops_report(s["heads"], s["hidden_size"], s["num_kv_heads"], s["head_dim"], sum(dataset.lengths), visual, s["rank"])
+    params = count_parameters(s["heads"], s["hidden_size"], s["head_dim"], s["rank"])
+    return {"heads": s["heads"], "parameters": params, "flops": flops.to_dict()}
+
+
+def drift_for(run: Run, config: TrainConfig, device: torch.device) -> Any:
+    """The Drift object for ``config.prior`` (None without a prior), Δ already on ``device``."""
+    if not config.prior:
+        return None
+    from surgeon.drift import Drift
+
+    return Drift.from_prior(
+        dict(lm_parameters(run.model)), config.prior, alpha=config.drift_alpha, scale=config.drift_scale, normalize=config.drift_normalize
+    )
+
+
+def save_output(run: Run, model: torch.nn.Module, config: TrainConfig, stats: dict, metrics: Path) -> Path:
+    """Write the final folder: a peft adapter, a merged model, or full weights; plus the
+    processor, ``metrics.jsonl`` and ``surgeon.json``."""
+    from surgeon.output import output_folder
+    from surgeon.provenance import build_record, write_record
+
+    with output_folder(config.output, overwrite=config.overwrite) as tmp:
+        if config.full or config.merge_lora:
+            final = model if config.full else model.merge_and_unload()
+            write_model(final, tmp, run.processor)
+            artifact = "model+remote-code" if module_parameters(final) else "model"
+        elif config.image_lora:  # only surgeon modules (and maybe the vision tower) trained
+            if config.train_vision:
+                write_model(model, tmp, run.processor)
+            else:
+                write_module_folder(model, run.checkpoint, tmp)
+            artifact = "model+remote-code"
+        else:
+            model.peft_config["default"].base_model_name_or_path = config.model
+            model.save_pretrained(tmp)
+            write_adapter_modules(model, tmp)
+            run.processor.save_pretrained(tmp)
+            artifact = "peft-adapter"
+        if metrics.exists():
+            shutil.copy(metrics, tmp / "metrics.jsonl")
+        inputs: dict[str, Any] = {"model": run.checkpoint, "data": {"source": config.data, "sha256": run.data_fingerprint}}
+        if config.prior:
+            inputs["prior"] = {"source": config.prior}
+        if config.image_lora:
+            from surgeon.heads import heads_file
+
+            inputs["heads"] = {"source": config.image_lora, "sha256": _file_hash(heads_file(config.image_lora))}
+        write_record(tmp, build_record("train", artifact, config, inputs, stats))
+    return Path(config.output)

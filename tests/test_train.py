@@ -1,0 +1,171 @@
+"""``surgeon train``: loss goes down, determinism, exact resume, λ invariants, outputs that load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import assert_one_line_error
+from safetensors.torch import load_file
+
+from surgeon.training.config import TrainConfig
+from surgeon.training.loop import train
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _run(vlm, data, out, **kw):
+    base = dict(model=str(vlm), data=str(data), output=str(out), batch_size=2, seed=0, warmup_ratio=0.0)
+    return train(TrainConfig(**{**base, **kw}))
+
+
+@pytest.fixture(scope="module")
+def data(shapes_data):
+    return shapes_data("trl")
+
+
+@pytest.mark.parametrize("mode", [dict(lr=1e-2), dict(full=True, lr=3e-3)], ids=["lora", "full"])
+def test_loss_goes_down(vlm, data, tmp_path, mode):
+    _run(vlm, data, tmp_path / "out", max_steps=12, batch_size=4, **mode)
+    losses = [m["loss"] for m in _metrics(tmp_path / "out")]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
+
+
+def test_same_seed_same_weights(vlm, data, tmp_path):
+    for name in ("a", "b"):
+        _run(vlm, data, tmp_path / name, max_steps=3, lr=1e-3)
+    a, b = (load_file(str(tmp_path / n / "adapter_model.safetensors")) for n in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_a_stop_gives_the_uninterrupted_weights(vlm, data, tmp_path):
+    _run(vlm, data, tmp_path / "full", max_steps=6, lr=1e-3, full=True)
+
+    def stop_after_4(metrics):
+        if metrics["step"] == 4:
+            raise KeyboardInterrupt
+
+    config = TrainConfig(
+        model=str(vlm), data=str(data), output=str(tmp_path / "cut"), batch_size=2, seed=0, warmup_ratio=0.0,
+        max_steps=6, lr=1e-3, full=True, save_steps=3,
+    )  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        train(config, on_step=stop_after_4)
+    assert not (tmp_path / "cut").exists()
+    assert (tmp_path / "cut-checkpoints" / "checkpoint-3" / "state.json").exists()
+    train(TrainConfig(**{**config.__dict__, "resume": True}))
+    a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("full", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["step"] for m in _metrics(tmp_path / "cut")] == [1, 2, 3, 4, 5, 6]
+    assert [m["loss"] for m in _metrics(tmp_path / "cut")] == [m["loss"] for m in _metrics(tmp_path / "full")]
+
+
+def test_fixed_lambda_at_the_token_share_is_plain_cross_entropy(vlm, data, tmp_path):
+    """One step over all 12 samples: λ = N_p/(N_p+N_r) must reproduce the unweighted update."""
+    first = _run(vlm, data, tmp_path / "plain", max_steps=1, batch_size=12, full=True, lr=1e-3)
+    n_p, n_r = first.metrics["perception_tokens"], first.metrics["reasoning_tokens"]
+    assert n_p > 0 and n_r > 0
+    _run(vlm, data, tmp_path / "lam", max_steps=1, batch_size=12, full=True, lr=1e-3, perception_weight=repr(n_p / (n_p + n_r)))
+    a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("plain", "lam"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
+    heavy = _run(vlm, data, tmp_path / "heavy", max_steps=1, batch_size=12, full=True, lr=1e-3, perception_weight="0.9")
+    assert heavy.metrics["lambda"] == 0.9
+    c = load_file(str(tmp_path / "heavy" / "model.safetensors"))
+    assert any(not torch.allclose(a[k], c[k]) for k in a)
+
+
+def test_dynamic_lambda_runs_and_logs_its_value(vlm, data, tmp_path):
+    result = _run(vlm, data, tmp_path / "dyn", max_steps=2, grad_accum=2, lr=1e-3, perception_weight="dynamic")
+    lams = [m["lambda"] for m in _metrics(tmp_path / "dyn")]
+    assert all(0.0 < lam < 1.0 for lam in lams) and result.metrics["loss_perception"] > 0
+
+
+def test_adapter_and_merged_folders_load_in_transformers_and_peft(vlm, data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    _run(vlm, data, tmp_path / "adapter", max_steps=2, lr=1e-2)
+    _run(vlm, data, tmp_path / "merged", max_steps=2, lr=1e-2, merge_lora=True)
+    record = json.loads((tmp_path / "adapter" / "surgeon.json").read_text())
+    assert record["artifact"] == "peft-adapter" and record["command"] == "train"
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(vlm)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    base = AutoModelForImageTextToText.from_pretrained(vlm)
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+        tuned = PeftModel.from_pretrained(base, tmp_path / "adapter")(input_ids=ids).logits
+        merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")(input_ids=ids).logits
+    assert not torch.allclose(plain, tuned)
+    assert torch.allclose(tuned, merged, atol=1e-5)
+
+
+def test_lora_with_train_vision_saves_the_vision_tower_in_the_adapter(vlm, data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    _run(vlm, data, tmp_path / "a", max_steps=2, lr=1e-2, train_vision=True)
+    saved = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    vision = [k for k in saved if ".visual." in k]
+    assert vision and any("merger" in k for k in vision) and not any("lora_" in k for k in vision)
+    base = AutoModelForImageTextToText.from_pretrained(vlm)
+    before = base.model.visual.merger.mlp[0].weight.detach().clone()
+    tuned = PeftModel.from_pretrained(base, tmp_path / "a").merge_and_unload()
+    assert not torch.equal(before, tuned.model.visual.merger.mlp[0].weight)
+
+
+def test_lora_never_wraps_vision_blocks(vlm, data, tmp_path):
+    _run(vlm, data, tmp_path / "a", max_steps=1)
+    names = load_file(str(tmp_path / "a" / "adapter_model.safetensors")).keys()
+    assert names and all("visual" not in n for n in names)
+    assert any("mlp.gate_proj" in n for n in names)  # the same leaf name the vision MLPs use
+
+
+def test_cli_bad_input(cli, vlm, data, tmp_path):
+    assert_one_line_error(cli("train", vlm, "--data", data, "-o", tmp_path / "o", "--prior", "p"), "prior", "--full")
+    assert_one_line_error(cli("train", vlm, "--data", tmp_path / "none.jsonl", "-o", tmp_path / "o"), "none.jsonl")
+    assert_one_line_error(cli("train", vlm, "--data", data, "-o", tmp_path / "o", "--perception-weight", "2"), "perception_weight")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o-checkpoints").exists()
+
+
+def test_iada_with_lora_trains_and_saves_beside_the_adapter(tiny_models, data, tmp_path):
+    """IADA blocks of the model train with LoRA; the adapter folder carries them; merged and
+    full outputs are remote-code folders."""
+    from surgeon import load_model
+    from surgeon.iada import IadaConfig, inject_iada
+    from surgeon.modules import module_parameters
+
+    vlm = inject_iada(tiny_models("qwen2_5_vl"), tmp_path / "vlm-iada", IadaConfig(block_size=2)).output
+    _run(vlm, data, tmp_path / "lora", max_steps=12, batch_size=4, lr=1e-2)
+    losses = [m["loss"] for m in _metrics(tmp_path / "lora")]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
+    assert (tmp_path / "lora" / "surgeon-modules.safetensors").exists()
+    gates = load_file(str(tmp_path / "lora" / "surgeon-modules.safetensors"))
+    assert any(k.endswith("gate") and v.abs().sum() > 0 for k, v in gates.items())  # trained from 0
+
+    model = load_model(tmp_path / "lora")
+    loaded = {k.split("surgeon.", 1)[1]: v for k, v in module_parameters(model.get_base_model()).items()}
+    assert all(torch.equal(loaded[k], gates[k]) for k in gates)
+
+    _run(vlm, data, tmp_path / "merged", max_steps=2, lr=1e-2, merge_lora=True)
+    assert json.loads((tmp_path / "merged" / "surgeon.json").read_text())["artifact"] == "model+remote-code"
+    assert "auto_map" in json.loads((tmp_path / "merged" / "config.json").read_text())
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.isfinite(load_model(tmp_path / "merged")(input_ids=ids).logits).all()
+
+
+def test_iada_flag_injects_defaults_and_refuses_a_model_that_has_them(tiny_models, data, tmp_path):
+    from surgeon.errors import ConfigError
+    from surgeon.iada import IadaConfig, inject_iada
+
+    deep = tiny_models("qwen2_5_vl", num_hidden_layers=8)  # S=7 gives one boundary
+    result = _run(deep, data, tmp_path / "a", max_steps=1, iada=True, full=True)
+    assert result.stats["trainable_parameters"] > 0
+    assert "surgeon" in json.loads((tmp_path / "a" / "config.json").read_text())
+    injected = inject_iada(deep, tmp_path / "deep-iada", IadaConfig()).output
+    with pytest.raises(ConfigError, match="already has IADA"):
+        _run(injected, data, tmp_path / "b", max_steps=1, iada=True)

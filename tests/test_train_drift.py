@@ -1,0 +1,93 @@
+"""DRIFT inside ``surgeon train``: α = 0 is plain SFT, the prior pulls, and the update does not
+depend on how the global batch is split (2-process DDP with gloo versus 1 process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from surgeon.training.config import TrainConfig
+from surgeon.training.loop import train
+
+
+@pytest.fixture(scope="module")
+def data(shapes_data):
+    return shapes_data("trl")
+
+
+@pytest.fixture(scope="module")
+def prior(vlm, tmp_path_factory):
+    from surgeon import tiny
+    from surgeon.prior import PriorConfig, compute_prior
+
+    root = tmp_path_factory.mktemp("drift")
+    reasoning = tiny.build_reasoning_llm(vlm, root / "r1", scale=0.5)
+    compute_prior(PriorConfig(reasoning=str(reasoning), vlm=str(vlm), output=str(root / "prior")))
+    return root / "prior"
+
+
+def _config(vlm, data, out, **kw):
+    base = dict(model=str(vlm), data=str(data), output=str(out), batch_size=2, seed=0, warmup_ratio=0.0, full=True, lr=1e-3)
+    return TrainConfig(**{**base, **kw})
+
+
+def _weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_alpha_zero_is_exactly_plain_sft(vlm, data, prior, tmp_path):
+    train(_config(vlm, data, tmp_path / "plain", max_steps=3))
+    result = train(_config(vlm, data, tmp_path / "a0", max_steps=3, prior=str(prior), drift_alpha=0.0))
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "a0")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert result.stats["drift"]["tensors"] == 40  # attn (q,k,v,o + 3 biases) and mlp (3) × 4 layers
+
+
+def test_drift_pulls_the_biased_weights_toward_the_reasoning_model(vlm, data, prior, tmp_path):
+    """θ_R = θ_VLM + Δ: after the same step, DRIFT's weights are closer to θ_R than plain SFT's,
+    for every biased tensor, and tensors outside the prior move exactly as without DRIFT."""
+    from surgeon.prior import open_prior
+
+    train(_config(vlm, data, tmp_path / "plain", max_steps=1))
+    train(_config(vlm, data, tmp_path / "drift", max_steps=1, prior=str(prior), drift_scale="absolute", drift_alpha=1e-2))
+    plain, drifted, start = _weights(tmp_path / "plain"), _weights(tmp_path / "drift"), _weights(vlm)
+    with open_prior(prior) as p:
+        assert len(p.names) == 40
+        pulled = [n for n in p.names if p.read(n).norm() > 0]  # the tiny VLM's q/k/v biases are 0 in both models
+        assert len(pulled) == 28
+        for name in pulled:
+            target = start[name] + p.read(name)
+            assert (drifted[name] - target).norm() < (plain[name] - target).norm(), name
+    untouched = "model.layers.0.input_layernorm.weight"  # norms are not in the default prior
+    assert torch.equal(plain[untouched], drifted[untouched])
+    metrics = [json.loads(line) for line in (tmp_path / "drift" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["drift_tensors"] == 40 for m in metrics)
+
+
+def test_loss_goes_down_with_drift(vlm, data, prior, tmp_path):
+    train(_config(vlm, data, tmp_path / "d", max_steps=12, batch_size=4, lr=3e-3, prior=str(prior)))
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
+
+
+def test_two_processes_give_the_weights_of_one(vlm, data, prior, tmp_path):
+    """torchrun, 2 CPU processes (gloo), batch 2 each, versus 1 process with 2 accumulation steps."""
+    args = ["train", str(vlm), "--data", str(data), "--full", "--lr", "1e-3", "--seed", "3", "--batch-size", "2",
+            "--max-steps", "3", "--warmup-ratio", "0", "--prior", str(prior), "--perception-weight", "0.7"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SURGEON_DEBUG": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517"]
+    two = subprocess.run(
+        [*launch, "-m", "surgeon.commands", *args, "-o", str(tmp_path / "two"), "--grad-accum", "1"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    train(_config(vlm, data, tmp_path / "one", max_steps=3, seed=3, grad_accum=2, prior=str(prior), perception_weight="0.7"))
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    assert json.loads((tmp_path / "two" / "surgeon.json").read_text())["stats"]["world_size"] == 2
