@@ -3,8 +3,9 @@
 A Qwen2-0.5B-shaped random model (hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate
 4864; vocabulary cut to 32,000 to fit the machine, which only shrinks the embedding and head) is
 fully fine-tuned with AdamW in fp32 on CPU. Both variants run the same step (forward, backward,
-clip, AdamW) on the same batch; the DRIFT variant also biases every attention and MLP weight
-and bias (the default ``attn,mlp`` prior, 358M parameters) with ``adaptive_cosine``. Steps
+clip, AdamW) on the same batch, as ``surgeon train`` takes it; the DRIFT variant also biases
+every attention and MLP weight and bias (the default ``attn,mlp`` prior, 358M parameters) with
+``adaptive_cosine``, and its clipping reuses the gradient norms DRIFT derived. Steps
 alternate between the variants so that machine noise hits both alike; the medians are compared.
 
     python bench/drift_overhead.py [--steps 6] [--seq 256] [--threads 2]
@@ -30,7 +31,7 @@ def main() -> None:
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from surgeon.drift import Drift
+    from surgeon.drift import Drift, clip_grad_norm
     from surgeon.training.model import lm_parameters
 
     torch.manual_seed(0)
@@ -51,12 +52,13 @@ def main() -> None:
     print(f"model: {sum(p.numel() for p in params) / 1e6:.0f}M parameters; DRIFT biases {drift.numel / 1e6:.0f}M in {len(targets)} tensors")
 
     def step(with_drift: bool) -> float:
+        """One optimiser step as ``surgeon train`` takes it: DRIFT, then clipping (which reuses
+        the gradient norms DRIFT derived), then AdamW."""
         start = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        if with_drift:
-            drift.apply()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        known = drift.apply().grad_norms if with_drift else None
+        clip_grad_norm(params, 1.0, known)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start

@@ -47,12 +47,17 @@ def push_to_hub_option(f: F) -> F:
     )(f)
 
 
+def pushing() -> str | None:
+    """The ``--push-to-hub`` repo of the running command, if any."""
+    return click.get_current_context().meta.get(_KEY)
+
+
 def push_written(folder: str | Path) -> Any:
     """Push ``folder`` when the current command got ``--push-to-hub``; returns the PushResult or None.
 
     A failed push keeps the (complete) folder and says how to push it again.
     """
-    repo = click.get_current_context().meta.get(_KEY)
+    repo = pushing()
     if not repo:
         return None
     from surgeon.errors import HubError, SurgeonError

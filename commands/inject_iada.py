@@ -6,6 +6,7 @@ import click
 from rich.table import Table
 
 from surgeon.commands._cli import example
+from surgeon.commands._hub import push_to_hub_option, push_written
 from surgeon.commands._console import emit_json, human_count, out
 
 
@@ -45,6 +46,7 @@ def _depth(value: str | None) -> int | None:
               help="Only print the boundaries and parameter count (reads config.json alone).")
 @click.option("--revision", default=None, help="Branch, tag or commit, for Hub repo ids.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@push_to_hub_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def command(
     model: str, output: str | None, block_size: int, rank: int, depth: str, mode: str, gate: str, seed: int,
@@ -75,6 +77,8 @@ def command(
     result = inject_iada(
         model, output, config, revision=revision, replace=replace, overwrite=overwrite, dry_run=dry_run
     )
+    if not dry_run:
+        push_written(result.output)
     if as_json:
         emit_json(result.to_dict())
         return

@@ -6,6 +6,7 @@ import click
 from rich.table import Table
 
 from surgeon.commands._cli import example
+from surgeon.commands._hub import push_to_hub_option, push_written
 from surgeon.commands._console import emit_json, err, human_bytes, out, progress
 from surgeon.commands.prior import SELECTION_HELP
 
@@ -32,6 +33,7 @@ METHOD_NAMES = ["linear", "task-arithmetic", "ties", "dare-linear", "dare-ties",
 @click.option("--bias/--no-bias", default=True, help=SELECTION_HELP["bias"])
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@push_to_hub_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def command(
     reasoning: tuple[str, ...], vlm: str, output: str, method: str, weight: float | None, density: float | None,
@@ -64,6 +66,7 @@ def command(
     )  # fmt: skip
     with progress() as tick:
         result = merge_models(config, tick)
+    push_written(result.output)
     if as_json:
         emit_json(result.to_dict())
         return

@@ -6,6 +6,7 @@ import click
 from rich.table import Table
 
 from surgeon.commands._cli import example
+from surgeon.commands._hub import push_to_hub_option, push_written
 from surgeon.commands._console import emit_json, err, human_bytes, out, progress
 
 SELECTION_HELP = {
@@ -35,6 +36,7 @@ SELECTION_HELP = {
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None, help="Storage dtype of Δ (default: the VLM's dtype).")
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@push_to_hub_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result (all statistics) as JSON on stdout.")
 def command(
     reasoning: str, vlm: str, output: str, base: str | None, modules: str, layers: str | None, skip_first: int,
@@ -57,6 +59,7 @@ def command(
     )  # fmt: skip
     with progress() as tick:
         result = compute_prior(config, tick)
+    push_written(result.output)
     if as_json:
         emit_json(result.to_dict())
         return

@@ -7,6 +7,7 @@ from rich.table import Table
 from rich.text import Text
 
 from surgeon.commands._cli import example
+from surgeon.commands._hub import push_to_hub_option, push_written, pushing
 from surgeon.commands._console import emit_json, human_count, out, progress, quiet_transformers
 from surgeon.heads import HeadScores
 
@@ -42,6 +43,7 @@ from surgeon.heads import HeadScores
 @click.option("--skip-bad-lines", is_flag=True, help="Skip and count malformed samples instead of stopping.")
 @click.option("--plot", default=None, help="Also draw the scores into this picture (PNG, SVG, PDF; needs matplotlib).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (and plot).")
+@push_to_hub_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def command(as_json: bool, **options: object) -> None:
     """Score every KV head of MODEL for Image-LoRA and select the heads to adapt.
@@ -63,9 +65,13 @@ def command(as_json: bool, **options: object) -> None:
     from surgeon.heads import ScoreHeadsConfig, score_heads
 
     config = ScoreHeadsConfig(**options)  # type: ignore[arg-type]
+    if pushing() and str(config.output).lower().endswith(".json"):
+        raise click.UsageError("--push-to-hub needs a folder output (-o heads/), not a .json file")
     quiet_transformers()
     with progress() as bar:
         result = score_heads(config, progress=bar)
+    if result.output:
+        push_written(result.output)
     if as_json:
         emit_json({**result.to_dict(), "output": result.output, "plot": config.plot})
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from surgeon.commands._cli import example
+from surgeon.commands._hub import push_to_hub_option, push_written
 from surgeon.commands._console import emit_json, err, out, quiet_transformers
 
 
@@ -61,6 +62,7 @@ from surgeon.commands._console import emit_json, err, out, quiet_transformers
 @click.option("--image-lora-alpha", type=float, default=16.0, show_default=True, help="Image-LoRA α (scale α/r).")
 @click.option("--skip-bad-lines", is_flag=True, help="Skip and count malformed samples instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (and its checkpoints).")
+@push_to_hub_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def command(as_json: bool, **options: object) -> None:
     """Fine-tune MODEL on --data with LoRA (default) or --full, optionally with DRIFT (--prior),
@@ -91,6 +93,7 @@ def command(as_json: bool, **options: object) -> None:
         result = train(config, on_step=bar.update, on_status=lambda text: err.print(f"surgeon train: {text}"))
     if not result.main_process:
         return
+    push_written(result.output)
     if as_json:
         emit_json({"output": result.output, "steps": result.steps, "metrics": result.metrics, "stats": result.stats})
         return

@@ -26,6 +26,7 @@ from surgeon.safetensors_io import FormatError, TensorInfo, read_header, read_in
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+PINNED = re.compile(r"^([A-Za-z0-9][\w.-]*/[\w.-]+)@([\w./-]+)$")  # org/name@revision
 
 
 class Checkpoint:
@@ -201,13 +202,20 @@ class Checkpoint:
 
 
 def open_checkpoint(source: str | Path, revision: str | None = None) -> Checkpoint:
-    """Open a local folder, or resolve a Hub repo id (``org/name``) through the Hub cache.
+    """Open a local folder, or resolve a Hub repo id (``org/name``, or ``org/name@revision`` to
+    pin a branch, tag or commit) through the Hub cache.
 
     Repo ids download only config, safetensors and processor/tokenizer files, use the
     huggingface_hub cache, and honour ``HF_HOME`` and ``HF_HUB_OFFLINE``.
     """
     text = str(source)
     path = Path(text).expanduser()
+    pinned = PINNED.match(text)
+    if pinned and not path.exists():
+        if revision and revision != pinned.group(2):
+            raise CheckpointError(text, f"names revision {pinned.group(2)} and --revision {revision}", "give one of them")
+        text, revision = pinned.group(1), pinned.group(2)
+        path = Path(text)
     if path.exists():
         if not path.is_dir():
             raise CheckpointError(text, "is a file, not a model folder", "pass the folder that holds config.json and the weights")

@@ -1,9 +1,13 @@
-"""``surgeon demo``: the whole pipeline on tiny models built on the spot (CPU, seconds).
+"""``surgeon demo``: the whole pipeline on tiny models built on the spot (CPU, well under a minute).
 
-    for step in run_demo("demo/"):
+    for step in run_demo("demo/", hub="local"):
         print(step.name, step.output, step.summary)
 
-Each step writes into its own folder under the work folder and reports what it wrote.
+build → inspect → prior → merge → inject-iada → score-heads → train (DRIFT + IADA + dynamic
+perception/reasoning weighting) → push. Each step writes into its own folder under the work
+folder and reports what it wrote. ``hub``: None pushes as a dry run (prints what would be sent,
+sends nothing), ``"local"`` starts a local stand-in of the Hub's API for the push, and a URL
+pushes to a stand-in (or Hub) already running there.
 """
 
 from __future__ import annotations
@@ -13,8 +17,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
+from surgeon.errors import ConfigError
 from surgeon.output import check_output
+
+DEMO_REPO = "surgeon-demo/tiny-qwen2.5-vl-drift-iada"
 
 
 @dataclass(frozen=True)
@@ -27,104 +35,118 @@ class Step:
     seconds: float
 
 
-def run_demo(workdir: str | Path, overwrite: bool = False) -> Iterator[Step]:
-    """Build a tiny VLM and a matching reasoning LLM, then run each surgeon step on them.
+def run_demo(workdir: str | Path, overwrite: bool = False, hub: str | None = None) -> Iterator[Step]:
+    """Build a tiny VLM, a matching reasoning LLM and a small dataset, then run each surgeon step.
 
     Checks the work folder at once (not on first iteration); yields each step as it finishes.
     """
     work = Path(workdir)
+    if hub not in (None, "local") and urlsplit(hub).hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError("hub", f"{hub} is not on this machine; the demo pushes only to a local stand-in", "use `surgeon push` for the Hub")
     check_output(work, overwrite)
     work.mkdir(parents=True, exist_ok=True)
-    return _steps(work)
+    return _steps(work, hub)
 
 
-def _steps(work: Path) -> Iterator[Step]:
-    from surgeon import tiny
-    from surgeon.checkpoint import open_checkpoint
-    from surgeon.inspect import inspect_checkpoint
+def _timed(name: str, fn: Callable[[], tuple[Path | str, str]]) -> Step:
+    start = time.perf_counter()
+    output, summary = fn()
+    return Step(name, str(output), summary, time.perf_counter() - start)
 
-    def timed(name: str, fn: Callable[[], tuple[Path, str]]) -> Step:
-        start = time.perf_counter()
-        output, summary = fn()
-        return Step(name, str(output), summary, time.perf_counter() - start)
 
-    vlm, llm = work / "vlm", work / "reasoning-llm"
+def _steps(work: Path, hub: str | None) -> Iterator[Step]:
+    vlm, llm, data = work / "vlm", work / "reasoning-llm", work / "data"
+    prior, iada, heads, trained = work / "prior", work / "vlm-iada", work / "heads", work / "trained"
 
     def build() -> tuple[Path, str]:
-        for folder in (vlm, llm):  # with --overwrite: replace only the demo's own folders
+        from surgeon import tiny
+        from surgeon.synthetic import make_dataset
+
+        for folder in (vlm, llm, data):  # with --overwrite: replace only the demo's own folders
             shutil.rmtree(folder, ignore_errors=True)
         tiny.build("qwen2_5_vl", vlm, seed=0)
         tiny.build_reasoning_llm(vlm, llm, family="qwen2")
-        return work, "tiny Qwen2.5-VL (vlm/) and a reasoning LLM sharing its language model (reasoning-llm/)"
-
-    yield timed("build", build)
+        make_dataset(data, n=24, seed=0)
+        return work, "tiny Qwen2.5-VL (vlm/), a reasoning LLM sharing its language model, 24 tagged samples (data/)"
 
     def inspect() -> tuple[Path, str]:
+        from surgeon.checkpoint import open_checkpoint
+        from surgeon.inspect import inspect_checkpoint
+
         with open_checkpoint(vlm) as ckpt:
             r = inspect_checkpoint(ckpt)
         p = r.params
         return vlm, f"{r.architecture}: {r.num_layers} layers, {p['language_model']:,} LM / {p['vision']:,} vision / {p['projector']:,} projector params"
 
-    yield timed("inspect", inspect)
-
-    def prior() -> tuple[Path, str]:
+    def make_prior() -> tuple[Path, str]:
         from surgeon.prior import PriorConfig, compute_prior
 
-        r = compute_prior(PriorConfig(reasoning=str(llm), vlm=str(vlm), output=str(work / "prior"), overwrite=True))
+        r = compute_prior(PriorConfig(reasoning=str(llm), vlm=str(vlm), output=str(prior), overwrite=True))
         t = r.total
-        return work / "prior", f"Δ for {r.counts['selected']} tensors ({r.selection}): ‖Δ‖/‖θ‖ {t['relative_distance']:.4f}, cos {t['cosine']:.6f}"
-
-    yield timed("prior", prior)
+        return prior, f"Δ for {r.counts['selected']} tensors ({r.selection}): ‖Δ‖/‖θ‖ {t['relative_distance']:.4f}, cos {t['cosine']:.6f}"
 
     def merge() -> tuple[Path, str]:
         from surgeon.merge.engine import MergeConfig, merge_models
 
-        r = merge_models(MergeConfig(reasoning=(str(llm),), vlm=str(vlm), output=str(work / "merged"), method="task-arithmetic", overwrite=True))
+        config = MergeConfig(reasoning=(str(llm),), vlm=str(vlm), output=str(work / "merged"), method="task-arithmetic", overwrite=True)
+        r = merge_models(config)
         return work / "merged", f"task arithmetic (w={r.params['weight']}): {r.counts['merged']} LM tensors merged, {r.counts['vision']} vision tensors copied"
 
-    yield timed("merge", merge)
-
-    def iada() -> tuple[Path, str]:
+    def inject() -> tuple[Path, str]:
         from surgeon.iada import IadaConfig, inject_iada
 
-        result = inject_iada(str(vlm), work / "vlm-iada", IadaConfig(block_size=2), overwrite=True)
+        result = inject_iada(str(vlm), iada, IadaConfig(block_size=2), overwrite=True)
         after = ", ".join(str(b.after_layers) for b in result.plan.boundaries)
-        return work / "vlm-iada", f"IADA blocks after layers {after}: +{result.plan.params:,} parameters, same outputs until trained"
+        return iada, f"IADA blocks after layers {after}: +{result.plan.params:,} parameters, same outputs until trained"
 
-    yield timed("inject-iada", iada)
-
-    def heads() -> tuple[Path, str]:
+    def score() -> tuple[Path, str]:
         from surgeon.heads import ScoreHeadsConfig, score_heads
 
-        data = _shapes_dataset(work / "shapes")
-        config = ScoreHeadsConfig(model=str(vlm), data=str(data), output=str(work / "heads"), steps=4, overwrite=True)
-        r = score_heads(config)
-        return work / "heads", (
-            f"{r.probe} scores of {r.num_layers}×{r.num_kv_heads} KV heads on {r.batches} image batches; "
-            f"{r.budget} selected for Image-LoRA, adapter FLOPs {r.flops['ratio']:.1%} of v_proj LoRA "
-            f"at {r.flops['visual_fraction']:.1%} visual tokens"
+        r = score_heads(ScoreHeadsConfig(model=str(vlm), data=str(data / "data.jsonl"), output=str(heads), steps=4, overwrite=True))
+        return heads, (
+            f"{r.probe} scores of {r.num_layers}×{r.num_kv_heads} KV heads; {r.budget} selected for Image-LoRA, "
+            f"adapter FLOPs {r.flops['ratio']:.1%} of v_proj LoRA at {r.flops['visual_fraction']:.1%} visual tokens"
         )
 
-    yield timed("score-heads", heads)
+    def fine_tune() -> tuple[Path, str]:
+        from surgeon.training.config import TrainConfig
+        from surgeon.training.loop import train
 
+        config = TrainConfig(
+            model=str(iada), data=str(data / "data.jsonl"), output=str(trained), full=True, prior=str(prior),
+            perception_weight="dynamic", max_steps=3, batch_size=2, lr=1e-4, warmup_ratio=0.0, overwrite=True,
+        )  # fmt: skip
+        m = train(config).metrics
+        return trained, (
+            f"3 full steps, DRIFT on {m['drift_tensors']} tensors, IADA trained, dynamic λ {m['lambda']:.2f}: "
+            f"loss {m['loss']:.3f} (perception {m['loss_perception']:.3f}, reasoning {m['loss_reasoning']:.3f})"
+        )
 
-def _shapes_dataset(folder: Path, n: int = 6) -> Path:
-    """A few coloured-square images with a question and a tagged answer each (TRL JSONL)."""
-    import json
+    def push() -> tuple[str, str]:
+        from surgeon.hub import PushConfig, push_folder
 
-    from PIL import Image, ImageDraw
+        if hub is None:
+            r = push_folder(trained, PushConfig(repo=DEMO_REPO, dry_run=True))
+            return f"(dry run) {DEMO_REPO}", f"would send {len(r.files)} files with a card built from surgeon.json; nothing sent"
+        if hub == "local":
+            from surgeon.hub_standin import HubStandIn
 
-    shutil.rmtree(folder, ignore_errors=True)
-    (folder / "images").mkdir(parents=True)
-    colours = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220)}
-    lines = []
-    for i in range(n):
-        name, rgb = list(colours.items())[i % len(colours)]
-        image = Image.new("RGB", (56 + 28 * (i % 2), 56), (255, 255, 255))
-        ImageDraw.Draw(image).rectangle((12, 12, 44, 44), fill=rgb)
-        image.save(folder / "images" / f"{i}.png")
-        user = [{"type": "image", "image": f"images/{i}.png"}, {"type": "text", "text": "What color is the square?"}]
-        answer = f"<perception>The square is {name}.</perception> Answer: {name}"
-        lines.append(json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}))
-    (folder / "data.jsonl").write_text("\n".join(lines) + "\n")
-    return folder / "data.jsonl"
+            with HubStandIn() as standin:
+                r = push_folder(trained, PushConfig(repo=DEMO_REPO, token="hf_demo"), endpoint=standin.url)
+                arrived = len(standin.files(DEMO_REPO))
+        else:
+            r = push_folder(trained, PushConfig(repo=DEMO_REPO, token="hf_demo"), endpoint=hub)
+            arrived = len(r.files)
+        return r.url, f"pushed {arrived} files in commit {str(r.commit)[:10]} with a card built from surgeon.json"
+
+    for name, fn in [
+        ("build", build),
+        ("inspect", inspect),
+        ("prior", make_prior),
+        ("merge", merge),
+        ("inject-iada", inject),
+        ("score-heads", score),
+        ("train", fine_tune),
+        ("push", push),
+    ]:
+        yield _timed(name, fn)

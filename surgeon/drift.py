@@ -27,7 +27,7 @@ DRIFT; otherwise DRIFT acts on the already-clipped gradient.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,16 +53,26 @@ def drift_coefficient(
 
     Computed without a host sync, so it can run inside a step on any device.
     """
+    return _terms(g, delta, delta_norm, alpha, scale)[0]
+
+
+def _terms(
+    g: torch.Tensor, delta: torch.Tensor, delta_norm: torch.Tensor, alpha: float, scale: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(k, ‖g'‖²)``. The new norm follows from what k needed anyway,
+    ‖g − kΔ‖² = ‖g‖² − 2k⟨g,Δ⟩ + k²‖Δ‖², so clipping needs no further pass over g'. The
+    ``absolute`` scale reads neither ‖g‖ nor ⟨g,Δ⟩, so it returns None for the norm."""
     if scale == "absolute":
-        return torch.tensor(alpha, dtype=torch.float32, device=g.device)
+        return torch.tensor(alpha, dtype=torch.float32, device=g.device), None
+    if scale not in SCALES:
+        raise ConfigError("drift_scale", f"unknown scale {scale!r}", f"choose one of {', '.join(SCALES)}")
     g_norm = _local(torch.linalg.vector_norm(g, dtype=torch.float32))
+    dot = _dot(g, delta)
     k = alpha * g_norm / delta_norm.clamp_min(EPS)
-    if scale == "gradnorm":
-        return k
     if scale == "adaptive_cosine":
-        c = (_dot(g, delta) / (g_norm * delta_norm).clamp_min(EPS)).clamp(-1.0, 1.0)
-        return k * (c + 1) / 2
-    raise ConfigError("drift_scale", f"unknown scale {scale!r}", f"choose one of {', '.join(SCALES)}")
+        c = (dot / (g_norm * delta_norm).clamp_min(EPS)).clamp(-1.0, 1.0)
+        k = k * (c + 1) / 2
+    return k, (g_norm * g_norm - 2 * k * dot + k * k * delta_norm * delta_norm).clamp_min(0.0)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -81,11 +91,13 @@ def drift_gradient(g: torch.Tensor, delta: torch.Tensor, alpha: float, scale: st
 
 @dataclass(frozen=True)
 class DriftStats:
-    """What one ``apply`` did: tensors biased, tensors without a gradient, mean coefficient."""
+    """What one ``apply`` did: tensors biased, tensors without a gradient, mean coefficient, and
+    the new gradient norms it already knows (``{id(param): ‖g'‖}``) for ``clip_grad_norm``."""
 
     biased: int
     skipped: int
     mean_coefficient: float
+    grad_norms: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class Drift:
@@ -162,20 +174,22 @@ class Drift:
         """Bend every biased parameter's current ``.grad`` (call once per optimiser step)."""
         if self.alpha == 0.0:
             return DriftStats(0, 0, 0.0)
-        biased, skipped = 0, 0
+        biased, skipped, norms = 0, 0, {}
         total = torch.zeros((), dtype=torch.float32, device=_device(self.params[0]))
         for p, delta, delta_norm in zip(self.params, self.deltas, self.delta_norms):
             if p.grad is None:
                 skipped += 1
                 continue
-            k = drift_coefficient(p.grad, delta, delta_norm, self.alpha, self.scale)
+            k, new_sq = _terms(p.grad, delta, delta_norm, self.alpha, self.scale)
             if p.grad.dtype == torch.float32 == delta.dtype:
                 p.grad.addcmul_(delta, k, value=-1.0)  # g − k·Δ, no full-size temporary
             else:
                 p.grad.copy_((p.grad.float() - delta.float() * k).to(p.grad.dtype))
+            if new_sq is not None and p.grad.dtype == torch.float32:
+                norms[id(p)] = new_sq.sqrt()
             total += k.to(total.device)
             biased += 1
-        return DriftStats(biased, skipped, float(total) / max(biased, 1))  # one host sync per step
+        return DriftStats(biased, skipped, float(total) / max(biased, 1), norms)  # one host sync per step
 
     def attach(self, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None) -> Any:
         """Apply DRIFT (then clip to ``max_grad_norm`` if given) before every ``optimizer.step()``.
@@ -185,9 +199,9 @@ class Drift:
         params = [p for group in optimizer.param_groups for p in group["params"]]
 
         def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            self.apply()
+            stats = self.apply()
             if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                clip_grad_norm(params, max_grad_norm, stats.grad_norms)
 
         return optimizer.register_step_pre_hook(hook)
 
@@ -207,3 +221,22 @@ def _like_param(delta: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
 def _device(param: torch.Tensor) -> torch.device:
     mesh = getattr(param, "device_mesh", None)
     return torch.device(mesh.device_type) if mesh is not None else param.device
+
+
+def clip_grad_norm(
+    params: Iterable[torch.nn.Parameter], max_norm: float, known: dict[int, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (same coefficient, max_norm/(total+1e-6) capped at 1)
+    that takes per-tensor norms already known (``DriftStats.grad_norms``) instead of reading
+    those gradients once more. Returns the total norm before clipping."""
+    known = known or {}
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    rest = [p.grad for p in params if p.grad is not None and id(p) not in known]
+    device = grads[0].device
+    squares = [n.to(device) ** 2 for n in known.values()]
+    squares += [_local(n).float().to(device) ** 2 for n in torch._foreach_norm(rest)] if rest else []
+    total = torch.stack(squares).sum().sqrt()
+    torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    return total

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from surgeon.align import Alignment, Pair, align
-from surgeon.checkpoint import Checkpoint, open_checkpoint
+from surgeon.checkpoint import REPO_ID, Checkpoint, open_checkpoint
 from surgeon.distance import Distance, summarise
 from surgeon.errors import AlignmentError, CheckpointError, ConfigError
 from surgeon.families import DEFAULT_MODULES, Selection
@@ -243,14 +243,19 @@ class Prior:
     """
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.record = _prior_record(self.path)
+        local = Path(path)
+        if local.exists() or not REPO_ID.match(str(path)):
+            self.record = _prior_record(local)
+            self._ckpt = open_checkpoint(local)
+        else:  # a Hub repo id: fetched through the cache like any checkpoint
+            self._ckpt = open_checkpoint(str(path))
+            self.record = _prior_record(self._ckpt.path, str(path))
+        self.path = self._ckpt.path
         stats = self.record["stats"]
         self._tensors: dict[str, dict] = stats["tensors"]
         self.lm_prefix: str = stats["vlm_layout"]["lm_prefix"]
         self.lm_head: str | None = stats["vlm_layout"]["lm_head"]
         self.mode: str = stats["mode"]
-        self._ckpt = open_checkpoint(self.path)
         missing = [n for n in self._tensors if n not in self._ckpt.tensors]
         if missing:
             self._ckpt.close()
@@ -286,17 +291,18 @@ class Prior:
         return f"Prior({str(self.path)!r}, {len(self.names)} tensors, {self.mode})"
 
 
-def _prior_record(path: Path) -> dict:
+def _prior_record(path: Path, source: str | None = None) -> dict:
     hint = "create one with: surgeon prior --reasoning LLM --vlm VLM -o OUT"
+    source = source or str(path)
     if not path.is_dir():
-        raise CheckpointError(str(path), "no such prior folder", hint)
+        raise CheckpointError(source, "no such prior folder", hint)
     try:
         record = read_record(path)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(str(path), "has a surgeon.json that is not valid JSON", hint) from None
+        raise CheckpointError(source, "has a surgeon.json that is not valid JSON", hint) from None
     if not isinstance(record, dict) or record.get("artifact") != "prior":
         what = "has no surgeon.json" if record is None else f"holds a surgeon {record.get('artifact', 'output')!r}, not a prior"
-        raise CheckpointError(str(path), f"is not a prior ({what})", hint)
+        raise CheckpointError(source, f"is not a prior ({what})", hint)
     return record
 
 

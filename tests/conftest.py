@@ -127,19 +127,15 @@ def cli():
 
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory):
-    """The synthetic dataset of ``examples/make_dataset.py`` (12 samples, seed 0): ``fmt -> data.jsonl``."""
-    import importlib.util
+    """The synthetic dataset of ``surgeon.synthetic`` (12 samples, seed 0): ``fmt -> data.jsonl``."""
+    from surgeon.synthetic import make_dataset
 
-    script = Path(__file__).resolve().parent.parent / "examples" / "make_dataset.py"
-    spec = importlib.util.spec_from_file_location("make_dataset", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     root = tmp_path_factory.mktemp("shapes-data")
     made: dict[str, Path] = {}
 
     def get(fmt: str = "trl") -> Path:
         if fmt not in made:
-            made[fmt] = module.make_dataset(root / fmt, n=12, seed=0, fmt=fmt)
+            made[fmt] = make_dataset(root / fmt, n=12, seed=0, fmt=fmt)
         return made[fmt]
 
     return get

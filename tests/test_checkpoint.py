@@ -129,3 +129,12 @@ def test_header_parser_rejects_overlong_header(tmp_path):
     p.write_bytes((10**6).to_bytes(8, "little") + b"{}")
     with pytest.raises(ValueError, match="corrupt header"):
         read_header(p)
+
+
+def test_repo_id_at_revision_pins_the_revision(vlm, llm, offline_hub):
+    _lay_out_hub_cache(offline_hub, "acme/tiny", "a" * 40, vlm)
+    _lay_out_hub_cache(offline_hub, "acme/tiny", "b" * 40, llm, ref="v2")
+    with open_checkpoint("acme/tiny@v2") as ckpt:
+        assert ckpt.commit == "b" * 40 and ckpt.source == "acme/tiny" and ckpt.revision == "v2"
+    with pytest.raises(CheckpointError, match="names revision v2 and --revision main"):
+        open_checkpoint("acme/tiny@v2", revision="main")

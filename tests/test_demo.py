@@ -1,16 +1,42 @@
-"""``surgeon demo`` runs end to end through the CLI and leaves each step's output behind."""
+"""``surgeon demo`` runs the whole pipeline through the CLI and leaves each step's output behind."""
 
 from __future__ import annotations
 
+import json
 
-def test_demo_runs_every_step(cli, tmp_path):
+from helpers import assert_one_line_error
+
+STEPS = ["build", "inspect", "prior", "merge", "inject-iada", "score-heads", "train", "push"]
+
+
+def _steps(result):
+    return [s for s in (line.split("│")[1].strip() for line in result.stdout.splitlines() if line.startswith("│")) if s]
+
+
+def test_demo_runs_every_step_and_pushes_to_a_local_stand_in(cli, tmp_path):
     work = tmp_path / "demo"
-    result = cli("demo", "--workdir", work)
+    result = cli("demo", "--workdir", work, "--hub", "local")
     assert result.exit_code == 0, result.output
-    steps = [line.split("│")[1].strip() for line in result.stdout.splitlines() if line.startswith("│")]
-    assert [s for s in steps if s] == ["build", "inspect", "prior", "merge", "inject-iada", "score-heads"]
-    assert (work / "vlm" / "model.safetensors").exists()
-    assert (work / "reasoning-llm" / "model.safetensors").exists()
+    assert _steps(result) == STEPS
+    assert (work / "vlm" / "model.safetensors").exists() and (work / "reasoning-llm" / "model.safetensors").exists()
     assert (work / "prior" / "surgeon.json").exists() and (work / "merged" / "config.json").exists()
     assert (work / "vlm-iada" / "surgeon-iada.safetensors").exists()
     assert (work / "heads" / "heads.json").exists() and (work / "heads" / "surgeon.json").exists()
+    record = json.loads((work / "trained" / "surgeon.json").read_text())
+    assert record["artifact"] == "model+remote-code" and record["config"]["prior"] and record["config"]["perception_weight"] == "dynamic"
+    assert record["stats"]["drift"]["tensors"] == 40
+    assert "pushed" in result.stderr and "in commit" in result.stderr
+
+
+def test_demo_without_a_hub_is_a_dry_run(cli, tmp_path, monkeypatch):
+    import surgeon.hub
+
+    monkeypatch.setattr(surgeon.hub, "_endpoint", lambda: "http://127.0.0.1:9")  # nothing listens there
+    result = cli("demo", "--workdir", tmp_path / "demo")
+    assert result.exit_code == 0, result.output
+    assert _steps(result) == STEPS and "(dry run)" in result.stdout
+
+
+def test_demo_refuses_a_remote_hub(cli, tmp_path):
+    assert_one_line_error(cli("demo", "--workdir", tmp_path / "d", "--hub", "https://huggingface.co"), "local stand-in")
+    assert not (tmp_path / "d").exists()

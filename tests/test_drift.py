@@ -110,3 +110,26 @@ def test_bad_targets_are_errors():
         Drift([])
     with pytest.raises(ConfigError, match="choose one of"):
         Drift([("p", torch.nn.Parameter(torch.ones(2)), torch.ones(2))], scale="cosine")
+
+
+@pytest.mark.parametrize("scale", ["absolute", "gradnorm", "adaptive_cosine"])
+def test_clipping_with_drift_norms_matches_torch_clipping(scale):
+    """The norms DRIFT derives (‖g'‖² = ‖g‖² − 2k⟨g,Δ⟩ + k²‖Δ‖²) clip exactly as torch does."""
+    from surgeon.drift import clip_grad_norm
+
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(6, 5), (5,), (3, 3)]
+    ref = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    grads = [torch.randn(s, generator=gen) * 3 for s in shapes]
+    deltas = [torch.randn(s, generator=gen) for s in shapes[:2]]  # the third tensor is not biased
+    for a, b, g in zip(ref, ours, grads):
+        a.grad, b.grad = g.clone(), g.clone()
+    Drift([("a", ref[0], deltas[0]), ("b", ref[1], deltas[1])], alpha=0.7, scale=scale).apply()
+    expected = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    stats = Drift([("a", ours[0], deltas[0]), ("b", ours[1], deltas[1])], alpha=0.7, scale=scale).apply()
+    assert len(stats.grad_norms) == (0 if scale == "absolute" else 2)
+    total = clip_grad_norm(ours, 1.0, stats.grad_norms)
+    assert torch.allclose(total, expected, rtol=1e-5)
+    for a, b in zip(ref, ours):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7)

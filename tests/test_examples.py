@@ -27,8 +27,10 @@ def test_inspect_layouts_example(tmp_path):
 def test_make_dataset_example(tmp_path):
     import json
 
-    make = load("make_dataset").make_dataset
-    paths = {fmt: make(tmp_path / fmt, n=14, seed=3, fmt=fmt) for fmt in ("trl", "sharegpt", "llamafactory")}
+    from surgeon.synthetic import make_dataset as make
+
+    example = load("make_dataset").main
+    paths = {fmt: example([str(tmp_path / fmt), "--n", "14", "--seed", "3", "--fmt", fmt]) for fmt in ("trl", "sharegpt", "llamafactory")}
     rows = [json.loads(line) for line in paths["trl"].read_text().splitlines()]
     assert len(rows) == 14 and {r["kind"] for r in rows} == {"shapes", "count", "chart", "multi", "text", "multiturn"}
     images = sorted(p.name for p in (tmp_path / "trl" / "images").iterdir())

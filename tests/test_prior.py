@@ -210,3 +210,19 @@ def test_cli_bad_inputs(cli, tmp_path, tiny_models, vlm, reasoning):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert cli("prior", "--reasoning", reasoning, "--vlm", vlm, "-o", out, "--overwrite").exit_code == 0
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "surgeon.json"]
+
+
+def test_open_prior_takes_a_hub_repo_id_through_the_cache(vlm, llm, tmp_path, offline_hub):
+    """A prior pushed to the Hub opens (and trains) by its repo id, offline from the cache."""
+    import shutil
+
+    from surgeon.prior import PriorConfig, compute_prior, open_prior
+
+    compute_prior(PriorConfig(reasoning=str(llm), vlm=str(vlm), output=str(tmp_path / "prior")))
+    snap = offline_hub / "hub" / "models--acme--tiny-prior" / "snapshots" / ("c" * 40)
+    shutil.copytree(tmp_path / "prior", snap)
+    (offline_hub / "hub" / "models--acme--tiny-prior" / "refs").mkdir()
+    (offline_hub / "hub" / "models--acme--tiny-prior" / "refs" / "main").write_text("c" * 40)
+    with open_prior("acme/tiny-prior") as hub, open_prior(tmp_path / "prior") as local:
+        assert hub.names == local.names and hub.path == snap
+        assert all(torch.equal(hub.read(n), local.read(n)) for n in hub.names)

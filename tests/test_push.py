@@ -454,3 +454,19 @@ def test_plan_checks_the_built_card_and_safetensors_metadata(folder):
     write_file(src / "extra.safetensors", {"x": torch.zeros(1)}, {"format": "pt", "note": f"pushed with {TOKEN}"})
     with pytest.raises(CheckpointError, match=r"extra.safetensors \(header metadata 'note'\): holds what looks like a Hub access token"):
         plan_upload(src, None, read_record(src), None)
+
+
+def test_every_folder_writing_command_pushes_with_push_to_hub(cli, hub_standin, vlm, llm, tmp_path, monkeypatch):
+    """``surgeon prior/merge/inject-iada/score-heads/train … --push-to-hub`` upload what they wrote."""
+    from surgeon.commands import main
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token_123")
+    writers = {"prior", "merge", "inject-iada", "score-heads", "train"}
+    assert writers <= {name for name, cmd in main.commands.items() if any(p.name == "push_to_hub" for p in cmd.params)}
+    result = cli("prior", "--reasoning", llm, "--vlm", vlm, "-o", tmp_path / "prior", "--push-to-hub", "acme/prior")
+    assert result.exit_code == 0, result.output
+    files = hub_standin.files("acme/prior")
+    assert "surgeon.json" in files and "README.md" in files
+    assert files["model.safetensors"] == (tmp_path / "prior" / "model.safetensors").read_bytes()
+    card = hub_standin.card("acme/prior")
+    assert card.startswith("---") and "- drift" in card.split("---")[1]

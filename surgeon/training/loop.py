@@ -66,6 +66,7 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from transformers import get_cosine_schedule_with_warmup
 
+    from surgeon.drift import clip_grad_norm
     from surgeon.output import check_output
     from surgeon.reweight import PerceptionGradients, combine, count_span_tokens, span_losses
     from surgeon.training import setup
@@ -157,7 +158,8 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
         if accelerator.scaler is not None:
             accelerator.unscale_gradients(optimizer)
         drift_stats = drift.apply() if drift is not None else None
-        grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm > 0 else None
+        known = drift_stats.grad_norms if drift_stats is not None else None
+        grad_norm = clip_grad_norm(params, config.max_grad_norm, known) if config.max_grad_norm > 0 else None
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
