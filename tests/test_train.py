@@ -129,6 +129,10 @@ def test_cli_bad_input(cli, vlm, data, tmp_path):
     assert_one_line_error(cli("train", vlm, "--data", tmp_path / "none.jsonl", "-o", tmp_path / "o"), "none.jsonl")
     assert_one_line_error(cli("train", vlm, "--data", data, "-o", tmp_path / "o", "--perception-weight", "2"), "perception_weight")
     assert not (tmp_path / "o").exists() and not (tmp_path / "o-checkpoints").exists()
+    assert_one_line_error(cli("train", vlm, "--data", data, "-o", tmp_path / "o", "--resume"), "no checkpoint in")
+    (tmp_path / "o-checkpoints" / "checkpoint-2").mkdir(parents=True)
+    assert_one_line_error(cli("train", vlm, "--data", data, "-o", tmp_path / "o"), "earlier run", "--resume", "--overwrite")
+    assert (tmp_path / "o-checkpoints" / "checkpoint-2").exists()
 
 
 def test_iada_with_lora_trains_and_saves_beside_the_adapter(tiny_models, data, tmp_path):

@@ -62,24 +62,34 @@ def _mixed_precision(config: TrainConfig) -> str:
 
 def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: Callable[[str], None] | None = None) -> TrainResult:
     """Run ``config`` to the end and write its output folder; ``on_step`` receives each step's metrics."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from transformers import get_cosine_schedule_with_warmup
 
     from surgeon.drift import clip_grad_norm
+    from surgeon.errors import ConfigError
     from surgeon.output import check_output
     from surgeon.reweight import PerceptionGradients, combine, count_span_tokens, span_losses
     from surgeon.training import setup
     from surgeon.training.order import SampleOrder
     from surgeon.training.state import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 
-    from accelerate import PartialState
-
     # cpu=True on machines without CUDA, so that torchrun/accelerate launch gives a gloo process group
     cpu = not torch.cuda.is_available()
-    main = PartialState(cpu=cpu).is_main_process
-    status = on_status if (on_status is not None and main) else (lambda text: None)
+    state = PartialState(cpu=cpu)
+    status = on_status if (on_status is not None and state.is_main_process) else (lambda text: None)
     check_output(config.output, config.overwrite)
+    ckpt_root = checkpoint_root(config.output)
+    if config.resume and latest_checkpoint(ckpt_root) is None:
+        raise ConfigError("resume", f"no checkpoint in {ckpt_root}", "run without --resume, or check --output")
+    if not config.resume and ckpt_root.exists():
+        if not config.overwrite:
+            raise ConfigError(
+                "output", f"{ckpt_root} holds checkpoints of an earlier run", "pass --resume to continue it, or --overwrite to start over"
+            )
+        if state.is_main_process:
+            shutil.rmtree(ckpt_root)
+    state.wait_for_everyone()
     set_seed(config.seed)
     checkpoint = setup.check_inputs(config)
     status("loading data and model")
@@ -93,6 +103,12 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
         )
     ddp = DistributedDataParallelKwargs(find_unused_parameters=run.has_surgeon_modules)
     accelerator = Accelerator(mixed_precision=_mixed_precision(config), kwargs_handlers=[ddp], cpu=cpu)
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        raise ConfigError(
+            "distributed",
+            f"surgeon train runs with DDP, not {accelerator.distributed_type.name}",
+            "launch with plain torchrun or `accelerate launch` without an FSDP/DeepSpeed config",
+        )
     world, rank = accelerator.num_processes, accelerator.process_index
     order = SampleOrder(len(run.dataset), config.batch_size, config.grad_accum, world, config.seed)
     total = config.max_steps or max(1, math.ceil(config.epochs * order.steps_per_epoch))
@@ -101,24 +117,14 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total), total)
     model, optimizer = accelerator.prepare(run.model, optimizer)
     drift = setup.drift_for(run, config, accelerator.device)
+    if drift is not None:
+        status(f"DRIFT biases {len(drift.params)} tensors ({drift.numel:,} parameters), {config.drift_scale}, α={config.drift_alpha}")
     dynamic = PerceptionGradients(params) if config.perception_weight == "dynamic" else None
     fingerprint = config.fingerprint() + run.data_fingerprint
 
     start = 0
-    ckpt_root = checkpoint_root(config.output)
-    if not config.resume and ckpt_root.exists() and accelerator.is_main_process:
-        if not config.overwrite:
-            from surgeon.errors import OutputExistsError
-
-            raise OutputExistsError(str(ckpt_root))
-        shutil.rmtree(ckpt_root)
-    accelerator.wait_for_everyone()
     if config.resume:
         latest = latest_checkpoint(ckpt_root)
-        if latest is None:
-            from surgeon.errors import ConfigError
-
-            raise ConfigError("resume", f"no checkpoint in {ckpt_root}", "run without --resume, or check --output")
         start = load_checkpoint(latest, fingerprint, run.trainable, optimizer, scheduler)
         status(f"resumed from {latest} at step {start}")
 
