@@ -13,12 +13,10 @@ own cross-entropy on them, computed without gradients in batches.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
 
 from surgeon.data import DataStats, load_samples
 from surgeon.encoding import Progress, SampleEncoder, encode_samples
-from surgeon.errors import CheckpointError, ConfigError
+from surgeon.errors import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -108,7 +106,9 @@ def diagnose(config: DiagnoseConfig, progress: Progress | None = None) -> Diagno
     with open_checkpoint(config.model) as ckpt:  # a local folder, or a Hub repo id through the cache
         folder = ckpt.path
     encoder = SampleEncoder.from_pretrained(folder, config.max_length, name=config.model)
-    model = load_model(folder, config.device, config.dtype)
+    from surgeon.modules import load_eval_model
+
+    model = load_eval_model(folder, config.device, config.dtype)
     device = next(model.parameters()).device
     sums = {"perception": 0.0, "reasoning": 0.0}
     counts = {"perception": 0, "reasoning": 0}
@@ -144,37 +144,3 @@ def diagnose(config: DiagnoseConfig, progress: Progress | None = None) -> Diagno
         reasoning_loss_sum=sums["reasoning"],
         stats=stats.to_dict(),
     )
-
-
-def load_model(model: str | Path, device: str = "auto", dtype: str = "auto") -> Any:
-    """A model folder or Hub repo id as a transformers model in eval mode (VLM or text LLM)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise ConfigError("device", f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", "CUDA is not available on this machine", "use cpu (or auto)")
-    chosen: Any = dtype if dtype != "auto" else ("auto" if device != "cpu" else "float32")
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        config = AutoConfig.from_pretrained(str(model))
-        auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
-        loaded = auto.from_pretrained(
-            str(model), dtype=chosen if chosen == "auto" else getattr(torch, chosen)
-        )
-    except (OSError, ValueError) as exc:
-        problem = f"cannot load the model ({' '.join(str(exc).split())[:200]})"
-        hint = "give a transformers model folder or Hub repo id"
-        raise CheckpointError(str(model), problem, hint) from None
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    return loaded.to(device).eval()

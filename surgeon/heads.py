@@ -150,7 +150,9 @@ def score_heads(config: ScoreHeadsConfig, progress: Progress | None = None) -> H
     with open_checkpoint(config.model) as ckpt:
         source = ckpt.describe()
         encoder = SampleEncoder.from_pretrained(ckpt.path, config.max_length, name=config.model)
-        model = _load_model(ckpt.path, config.device, config.dtype)
+        from surgeon.modules import load_eval_model
+
+        model = load_eval_model(ckpt.path, config.device, config.dtype)
     hidden, kv, head_dim = value_dims(model)
     num_layers = len(decoder_of(model)[1])
     select_heads([[0.0] * kv] * num_layers, config.budget, config.tau, config.per_layer)  # bad numbers fail before probing
@@ -212,9 +214,9 @@ def score_heads(config: ScoreHeadsConfig, progress: Progress | None = None) -> H
         visual_tokens=visual, flops=flops.to_dict(), output=config.output,
     )  # fmt: skip
     if config.output is not None:
-        from surgeon.provenance import build_record
+        from surgeon.provenance import build_record, file_hash
 
-        inputs = {"model": source, "data": {"source": config.data, "sha256": _file_hash(config.data)}}
+        inputs = {"model": source, "data": {"source": config.data, "sha256": file_hash(config.data)}}
         stats_out = {"batches": batches, "samples": used, "tokens": tokens, "visual_tokens": visual,
                      "budget": result.budget, "flops_ratio": flops.ratio, "data": stats.to_dict()}  # fmt: skip
         record = build_record("score-heads", "head-scores", config, inputs, stats_out)
@@ -222,34 +224,6 @@ def score_heads(config: ScoreHeadsConfig, progress: Progress | None = None) -> H
     if config.plot is not None:
         plot_heads(result, config.plot)
     return result
-
-
-def _load_model(folder: Path, device: str, dtype: str) -> Any:
-    """The model (with any surgeon modules) in eval mode on ``device``."""
-    import torch
-
-    from surgeon.modules import load_model
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise ConfigError("device", f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", "CUDA is not available on this machine", "use cpu (or auto)")
-    chosen: Any = dtype if dtype != "auto" else ("auto" if kind != "cpu" else "float32")
-    return load_model(folder, dtype=chosen if chosen == "auto" else getattr(torch, chosen)).to(device).eval()
-
-
-def _file_hash(path: str | Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------- files

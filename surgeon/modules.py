@@ -21,7 +21,7 @@ import torch
 
 from surgeon import modeling_surgeon as modeling
 from surgeon.checkpoint import INDEX_NAME, PICKLE_SUFFIXES
-from surgeon.errors import ConfigError
+from surgeon.errors import CheckpointError, ConfigError
 from surgeon.output import link_or_copy, output_folder, write_index
 from surgeon.provenance import FILE_NAME as RECORD_NAME
 from surgeon.provenance import write_record
@@ -181,3 +181,33 @@ def _load_adapter(path: Path, **kwargs: Any) -> Any:
             for name, p in params.items():
                 p.copy_(weights[name.split(f"{modeling.MODULE_ATTR}.", 1)[1]])
     return PeftModel.from_pretrained(model, str(path))
+
+
+def load_eval_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> Any:
+    """``load_model`` for inference (probes, diagnostics): in eval mode on ``device``.
+
+    ``device``: ``auto`` (the first GPU if there is one, else the CPU), ``cpu``, ``cuda[:N]``.
+    ``dtype``: ``auto`` (the checkpoint's on a GPU, float32 on the CPU), or a torch dtype name.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ConfigError("device", f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", "CUDA is not available on this machine", "use cpu (or auto)")
+    chosen: Any = dtype if dtype != "auto" else ("auto" if kind != "cpu" else "float32")
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = load_model(path, dtype=chosen if chosen == "auto" else getattr(torch, chosen))
+    except (OSError, ValueError) as exc:
+        problem = f"cannot load the model ({' '.join(str(exc).split())[:200]})"
+        raise CheckpointError(str(path), problem, "give a transformers model folder or Hub repo id") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    return model.to(device).eval()

@@ -68,6 +68,17 @@ def _describe(value: InputValue) -> Any:
     return _plain(value)
 
 
+def file_hash(path: str | Path) -> str:
+    """A short content hash of a data or settings file, for ``inputs`` entries (16 hex digits)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 def build_record(
     command: str, artifact: str, config: Any, inputs: dict[str, InputValue], stats: dict | None = None
 ) -> dict:

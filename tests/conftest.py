@@ -15,7 +15,6 @@ os.environ.pop("SURGEON_DEBUG", None)
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ import torch
 from surgeon.errors import ConfigError
 from surgeon.training.config import TrainConfig
 from surgeon.iada import IadaConfig, add_iada
+from surgeon.provenance import file_hash
 from surgeon.modules import load_model, module_parameters, write_adapter_modules, write_model, write_module_folder
 from surgeon.training.model import apply_lora, lm_parameters, set_trainable, trainable
 
@@ -31,14 +31,6 @@ class Run:
     data_fingerprint: str
     has_surgeon_modules: bool
     stats: dict[str, Any] = field(default_factory=dict)
-
-
-def _file_hash(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def check_inputs(config: TrainConfig) -> Any:
@@ -115,7 +107,7 @@ def prepare(config: TrainConfig, ckpt: Any) -> Run:
         processor=encoder.processor,
         checkpoint=ckpt,
         trainable=params,
-        data_fingerprint=_file_hash(config.data),
+        data_fingerprint=file_hash(config.data),
         has_surgeon_modules=has_modules,
         stats={"data": dataset.stats.to_dict(), "trainable_parameters": n_train, "parameters": n_total, **extra},
     )
@@ -182,6 +174,6 @@ def save_output(run: Run, model: torch.nn.Module, config: TrainConfig, stats: di
         if config.image_lora:
             from surgeon.heads import heads_file
 
-            inputs["heads"] = {"source": config.image_lora, "sha256": _file_hash(heads_file(config.image_lora))}
+            inputs["heads"] = {"source": config.image_lora, "sha256": file_hash(heads_file(config.image_lora))}
         write_record(tmp, build_record("train", artifact, config, inputs, stats))
     return Path(config.output)
