@@ -42,7 +42,7 @@ def command(checkpoint: str, revision: str | None, as_json: bool) -> None:
         ("attention heads", f"{report.num_attention_heads} ({report.num_key_value_heads} KV heads, head dim {report.head_dim})"),
         ("vocab size", report.vocab_size),
         ("tied embeddings", "yes" if report.tied_embeddings else "no"),
-        ("dtype", report.dtype),
+        ("dtype", report.dtype if report.quantization is None else f"{report.dtype}, quantized ({report.quantization})"),
     ]
     if report.placeholder_tokens:
         rows.append(("placeholder tokens", ", ".join(f"{k}={v}" for k, v in report.placeholder_tokens.items())))

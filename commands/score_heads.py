@@ -16,8 +16,8 @@ from surgeon.heads import HeadScores
     "score-heads",
     epilog=example(
         "surgeon demo --workdir demo/",
-        "surgeon score-heads demo/vlm --data demo/shapes/data.jsonl -o heads.json --steps 4",
-        "surgeon train demo/vlm --data demo/shapes/data.jsonl -o run/ --image-lora heads.json --max-steps 20 --lr 1e-3",
+        "surgeon score-heads demo/vlm --data demo/data/data.jsonl -o heads.json --steps 4",
+        "surgeon train demo/vlm --data demo/data/data.jsonl -o run-heads/ --image-lora heads.json --max-steps 20 --lr 1e-3",
     ),
 )
 @click.argument("model")

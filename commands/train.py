@@ -13,9 +13,9 @@ from surgeon.commands._console import emit_json, err, out, quiet_transformers
     "train",
     epilog=example(
         "surgeon demo --workdir demo/",
-        "surgeon train demo/vlm --data demo/shapes/data.jsonl -o run/ --max-steps 20 --perception-weight 0.5",
-        "surgeon train demo/vlm --data demo/shapes/data.jsonl -o run-drift/ --full --prior demo/prior --max-steps 20",
-        "surgeon train demo/vlm --data demo/shapes/data.jsonl -o run-il/ --image-lora demo/heads --max-steps 20 --lr 1e-3",
+        "surgeon train demo/vlm --data demo/data/data.jsonl -o run/ --max-steps 20 --perception-weight 0.5",
+        "surgeon train demo/vlm --data demo/data/data.jsonl -o run-drift/ --full --prior demo/prior --max-steps 20",
+        "surgeon train demo/vlm --data demo/data/data.jsonl -o run-il/ --image-lora demo/heads --max-steps 20 --lr 1e-3",
     ),
 )
 @click.argument("model")

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from surgeon.checkpoint import Checkpoint
-from surgeon.errors import AlignmentError
+from surgeon.errors import AlignmentError, CheckpointError
 from surgeon.families import Selection, family, select
 from surgeon.layout import Layout, detect_layout
 
@@ -104,8 +104,22 @@ def _relative_names(ckpt: Checkpoint, layout: Layout) -> dict[str, str]:
     return out
 
 
+def refuse_quantized(ckpt: Checkpoint) -> None:
+    """CheckpointError for quantized weights: differences and merges of quantized values (without
+    their scales) would be silently wrong."""
+    method = ckpt.quantization
+    if method is not None:
+        raise CheckpointError(
+            ckpt.source,
+            f"holds quantized weights ({method}); differences and merges need the unquantized ones",
+            "use the model's BF16/FP16 release",
+        )
+
+
 def align(vlm: Checkpoint, llm: Checkpoint) -> Alignment:
     """Pair ``vlm``'s language-model tensors with ``llm``'s (see the module docstring)."""
+    for ckpt in (vlm, llm):
+        refuse_quantized(ckpt)
     vlay = detect_layout(list(vlm.tensors), vlm.config, vlm.source)
     llay = detect_layout(list(llm.tensors), llm.config, llm.source)
     vrel, lrel = _relative_names(vlm, vlay), _relative_names(llm, llay)
@@ -144,6 +158,12 @@ def align(vlm: Checkpoint, llm: Checkpoint) -> Alignment:
             f"{vlm.source} and {llm.source} have no language-model tensor names in common",
             [f"VLM {next(iter(vrel), '-')}", f"LLM {next(iter(lrel), '-')}"],
             "the reasoning model must share the VLM's language-model architecture",
+        )
+    if vlay.num_layers != llay.num_layers:
+        raise AlignmentError(
+            f"{vlm.source} has {vlay.num_layers} decoder layers and {llm.source} {llay.num_layers}",
+            (),
+            "the reasoning model must share the VLM's language-model architecture (e.g. Qwen2.5-VL-7B with a Qwen2.5-7B derivative)",
         )
     paired_l = {p.llm_name for p in pairs}
     roles = {n: vlay.role(n) for n in vlm.tensors}

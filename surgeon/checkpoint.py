@@ -29,6 +29,9 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PINNED = re.compile(r"^([A-Za-z0-9][\w.-]*/[\w.-]+)@([\w./-]+)$")  # org/name@revision
 
 
+_SCALE_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".qweight", ".scales", ".qzeros", ".SCB")
+
+
 class Checkpoint:
     """An opened checkpoint folder. Cheap to create: only headers and JSON are read.
 
@@ -73,7 +76,7 @@ class Checkpoint:
                 weight_map: dict[str, str] = data["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
                 raise CheckpointError(self.source, f"{INDEX_NAME} is not a valid index", "restore it from the original model") from None
-            files = list(dict.fromkeys(weight_map.values()))
+            files = sorted(set(weight_map.values()))
             missing = [f for f in files if not (self.path / f).is_file()]
             if missing:
                 raise CheckpointError(
@@ -174,6 +177,19 @@ class Checkpoint:
             counts[info.dtype] = counts.get(info.dtype, 0) + info.numel
         return max(counts, key=counts.__getitem__)
 
+    @property
+    def quantization(self) -> str | None:
+        """The quantization method (``"fp8"``, ``"bitsandbytes"`` …) when the weights are stored
+        quantized: a ``quantization_config`` in config.json, or 8-bit/4-bit tensors with scales."""
+        for cfg in (self.config, *(v for v in self.config.values() if isinstance(v, dict))):
+            quant = cfg.get("quantization_config")
+            if isinstance(quant, dict):
+                return str(quant.get("quant_method") or "unknown method")
+        for info in self.tensors.values():
+            if info.dtype.startswith("F8") or info.name.endswith(_SCALE_SUFFIXES):
+                return "fp8" if info.dtype.startswith("F8") else "unknown method"
+        return None
+
     def fingerprint(self) -> str:
         """A content hash of config.json and every tensor's name, dtype, shape and byte range.
 
@@ -209,6 +225,8 @@ def open_checkpoint(source: str | Path, revision: str | None = None) -> Checkpoi
     huggingface_hub cache, and honour ``HF_HOME`` and ``HF_HUB_OFFLINE``.
     """
     text = str(source)
+    if not text.strip():
+        raise CheckpointError("checkpoint", "the path is empty", "give a model folder or a Hub repo id (org/name)")
     path = Path(text).expanduser()
     pinned = PINNED.match(text)
     if pinned and not path.exists():

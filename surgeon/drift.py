@@ -26,6 +26,7 @@ DRIFT; otherwise DRIFT acts on the already-clipped gradient.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +113,8 @@ class Drift:
     ) -> None:
         if scale not in SCALES:
             raise ConfigError("drift_scale", f"unknown scale {scale!r}", f"choose one of {', '.join(SCALES)}")
+        if not (math.isfinite(float(alpha)) and float(alpha) >= 0):
+            raise ConfigError("drift_alpha", f"must be a finite number ≥ 0, got {alpha}")
         self.alpha = float(alpha)
         self.scale = scale
         self.names: list[str] = []

@@ -65,12 +65,12 @@ class ConfigError(SurgeonError):
 class SelectionError(SurgeonError):
     """A pattern or preset that matched nothing. Lists what was available."""
 
-    def __init__(self, what: str, pattern: str, available: Iterable[str]) -> None:
+    def __init__(self, what: str, pattern: str, available: Iterable[str], why: str | None = None) -> None:
         self.pattern = pattern
         self.available = sorted(set(available))
         shown = ", ".join(self.available[:20]) + (", …" if len(self.available) > 20 else "")
         super().__init__(
-            f"{what} {pattern!r} matched nothing",
+            f"{what} {pattern!r} matched nothing" + (f" ({why})" if why else ""),
             f"available: {shown}" if self.available else "nothing is available to select",
         )
 

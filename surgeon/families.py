@@ -180,7 +180,9 @@ def select(relatives: Iterable[str], selection: Selection, num_layers: int | Non
     available = family_examples(names)
     for item in selection.modules:
         if not any(selection.matches_module(item, n) for n in names):
-            raise SelectionError("module family" if not item.startswith("re:") else "pattern", item, available)
+            tied = item == "head" and any(family(n) == "embed" for n in names)
+            why = "the model ties its output head to its embeddings: select embed" if tied else None
+            raise SelectionError("module family" if not item.startswith("re:") else "pattern", item, available, why)
     chosen = [n for n in names if selection.accepts(n)]
     if not chosen:
         raise SelectionError("selection", selection.describe(), available)

@@ -139,7 +139,7 @@ def score_heads(config: ScoreHeadsConfig, progress: Progress | None = None) -> H
     from surgeon.reweight import token_losses
 
     if config.output is not None:
-        check_heads_output(config.output, config.overwrite)
+        check_heads_output(config.output, config.overwrite, [config.model, config.data])
     if config.plot is not None:
         check_plot(config.plot, config.overwrite)
     stats = DataStats()
@@ -231,11 +231,13 @@ def _is_file_output(path: str | Path) -> bool:
     return Path(path).suffix.lower() == ".json"
 
 
-def check_heads_output(output: str | Path, overwrite: bool) -> None:
-    """Refuse an output that exists (a file, or a non-empty folder) unless ``overwrite``."""
-    from surgeon.output import check_output
+def check_heads_output(output: str | Path, overwrite: bool, inputs: list[str | None] | None = None) -> None:
+    """Refuse an output that exists (a file, or a non-empty folder) unless ``overwrite``, and one
+    that is, lies inside or contains one of the local ``inputs``."""
+    from surgeon.output import check_apart, check_output
 
     path = Path(output)
+    check_apart(path, inputs or [])
     if not _is_file_output(path):
         check_output(path, overwrite)
     elif path.is_dir():

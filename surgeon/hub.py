@@ -26,9 +26,10 @@ from surgeon.errors import CheckpointError, ConfigError, HubError, SurgeonError
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # as in surgeon.checkpoint, without importing torch
 
-# What a checkpoint needs: config, weights, tokenizer/processor/chat-template files. No pickles,
-# no remote code.
-CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+# What a checkpoint needs: config, weights, tokenizer/processor/chat-template files, and the
+# modeling/processing code of remote-code models (never run by surgeon: copied into outputs so
+# that they load with trust_remote_code as their inputs do). No pickles.
+CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py"]
 
 
 def _offline() -> bool:
@@ -162,11 +163,15 @@ def _http_error(what: str, status: int | None, detail: str, writing: bool = Fals
     return HubError(f"{what}: {problem}", hint, status)
 
 
+def _named(repo_id: str, revision: str | None) -> str:
+    return f"{repo_id} at revision {revision}" if revision else repo_id
+
+
 def download_checkpoint(repo_id: str, revision: str | None = None) -> tuple[str, str | None]:
     """Fetch (or find in the cache) the files a checkpoint needs. Returns (snapshot folder, commit)."""
     from huggingface_hub import snapshot_download
 
-    with _translated(repo_id):
+    with _translated(_named(repo_id, revision)):
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=CHECKPOINT_PATTERNS)
     path = Path(folder)
     if not any(path.glob("*.safetensors")) and not _offline():
@@ -179,7 +184,7 @@ def download_config(repo_id: str, revision: str | None = None) -> tuple[str, str
     """Fetch (or find in the cache) only ``config.json``. Returns (its path, commit)."""
     from huggingface_hub import hf_hub_download
 
-    with _translated(repo_id):
+    with _translated(_named(repo_id, revision)):
         path = Path(hf_hub_download(repo_id, "config.json", revision=revision))
     commit = path.parent.name if path.parent.parent.name == "snapshots" else None
     return str(path), commit

@@ -28,7 +28,7 @@ from surgeon.checkpoint import INDEX_NAME, REPO_ID, open_checkpoint
 from surgeon.errors import CheckpointError, ConfigError, LayoutError
 from surgeon.layout import config_value, detect_layout, placeholder_token_ids
 from surgeon.modules import carry_files, indexed_names, module_shard
-from surgeon.output import output_folder, write_index
+from surgeon.output import check_output, output_folder, write_index
 from surgeon.provenance import FILE_NAME as RECORD_NAME
 from surgeon.provenance import build_record, write_record
 from surgeon.safetensors_io import write_file
@@ -265,8 +265,7 @@ def inject_iada(
                 "restore the original config.json",
             )
         out = Path(output) if output is not None else default_output(source)
-        if out.resolve() == ckpt.path.resolve():
-            raise ConfigError("output", "is the input folder; surgeon never edits its input", "give another output folder")
+        check_output(out, overwrite, [ckpt.path])
         tensors = _initial_tensors(plan.settings)
         weight_map = {name: info.file for name, info in ckpt.tensors.items() if not name.startswith(PREFIX)}
         total = sum(info.nbytes for name, info in ckpt.tensors.items() if name in weight_map)

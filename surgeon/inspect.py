@@ -24,6 +24,7 @@ class ModelReport:
     vocab_size: int | None
     tied_embeddings: bool
     dtype: str
+    quantization: str | None
     lm_prefix: str
     lm_head: str | None
     placeholder_tokens: dict[str, int]
@@ -38,11 +39,14 @@ def inspect_checkpoint(ckpt: Checkpoint) -> ModelReport:
     """Describe a checkpoint without reading tensor data."""
     layout = detect_layout(list(ckpt.tensors), ckpt.config, ckpt.source)
     cfg = ckpt.config
-    hidden = config_value(cfg, "hidden_size", "n_embd", "d_model")
-    heads = config_value(cfg, "num_attention_heads", "n_head")
-    kv = config_value(cfg, "num_key_value_heads", default=heads)
-    head_dim = config_value(cfg, "head_dim", default=(hidden // heads) if hidden and heads else None)
+    defaults = _text_defaults(cfg)
     embed = ckpt.tensors.get(layout.lm_prefix + "embed_tokens.weight")
+    hidden = config_value(cfg, "hidden_size", "n_embd", "d_model", default=defaults.get("hidden_size"))
+    if hidden is None and embed is not None and len(embed.shape) == 2:
+        hidden = embed.shape[1]
+    heads = config_value(cfg, "num_attention_heads", "n_head", default=defaults.get("num_attention_heads"))
+    kv = config_value(cfg, "num_key_value_heads", default=defaults.get("num_key_value_heads") or heads)
+    head_dim = config_value(cfg, "head_dim", default=(hidden // heads) if hidden and heads else None)
     vocab = config_value(cfg, "vocab_size", default=embed.shape[0] if embed else None)
     return ModelReport(
         source=ckpt.source,
@@ -57,12 +61,29 @@ def inspect_checkpoint(ckpt: Checkpoint) -> ModelReport:
         vocab_size=vocab,  # type: ignore[arg-type]
         tied_embeddings=layout.lm_head is None,
         dtype=ckpt.dtype,
+        quantization=ckpt.quantization,
         lm_prefix=layout.lm_prefix,
         lm_head=layout.lm_head,
         placeholder_tokens=placeholder_token_ids(cfg),
         shards=_shards(ckpt),
         params=count_params(ckpt, layout),
     )
+
+
+def _text_defaults(cfg: dict) -> dict:
+    """transformers' defaults for the text model's sizes when config.json leaves them out (as
+    LLaVA-1.5/1.6 configs do: their ``text_config`` names only what differs from LlamaConfig's
+    defaults); empty when nothing is missing or transformers does not know the model type."""
+    wanted = ("hidden_size", "num_attention_heads", "num_key_value_heads")
+    if all(config_value(cfg, key) is not None for key in wanted) or not cfg.get("model_type"):
+        return {}
+    try:
+        from transformers import AutoConfig
+
+        text = AutoConfig.for_model(**cfg).get_text_config()
+    except Exception:  # noqa: BLE001 - an unknown model type or a config transformers rejects
+        return {}
+    return {key: getattr(text, key, None) for key in wanted}
 
 
 def count_params(ckpt: Checkpoint, layout: Layout) -> dict[str, int]:

@@ -20,7 +20,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,13 +49,28 @@ def parse_size(text: str | int, field: str = "shard_size") -> int:
     return value
 
 
-def check_output(path: str | Path, overwrite: bool) -> None:
-    """Raise OutputExistsError for an existing non-empty output unless ``overwrite``."""
+def check_output(path: str | Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> None:
+    """Raise OutputExistsError for an existing non-empty output unless ``overwrite``; ConfigError
+    for an output that is, lies inside, or contains one of the local ``inputs`` (with
+    ``--overwrite`` it would replace the input; surgeon never edits its inputs)."""
     p = Path(path)
+    check_apart(path, inputs)
     if p.exists() and not p.is_dir():
         raise ConfigError("output", f"{path} exists and is a file", "give a folder path for the output")
     if p.is_dir() and any(p.iterdir()) and not overwrite:
         raise OutputExistsError(str(path))
+
+
+def check_apart(path: str | Path, inputs: Iterable[str | Path | None]) -> None:
+    """ConfigError if output ``path`` is, lies inside, or contains a local input (a folder or file)."""
+    out = Path(path).resolve()
+    for given in inputs:
+        if given is None or not str(given) or not Path(given).exists():
+            continue  # a Hub repo id, or nothing
+        inp = Path(given).resolve()
+        relation = "is" if out == inp else "is inside" if inp in out.parents else "contains" if out in inp.parents else None
+        if relation:
+            raise ConfigError("output", f"{path} {relation} the input {given}", "choose an output outside the inputs")
 
 
 @contextmanager

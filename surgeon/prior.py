@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 from functools import partial
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -100,7 +100,7 @@ def compute_prior(config: PriorConfig, progress: Progress | None = None) -> Prio
     such case before anything is written.
     """
     dtype = _dtype_code(config.dtype)
-    check_output(config.output, config.overwrite)
+    check_output(config.output, config.overwrite, [config.reasoning, config.vlm, config.base])
     with ExitStack() as open_:
         vlm = open_.enter_context(open_checkpoint(config.vlm))
         reasoning = open_.enter_context(open_checkpoint(config.reasoning))
@@ -142,7 +142,9 @@ def compute_prior(config: PriorConfig, progress: Progress | None = None) -> Prio
             )
             inputs: dict = {"reasoning": reasoning, "vlm": vlm, **({"base": base} if base else {})}
             recorded = {k: v for k, v in result.to_dict().items() if k != "output"}
-            write_record(tmp, build_record("prior", "prior", config, inputs, recorded))
+            short = {v: k for k, v in DTYPE_NAMES.items() if k.startswith(("bf", "fp"))}  # "BF16" -> "bf16"
+            resolved = replace(config, dtype=short.get(out_dtype, config.dtype))  # the dtype used, not None
+            write_record(tmp, build_record("prior", "prior", resolved, inputs, recorded))
     return result
 
 
@@ -168,7 +170,11 @@ def _base_pairs(vlm: Checkpoint, base: Checkpoint, pairs: list[Pair]) -> dict[st
     by_rel = {p.relative: p for p in bal.pairs}
     missing = [p.relative for p in pairs if p.relative not in by_rel]
     if missing:
-        raise AlignmentError(f"base model {base.source} lacks {len(missing)} selected tensor(s)", missing)
+        raise AlignmentError(
+            f"base model {base.source} lacks {len(missing)} selected tensor(s)",
+            missing,
+            "give the base the reasoning model was trained from (same architecture), or narrow --modules",
+        )
     return {p.relative: by_rel[p.relative] for p in pairs}
 
 

@@ -32,6 +32,8 @@ def allocate_budget(scores: Sequence[Sequence[float]], budget: int, tau: float =
     layers, capacity = len(scores), len(scores[0])
     if not 1 <= budget <= layers * capacity:
         raise ConfigError("budget", f"must lie in [1, {layers * capacity}] (all KV heads), got {budget}")
+    if not (tau >= 0 and math.isfinite(tau)):
+        raise ConfigError("tau", f"must be a finite number ≥ 0, got {tau}")
     mass = [sum(max(float(s), 0.0) for s in row) for row in scores]
     weights = [m**tau for m in mass] if any(m > 0 for m in mass) else [float(capacity)] * layers
     total = sum(weights)

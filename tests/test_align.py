@@ -7,7 +7,7 @@ import pytest
 from surgeon import tiny
 from surgeon.align import align
 from surgeon.checkpoint import open_checkpoint
-from surgeon.errors import AlignmentError, ConfigError, SelectionError
+from surgeon.errors import AlignmentError, CheckpointError, ConfigError, SelectionError
 from surgeon.families import Selection, family, format_layers, parse_layers, parse_modules, select
 from surgeon.layout import detect_layout
 
@@ -67,8 +67,30 @@ def test_tied_embeddings_in_both_directions(tiny_models, vlm):
         al = align(v, llm)
         assert "lm_head.weight" not in {p.relative for p in al.pairs}
         assert al.llm_only == ("lm_head.weight",)
-        with pytest.raises(SelectionError, match=r"module family 'head' matched nothing; available: .*attn \("):
+        with pytest.raises(SelectionError, match=r"module family 'head' matched nothing \(the model ties its output head to its embeddings: select embed\); available: .*attn \("):
             al.select(Selection(modules=("head",)))
+
+
+def test_a_different_number_of_layers_is_an_error(tiny_models, vlm):
+    with open_checkpoint(vlm) as v, open_checkpoint(tiny_models("qwen2", seed=1, num_hidden_layers=2)) as llm:
+        with pytest.raises(AlignmentError, match="has 4 decoder layers and .* 2"):
+            align(v, llm)
+
+
+def test_quantized_weights_are_refused(tmp_path, vlm, llm):
+    import json
+    import shutil
+
+    fp8 = shutil.copytree(vlm, tmp_path / "fp8")
+    config = json.loads((fp8 / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (fp8 / "config.json").write_text(json.dumps(config))
+    with open_checkpoint(fp8) as v, open_checkpoint(llm) as l:
+        assert v.quantization == "fp8" and l.quantization is None
+        with pytest.raises(CheckpointError, match=r"holds quantized weights \(fp8\).*BF16/FP16 release"):
+            align(v, l)
+        with pytest.raises(CheckpointError, match="quantized"):
+            align(l, v)
 
 
 def test_shape_mismatch_is_an_error_with_examples(tiny_models, vlm):

@@ -90,6 +90,29 @@ def test_damaged_checkpoints_give_one_line(cli, broken, kind, fragments):
 def test_missing_folder(cli, tmp_path):
     assert_one_line_error(cli("inspect", tmp_path / "nope"), "no such folder")
     assert_one_line_error(cli("inspect", "acme/not-cached"), "not in the Hub cache")
+    assert_one_line_error(cli("inspect", "acme/not-cached", "--revision", "v9"), "acme/not-cached at revision v9")
+    assert_one_line_error(cli("inspect", ""), "the path is empty")
+
+
+def test_inspect_fills_sizes_a_config_leaves_to_transformers_defaults(cli, tmp_path, tiny_models):
+    """LLaVA-1.5/1.6 configs name only what differs from LlamaConfig's defaults in text_config."""
+    folder = shutil.copytree(tiny_models("llava"), tmp_path / "llava")
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim"):
+        config["text_config"].pop(key, None)
+    (folder / "config.json").write_text(json.dumps(config))
+    data = json.loads(cli("inspect", folder, "--json").stdout)
+    # LlamaConfig's defaults (a 7B Llama), as transformers itself would build this model
+    assert (data["hidden_size"], data["num_attention_heads"], data["num_key_value_heads"], data["head_dim"]) == (4096, 32, 32, 128)
+
+
+def test_inspect_shows_quantized_weights(cli, tmp_path, vlm):
+    folder = shutil.copytree(vlm, tmp_path / "fp8")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8"}
+    (folder / "config.json").write_text(json.dumps(config))
+    assert "quantized (fp8)" in cli("inspect", folder).stdout
+    assert json.loads(cli("inspect", folder, "--json").stdout)["quantization"] == "fp8"
 
 
 def test_existing_output_folder_is_refused(cli, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 from helpers import assert_one_line_error
 
@@ -13,9 +14,25 @@ def _steps(result):
     return [s for s in (line.split("│")[1].strip() for line in result.stdout.splitlines() if line.startswith("│")) if s]
 
 
-def test_demo_runs_every_step_and_pushes_to_a_local_stand_in(cli, tmp_path):
+def _demo_examples(cli) -> list[list[str]]:
+    """The --help examples of every command that run on the demo's outputs (``demo/…``), in order."""
+    from surgeon.commands import main
+
+    found = []
+    for name in sorted(main.commands):
+        lines = cli(name, "--help").output.rstrip().splitlines()
+        start = max(i for i, line in enumerate(lines) if line.strip() == "Example:")
+        for line in lines[start + 1 :]:
+            args = shlex.split(line.strip())
+            if args[1] != "demo" and any(a.startswith("demo/") for a in args):
+                found.append(args[1:])
+    return found
+
+
+def test_demo_runs_every_step_and_pushes_to_a_local_stand_in(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     work = tmp_path / "demo"
-    result = cli("demo", "--workdir", work, "--hub", "local")
+    result = cli("demo", "--workdir", "demo", "--hub", "local")
     assert result.exit_code == 0, result.output
     assert _steps(result) == STEPS
     assert (work / "vlm" / "model.safetensors").exists() and (work / "reasoning-llm" / "model.safetensors").exists()
@@ -26,6 +43,12 @@ def test_demo_runs_every_step_and_pushes_to_a_local_stand_in(cli, tmp_path):
     assert record["artifact"] == "model+remote-code" and record["config"]["prior"] and record["config"]["perception_weight"] == "dynamic"
     assert record["stats"]["drift"]["tensors"] == 40
     assert "pushed" in result.stderr and "in commit" in result.stderr
+
+    examples = _demo_examples(cli)  # the commands' help examples run as printed on the demo's outputs
+    assert {a[0] for a in examples} >= {"score-heads", "train"}
+    for args in examples:
+        ran = cli(*args)
+        assert ran.exit_code == 0, f"surgeon {shlex.join(args)}\n{ran.output}"
 
 
 def test_demo_without_a_hub_is_a_dry_run(cli, tmp_path, monkeypatch):

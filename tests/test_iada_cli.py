@@ -201,5 +201,5 @@ def test_bad_inputs_give_one_line(cli, vlm, tmp_path):
     assert_one_line_error(cli("inject-iada", tmp_path / "nope"), "no such folder")
     assert_one_line_error(cli("inject-iada", tmp_path / "nope", "--dry-run"), "no such folder")
     before = snapshot(vlm)
-    assert_one_line_error(cli("inject-iada", vlm, "-o", vlm, "--block-size", "2"), "is the input folder", "never edits its input")
+    assert_one_line_error(cli("inject-iada", vlm, "-o", vlm, "--block-size", "2"), "is the input", "choose an output outside the inputs")
     assert snapshot(vlm) == before and not [p for p in vlm.parent.iterdir() if "surgeon-tmp" in p.name]

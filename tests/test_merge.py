@@ -278,6 +278,7 @@ def test_cli_merge(cli, tmp_path, vlm, reasoning):
     assert "ties merge (weight=0.5, density=0.5) written to" in result.stdout
     record = json.loads((tmp_path / "m" / "surgeon.json").read_text())
     assert record["stats"]["params"]["density"] == 0.5 and record["stats"]["counts"]["merged"] == 51
+    assert (record["config"]["weight"], record["config"]["density"]) == (0.5, 0.5)  # the values used, defaults included
     data = json.loads(cli("merge", "--reasoning", reasoning, "--vlm", vlm, "-o", tmp_path / "n", "--method", "layer-swap", "--layers", "3", "--json").stdout)
     assert data["counts"]["merged"] == 12 and data["counts"]["vision"] == 30
 
@@ -288,6 +289,8 @@ def test_cli_merge(cli, tmp_path, vlm, reasoning):
         (["--method", "task-arithmetic", "--density", "0.5"], ["density: is not used by task-arithmetic", "ties, dare-linear, dare-ties"]),
         (["--method", "linear", "--seed", "1"], ["seed: is not used by linear"]),
         (["--method", "ties", "--density", "1.5"], ["density: must be in (0, 1]"]),
+        (["--method", "linear", "--weight", "nan"], ["weight: must be a finite number, got nan"]),
+        (["--method", "dare-ties", "--weight", "inf"], ["weight: must be a finite number, got inf"]),
         (["--method", "layer-swap"], ["layers: layer-swap needs the decoder layers to swap", "--layers 14-27"]),
         (["--method", "layer-swap", "--layers", "1", "--modules", "embed"], ["decoder-layer selection 'embed; layers 1' matched nothing"]),
         (["--method", "ties", "--modules", "re:nothing"], ["pattern 're:nothing' matched nothing", "available: attn ("]),

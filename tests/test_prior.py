@@ -121,6 +121,7 @@ def test_storage_dtype_and_shards(tmp_path, vlm, reasoning):
         assert p._ckpt.tensors[name].dtype == "BF16"
         expected = (r.read(name).float() - v.read(name).float()).to(torch.bfloat16).float()
         assert torch.equal(p.read(name), expected)
+        assert p._ckpt.files == sorted(p._ckpt.files)  # shards in file order, whatever the index's key order
 
 
 def test_memory_layout_gives_the_same_prior(tmp_path, tiny_models, vlm, reasoning):
@@ -210,6 +211,20 @@ def test_cli_bad_inputs(cli, tmp_path, tiny_models, vlm, reasoning):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert cli("prior", "--reasoning", reasoning, "--vlm", vlm, "-o", out, "--overwrite").exit_code == 0
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "surgeon.json"]
+    assert json.loads((out / "surgeon.json").read_text())["config"]["dtype"] == "fp32"  # the VLM's, as resolved
+
+
+def test_cli_never_writes_over_or_into_an_input(cli, tmp_path, vlm, reasoning):
+    import shutil
+
+    mine = shutil.copytree(vlm, tmp_path / "mine")
+    before = sorted(p.name for p in mine.iterdir())
+    for out, relation in ((mine, "is the input"), (mine / "prior", "is inside the input"), (tmp_path, "contains the input")):
+        result = cli("prior", "--reasoning", reasoning, "--vlm", mine, "-o", out, "--overwrite")
+        assert_one_line_error(result, relation, "choose an output outside the inputs")
+    assert sorted(p.name for p in mine.iterdir()) == before
+    result = cli("merge", "--reasoning", mine, "--vlm", vlm, "-o", mine, "--overwrite", "--method", "linear")
+    assert_one_line_error(result, f"{mine} is the input {mine}")
 
 
 def test_open_prior_takes_a_hub_repo_id_through_the_cache(vlm, llm, tmp_path, offline_hub):

@@ -103,6 +103,8 @@ def resolve_method(config: MergeConfig) -> tuple[MergeMethod, dict[str, float | 
             raise ConfigError(opt, f"is not used by {method.name}", f"leave it out, or choose {', '.join(users)}")
         if opt in method.options:
             params[opt] = given if given is not None else method.defaults[opt]
+    if "weight" in params and not math.isfinite(float(params["weight"])):
+        raise ConfigError("weight", f"must be a finite number, got {params['weight']}")
     if "density" in params and not 0 < float(params["density"]) <= 1:
         raise ConfigError("density", f"must be in (0, 1], got {params['density']}")
     if not config.reasoning:
@@ -120,7 +122,7 @@ def merge_models(config: MergeConfig, progress: Progress | None = None) -> Merge
     Raises ConfigError, AlignmentError, SelectionError or OutputExistsError before writing anything.
     """
     method, params = resolve_method(config)
-    check_output(config.output, config.overwrite)
+    check_output(config.output, config.overwrite, [config.vlm, *config.reasoning])
     tick = progress or (lambda task, done, total: None)
     with ExitStack() as open_:
         vlm = open_.enter_context(open_checkpoint(config.vlm))
@@ -191,7 +193,8 @@ def _write(
             selection=config.selection.describe(), counts=counts, notes=notes, bytes=nbytes, files=files,
         )  # fmt: skip
         stats = {k: v for k, v in result.to_dict().items() if k != "output"}
-        write_record(tmp, build_record("merge", "model", config, {"vlm": vlm, "reasoning": list(models)}, stats))
+        resolved = replace(config, **params)  # the defaults the method used, not None
+        write_record(tmp, build_record("merge", "model", resolved, {"vlm": vlm, "reasoning": list(models)}, stats))
     return result
 
 

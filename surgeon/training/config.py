@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 
 from surgeon.errors import ConfigError
@@ -64,8 +65,25 @@ class TrainConfig:
                 raise ConfigError(field, f"must be at least 1, got {value}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError("max_steps", f"must be at least 1, got {self.max_steps}")
+        reals = {
+            "epochs": self.epochs, "lr": self.lr, "warmup_ratio": self.warmup_ratio, "weight_decay": self.weight_decay,
+            "max_grad_norm": self.max_grad_norm, "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
+            "drift_alpha": self.drift_alpha, "image_lora_alpha": self.image_lora_alpha,
+        }  # fmt: skip
+        for field, value in reals.items():
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(field, f"must be a finite number, got {value}")
         if self.epochs <= 0:
             raise ConfigError("epochs", f"must be positive, got {self.epochs}")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError("lr", f"must be positive, got {self.lr}")
+        for field in ("weight_decay", "max_grad_norm", "drift_alpha"):
+            if getattr(self, field) < 0:
+                raise ConfigError(field, f"must be ≥ 0, got {getattr(self, field)}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError("lora_dropout", f"must lie in [0, 1), got {self.lora_dropout}")
+        if self.lora_alpha <= 0:
+            raise ConfigError("lora_alpha", f"must be positive, got {self.lora_alpha}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError("warmup_ratio", f"must lie in [0, 1), got {self.warmup_ratio}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):

@@ -78,7 +78,7 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
     cpu = not torch.cuda.is_available()
     state = PartialState(cpu=cpu)
     status = on_status if (on_status is not None and state.is_main_process) else (lambda text: None)
-    check_output(config.output, config.overwrite)
+    check_output(config.output, config.overwrite, [config.model, config.data, config.prior, config.image_lora])
     ckpt_root = checkpoint_root(config.output)
     if config.resume and latest_checkpoint(ckpt_root) is None:
         raise ConfigError("resume", f"no checkpoint in {ckpt_root}", "run without --resume, or check --output")
