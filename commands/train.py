@@ -36,7 +36,7 @@ from surgeon.commands._console import emit_json, err, out, quiet_transformers
 @click.option("--lora-dropout", type=float, default=0.0, show_default=True)
 @click.option("--lora-targets", default="attn,mlp", show_default=True, help="Language-model projections LoRA wraps: attn, mlp.")
 @click.option("--train-vision", is_flag=True, help="Also train the vision tower and projector.")
-@click.option("--max-length", type=int, default=2048, show_default=True, help="Tokens per sample; longer samples are skipped.")
+@click.option("--max-length", type=int, default=2048, show_default=True, help="Tokens per sample: longer ones are truncated; a sample whose image would be cut is skipped and counted.")
 @click.option("--mixed-precision", type=click.Choice(["auto", "no", "bf16", "fp16"]), default="auto", show_default=True)
 @click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for activation memory.")
 @click.option("--save-steps", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: never).")
@@ -54,6 +54,10 @@ from surgeon.commands._console import emit_json, err, out, quiet_transformers
     "--perception-weight", default=None, help="λ in [0,1] for L = λ·L_perception + (1−λ)·L_reasoning, or 'dynamic'."
 )
 @click.option("--perception-regex", default=None, help="Regex for perception spans instead of <perception> tags.")
+@click.option(
+    "--iada", is_flag=True,
+    help="Inject IADA blocks with the defaults of `surgeon inject-iada` first, and train them (a model with blocks trains them anyway).",
+)
 @click.option(
     "--image-lora", default=None, metavar="HEADS_JSON",
     help="Train Image-LoRA on the heads selected by `surgeon score-heads` (language model frozen, no LoRA on it).",

@@ -106,13 +106,14 @@ def method_tags(record: dict) -> list[str]:
         return ["image-lora", "head-scores"]
     if command == "train":
         tags = []
+        modules = (record.get("stats") or {}).get("surgeon_modules") or []
         if _entries(record, "prior") or _uses(config, "drift") or _uses(config, "prior"):
             tags.append("drift")
-        if _uses(config, "iada"):
+        if _uses(config, "iada") or "iada" in modules:  # injected by --iada, or already in the model
             tags.append("iada")
-        if _uses(config, "image-lora"):
+        if _uses(config, "image-lora") or "image_lora" in modules:
             tags.append("image-lora")
-        elif record.get("artifact") == "peft-adapter" or _uses(config, "lora"):
+        elif record.get("artifact") == "peft-adapter" or _uses(config, "lora") or _uses(config, "merge_lora"):
             tags.append("lora")
         if _perception(config):
             tags.append("perception-reweighting")
@@ -231,6 +232,15 @@ def load_snippet(record: dict, folder: str | Path, repo_id: str) -> str:
         )
         if base is None:
             text += "\n\n`BASE_MODEL`: the adapter was trained on a local model folder; load the same weights (see its fingerprint under Inputs)."
+        if "surgeon-modules.safetensors" in names:  # IADA / Image-LoRA weights trained beside the adapter
+            text = (
+                "The adapter was trained together with surgeon modules (IADA / Image-LoRA) whose weights "
+                "are in `surgeon-modules.safetensors`; plain peft does not load those, so load it with surgeon "
+                "(`pip install surgeon`), which attaches the base, the trained modules and the adapter:\n\n"
+                + _code("python", "import surgeon", "", f'model = surgeon.load_model("{repo_id}")')
+                + "\n\nWith peft alone (the LoRA adapter on the base model, without the trained modules):\n\n"
+                + text
+            )
         return text
     if artifact == "prior":
         vlm_ids = [i for e in _entries(record, "vlm") if (i := hub_id(e))]
@@ -336,7 +346,12 @@ def _about_train(record: dict) -> str:
         "lora": "LoRA",
         "perception-reweighting": "perception/reasoning loss reweighting ([arXiv 2605.29496](https://arxiv.org/abs/2605.29496))",
     }
+    config = record.get("config") or {}
+    if config.get("merge_lora"):
+        parts["lora"] = "LoRA, merged into the weights"
     used = [parts[t] for t in tags if t in parts]
+    if config.get("full"):
+        used.insert(0, "full fine-tuning of the language model")
     kind = "An adapter" if record.get("artifact") == "peft-adapter" else "A model"
     how = "; ".join(used) if used else "full fine-tuning"
     return f"{kind} fine-tuned with `surgeon train`: {how}."
@@ -359,13 +374,21 @@ _ABOUT: dict[str, Callable[[dict], str]] = {
 }
 
 
+def _shown_path(value: Any) -> Any:
+    """A local absolute path as ``local `name```, anything else unchanged."""
+    if isinstance(value, str) and (value.startswith(("/", "~")) or re.match(r"^[A-Za-z]:[\\/]", value)):
+        return f"local `{Path(value).name}`"
+    return value
+
+
 def _settings(config: dict) -> str:
     rows = []
     for key, value in flatten(config).items():
         if key.split(".")[0] in _HIDDEN_CONFIG:
             continue
-        if isinstance(value, str) and (value.startswith(("/", "~")) or re.match(r"^[A-Za-z]:[\\/]", value)):
-            value = f"local `{Path(value).name}`"
+        if isinstance(value, list):
+            value = [_shown_path(v) for v in value]
+        value = _shown_path(value)
         rows.append([f"`{key}`", value])
     return table(["setting", "value"], rows) if rows else "Defaults only."
 
@@ -385,7 +408,8 @@ def _inputs(record: dict) -> str:
 def _training(record: dict) -> str:
     data = _entries(record, "data")
     lines = ["Data: " + (", ".join(_source(e) for e in data) if data else "not recorded") + "."]
-    metrics = (record.get("stats") or {}).get("metrics")
+    stats = record.get("stats") or {}
+    metrics = stats.get("final") or stats.get("metrics")  # surgeon train: the last logged step
     if isinstance(metrics, dict) and metrics:
         lines.append(stats_markdown(metrics))
     return "\n\n".join(lines)
@@ -395,7 +419,7 @@ def card_body(record: dict, folder: str | Path, repo_id: str) -> str:
     """The Markdown body of the card."""
     command = record.get("command", "?")
     about = _ABOUT.get(command, lambda r: f"Made by `surgeon {command}`.")(record)
-    stats = {k: v for k, v in (record.get("stats") or {}).items() if not (command == "train" and k == "metrics")}
+    stats = {k: v for k, v in (record.get("stats") or {}).items() if not (command == "train" and k in ("metrics", "final"))}
     libs = ", ".join(f"{k} {v}" for k, v in (record.get("libraries") or {}).items() if v)
     sections = [
         f"# {repo_id.split('/')[-1]}",

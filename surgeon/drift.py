@@ -135,15 +135,16 @@ class Drift:
     @classmethod
     def from_prior(
         cls,
-        parameters: dict[str, torch.nn.Parameter],
+        parameters: torch.nn.Module | dict[str, torch.nn.Parameter],
         prior: str | Path,
         alpha: float = 1.0,
         scale: str = "adaptive_cosine",
         normalize: bool = True,
     ) -> Drift:
-        """Attach a ``surgeon prior`` folder to a model's language-model parameters.
+        """Attach a ``surgeon prior`` folder (or Hub repo id) to a model's language-model parameters.
 
-        ``parameters`` maps LM-relative names (``layers.3.mlp.up_proj.weight``, ``lm_head.weight``;
+        ``parameters``: the model itself (a transformers VLM or LLM, peft-free: DRIFT biases full
+        weights), or a dict that maps LM-relative names (``layers.3.mlp.up_proj.weight``, ``lm_head.weight``;
         see ``surgeon.training.model.lm_parameters``) to parameters; the prior's tensors are
         matched through the same names, whatever the on-disk layout of the VLM it was made from.
         ``normalize``: Δ ← Δ·‖θ_VLM‖/max(‖Δ‖, eps) (the reference default; it changes only the
@@ -151,6 +152,10 @@ class Drift:
         """
         from surgeon.prior import open_prior
 
+        if isinstance(parameters, torch.nn.Module):
+            from surgeon.training.model import lm_parameters
+
+            parameters = dict(lm_parameters(parameters))
         targets = []
         with open_prior(prior) as p:
             missing = [p.relative(n) for n in p.names if p.relative(n) not in parameters]

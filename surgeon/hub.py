@@ -190,6 +190,19 @@ def download_config(repo_id: str, revision: str | None = None) -> tuple[str, str
     return str(path), commit
 
 
+def adapter_snapshot(repo_id: str, revision: str | None = None) -> str | None:
+    """The local snapshot of a peft adapter repo (config, adapter and surgeon-module weights,
+    processor files), or None when the repo holds no ``adapter_config.json`` or cannot be reached."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    try:
+        hf_hub_download(repo_id, "adapter_config.json", revision=revision)
+    except Exception:  # noqa: BLE001 - not an adapter repo, or not reachable: the model loader reports it
+        return None
+    with _translated(_named(repo_id, revision)):
+        return snapshot_download(repo_id, revision=revision, allow_patterns=CHECKPOINT_PATTERNS)
+
+
 def _refuse_pickle_only(repo_id: str, revision: str | None) -> None:
     from huggingface_hub import list_repo_files
 
@@ -316,6 +329,9 @@ def push_folder(folder: str | Path, config: PushConfig, *, endpoint: str | None 
     record = read_surgeon_json(path)
     card, card_source, sent_card, notes = _card(path, record, config)
     bases = base_repo_ids(record) if record else []
+    if not bases and record:  # a local base: published as the user typed it, never as this machine's path
+        typed = ((record.get("inputs") or {}).get("model") or {}).get("source")
+        bases = [typed] if isinstance(typed, str) and typed else []
     token = config.token or stored_token()
     plan = plan_upload(path, card, record, token, bases[0] if bases else None)
     revision = config.revision or "main"

@@ -42,6 +42,11 @@ def load_model(path: str | Path, **kwargs: Any) -> Any:
     """
     if (Path(path) / "adapter_config.json").exists():
         return _load_adapter(Path(path), **kwargs)
+    if not Path(path).exists():
+        from surgeon.hub import REPO_ID, adapter_snapshot
+
+        if REPO_ID.match(str(path)) and (snapshot := adapter_snapshot(str(path), kwargs.get("revision"))):
+            return _load_adapter(Path(snapshot), **{k: v for k, v in kwargs.items() if k != "revision"})
     try:
         return modeling.load_model(str(path), **kwargs)
     except modeling.SurgeonModelingError as e:
@@ -163,9 +168,20 @@ def _load_adapter(path: Path, **kwargs: Any) -> Any:
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    base_path = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    settings = json.loads((path / "adapter_config.json").read_text())
+    base_path = settings.get("base_model_name_or_path")
     if not base_path:
         raise ConfigError("model", f"{path}/adapter_config.json names no base model", "set base_model_name_or_path in it")
+    from surgeon.hub import REPO_ID
+
+    if not Path(base_path).exists() and not REPO_ID.match(base_path):
+        raise ConfigError(
+            "model",
+            f"the adapter's base model {base_path} (base_model_name_or_path in {path}/adapter_config.json) is not found",
+            "set it to the base model's folder or Hub id",
+        )
+    if settings.get("revision") and "revision" not in kwargs and not Path(base_path).exists():
+        kwargs = {**kwargs, "revision": settings["revision"]}
     model = load_model(base_path, **kwargs)
     if (path / ADAPTER_SETTINGS).exists():
         sections = json.loads((path / ADAPTER_SETTINGS).read_text())

@@ -92,7 +92,9 @@ def test_adapter_and_merged_folders_load_in_transformers_and_peft(vlm, data, tmp
     _run(vlm, data, tmp_path / "merged", max_steps=2, lr=1e-2, merge_lora=True)
     record = json.loads((tmp_path / "adapter" / "surgeon.json").read_text())
     assert record["artifact"] == "peft-adapter" and record["command"] == "train"
-    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(vlm)
+    # the full path of a local base (peft and surgeon.load_model then find it from any folder)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(vlm.resolve())
+    assert not (tmp_path / "adapter-checkpoints").exists()  # nothing to resume from: metrics went into the output
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     base = AutoModelForImageTextToText.from_pretrained(vlm)
     with torch.no_grad():
@@ -173,3 +175,47 @@ def test_iada_flag_injects_defaults_and_refuses_a_model_that_has_them(tiny_model
     injected = inject_iada(deep, tmp_path / "deep-iada", IadaConfig()).output
     with pytest.raises(ConfigError, match="already has IADA"):
         _run(injected, data, tmp_path / "b", max_steps=1, iada=True)
+
+
+def test_cards_of_real_train_outputs_say_what_trained_and_how_to_load_it(tiny_models, data, tmp_path, monkeypatch):
+    """LoRA on a model with IADA blocks: the adapter carries the trained blocks, which plain peft
+    cannot load, so the card says to load it with surgeon; --merge-lora is tagged lora."""
+    from surgeon import load_model
+    from surgeon.card import build_card, card_metadata
+    from surgeon.iada import IadaConfig, inject_iada
+    from surgeon.provenance import read_record
+
+    vlm = inject_iada(tiny_models("qwen2_5_vl"), tmp_path / "vlm-iada", IadaConfig(block_size=2)).output
+    monkeypatch.chdir(tmp_path)
+    _run("vlm-iada", data, "lora", max_steps=1, perception_weight="0.5")  # a relative model path, as users type it
+    card = build_card(tmp_path / "lora", "acme/lora")
+    assert card_metadata(read_record(tmp_path / "lora"), tmp_path / "lora")["tags"] == ["surgeon", "iada", "lora", "perception-reweighting"]
+    assert 'surgeon.load_model("acme/lora")' in card and "surgeon-modules.safetensors" in card
+    training = card.split("## Training")[1].split("\n## ")[0]
+    assert "| loss |" in training and "| lambda | 0.5 |" in training
+    monkeypatch.chdir(tmp_path.parent)  # loads from elsewhere: the base is recorded by its full path
+    assert load_model(tmp_path / "lora") is not None
+
+    monkeypatch.chdir(tmp_path)
+    _run(vlm, data, "merged", max_steps=1, merge_lora=True)
+    record = read_record(tmp_path / "merged")
+    assert card_metadata(record, tmp_path / "merged")["tags"] == ["surgeon", "iada", "lora"]
+    assert "LoRA, merged into the weights" in build_card(tmp_path / "merged", "acme/m")
+
+
+def test_perception_weight_without_perception_spans_is_an_error(vlm, tmp_path):
+    from surgeon.errors import ConfigError
+
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}) + "\n")
+    with pytest.raises(ConfigError, match="no supervised token .* is marked as perception"):
+        _run(vlm, plain, tmp_path / "o", max_steps=1, perception_weight="dynamic")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o-checkpoints").exists()
+
+
+def test_cli_iada_flag(cli, tiny_models, data, tmp_path):
+    deep = tiny_models("qwen2_5_vl", num_hidden_layers=8)
+    result = cli("train", deep, "--data", data, "-o", tmp_path / "a", "--max-steps", "1", "--iada", "--full")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "a" / "surgeon.json").read_text())["stats"]["surgeon_modules"] == ["iada"]
+    assert "data: 12 of 12 samples used" in result.stderr

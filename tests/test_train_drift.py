@@ -91,3 +91,18 @@ def test_two_processes_give_the_weights_of_one(vlm, data, prior, tmp_path):
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
     assert json.loads((tmp_path / "two" / "surgeon.json").read_text())["stats"]["world_size"] == 2
+
+
+def test_from_prior_takes_the_model_itself(vlm, prior):
+    """The entry point for other loops (TRL, your own): ``Drift.from_prior(model, prior)``."""
+    from transformers import AutoModelForImageTextToText
+
+    from surgeon.drift import Drift
+    from surgeon.prior import open_prior
+
+    model = AutoModelForImageTextToText.from_pretrained(vlm)
+    drift = Drift.from_prior(model, prior)
+    with open_prior(prior) as p:
+        assert len(drift.params) == len(p.names) == 40
+    by_id = {id(param): name for name, param in model.named_parameters()}
+    assert all(by_id[id(param)].endswith(name) for name, param in zip(drift.names, drift.params))

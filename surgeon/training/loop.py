@@ -82,8 +82,8 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
     ckpt_root = checkpoint_root(config.output)
     if config.resume and latest_checkpoint(ckpt_root) is None:
         raise ConfigError("resume", f"no checkpoint in {ckpt_root}", "run without --resume, or check --output")
-    if not config.resume and ckpt_root.exists():
-        if not config.overwrite:
+    if not config.resume and ckpt_root.exists():  # without a checkpoint in it: metrics of a run that stopped early
+        if not config.overwrite and any(ckpt_root.glob("checkpoint-*")):
             raise ConfigError(
                 "output", f"{ckpt_root} holds checkpoints of an earlier run", "pass --resume to continue it, or --overwrite to start over"
             )
@@ -94,6 +94,11 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
     checkpoint = setup.check_inputs(config)
     status("loading data and model")
     run = setup.prepare(config, checkpoint)
+    data = run.dataset.stats
+    status(
+        f"data: {data.used} of {data.read} samples used, {data.supervised_tokens:,} supervised tokens"
+        f" ({data.perception_tokens:,} perception); skipped: {data.describe_skipped()}"
+    )
     if "image_lora" in run.stats:
         il, flops = run.stats["image_lora"], run.stats["image_lora"]["flops"]
         status(
@@ -206,6 +211,8 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
     if accelerator.is_main_process:
         _append_metrics(ckpt_root, metrics_lines)
         setup.save_output(run, accelerator.unwrap_model(model), config, stats, ckpt_root / "metrics.jsonl")
+        if not any(ckpt_root.glob("checkpoint-*")):  # nothing to resume from: the metrics are in the output now
+            shutil.rmtree(ckpt_root, ignore_errors=True)
     accelerator.wait_for_everyone()
     return TrainResult(config.output, total, metrics, stats, accelerator.is_main_process)
 

@@ -69,6 +69,13 @@ def prepare(config: TrainConfig, ckpt: Any) -> Run:
     samples = load_samples(config.data, config.perception_regex, skip_bad=config.skip_bad_lines, stats=stats)
     encoder = SampleEncoder.from_pretrained(ckpt.path, max_length=config.max_length, name=config.model)
     dataset = EncodedDataset(samples, encoder, stats=stats, skip_bad=config.skip_bad_lines, cache=True)
+    if config.perception_weight is not None and stats.perception_tokens == 0:
+        how = f"--perception-regex {config.perception_regex!r}" if config.perception_regex else "<perception>…</perception> tags"
+        raise ConfigError(
+            "perception_weight",
+            f"no supervised token of {config.data} is marked as perception ({how}), so the weight would change nothing",
+            "mark perception spans in the answers (or fix --perception-regex), or drop --perception-weight",
+        )
 
     dtype = torch.bfloat16 if (torch.cuda.is_available() and not config.full and torch.cuda.is_bf16_supported()) else torch.float32
     model = load_model(ckpt.path, dtype=dtype)
@@ -80,6 +87,7 @@ def prepare(config: TrainConfig, ckpt: Any) -> Run:
     if config.image_lora:
         extra["image_lora"] = _add_image_lora(model, config, dataset)
     has_modules = bool(module_parameters(model))
+    extra["surgeon_modules"] = [kind for kind in ("iada", "image_lora") if module_parameters(model, kind)]  # all train
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
@@ -161,7 +169,10 @@ def save_output(run: Run, model: torch.nn.Module, config: TrainConfig, stats: di
                 write_module_folder(model, run.checkpoint, tmp)
             artifact = "model+remote-code"
         else:
-            model.peft_config["default"].base_model_name_or_path = config.model
+            base = run.checkpoint  # a Hub id with its revision for peft, or the local folder's full path
+            peft_config = model.peft_config["default"]
+            peft_config.base_model_name_or_path = base.source if base.commit else str(base.path.resolve())
+            peft_config.revision = base.revision if base.commit else None
             model.save_pretrained(tmp)
             write_adapter_modules(model, tmp)
             run.processor.save_pretrained(tmp)
