@@ -88,7 +88,8 @@ def command(
     read = f"{stats['read']} read, {stats['used']} used, {skipped} skipped, {stats['images']} images"
     share = f"{100 * report.token_share:.1f}% of supervised tokens"
     p_loss, r_loss = report.mean_perception_loss, report.mean_reasoning_loss
-    means = f"perception {p_loss:.3f}, reasoning {r_loss:.3f} nats a token"
+    shown = [f"{name} {loss:.3f}" for name, loss in (("perception", p_loss), ("reasoning", r_loss)) if loss == loss]  # not nan
+    means = ", ".join(shown) + " nats a token" if shown else "—"
     rows = [
         ("data", f"{report.data}: {read}"),
         ("model", report.model),
@@ -100,7 +101,7 @@ def command(
     for reason, n in stats["skipped"].items():
         shown = stats["skipped_lines"][reason]
         lines = ", ".join(map(str, shown)) + (", …" if n > len(shown) else "")
-        rows.append(("skipped", f"{n} {reason} (line {lines})"))
+        rows.append(("skipped", f"{n} {reason} (line{'s' if n > 1 else ''} {lines})"))
     for key, value in rows:
         table.add_row(key, value)
     out.print(table)

@@ -102,7 +102,7 @@ def command(as_json: bool, **options: object) -> None:
         emit_json({"output": result.output, "steps": result.steps, "metrics": result.metrics, "stats": result.stats})
         return
     m = result.metrics
-    out.print(f"trained {result.steps} steps: loss {m.get('loss', float('nan')):.4f}; wrote {result.output}")
+    out.print(f"trained {result.steps} step{'s' if result.steps != 1 else ''}: loss {m.get('loss', float('nan')):.4f}; wrote {result.output}")
 
 
 class _StepBar:

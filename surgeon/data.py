@@ -224,7 +224,7 @@ def _compile(perception_regex: str | None) -> re.Pattern | None:
 def _records(file: Path):
     """Yield ``(line, record or BadSample)``; a JSON array file numbers its items from 1."""
     try:
-        text = file.read_text(encoding="utf-8")
+        text = file.read_text(encoding="utf-8-sig")  # a byte-order mark some editors write is not data
     except UnicodeDecodeError:
         hint = "give a .jsonl file with one JSON object a line"
         raise DataError(str(file), "is not UTF-8 text", hint) from None
