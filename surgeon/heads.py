@@ -312,7 +312,7 @@ def read_heads(path: str | Path, field_name: str = "heads") -> HeadScores:
 
 
 def plot_heads(result: HeadScores, path: str | Path) -> Path:
-    """A layers × heads picture of the scores (row-normalised colour, selected heads ringed)."""
+    """A layers × heads picture of the scores (colour scaled to the largest score, selected heads ringed)."""
     check_plot(path, overwrite=True)
     import matplotlib
 

@@ -118,30 +118,35 @@ def _token_ids(args: tuple, kwargs: dict) -> torch.Tensor | None:
 class TokenContext:
     """Which tokens of the forward pass now running are visual (image/video placeholders).
 
-    The top model's forward pre-hook records ``input_ids`` (VLMs call their language model with
-    ``inputs_embeds``, so the ids are only visible there); a direct call of the decoder with
-    ``input_ids`` records them too. Without ids every token counts as text. ``running`` is True
-    while a forward pass of the model (or of its decoder) is under way.
+    Forward pre-hooks on the top model and on every module between it and the decoder (the
+    multimodal ``model.model``) record ``input_ids`` (VLMs call their language model with
+    ``inputs_embeds``, so the ids are only visible there), whichever of them the caller enters by;
+    a direct call of the decoder with ``input_ids`` records them too. Without ids every token
+    counts as text. ``running`` is True while a forward pass of the model (or a part) is under way.
     """
 
     def __init__(self, visual_ids: list[int]) -> None:
         self.visual_ids = list(visual_ids)
         self._ids: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
-        self._outer = False
+        self._depth = 0  # wrapper (outer) forward calls under way
         self.running = False
 
     def begin(self, input_ids: torch.Tensor | None, outer: bool) -> None:
         self.running = True
         if outer:
-            self._outer = True
-        elif self._outer and input_ids is None:
-            return  # the decoder called inside the top model: keep the top model's ids
+            self._depth += 1
+            if self._depth > 1:
+                return  # a wrapper called inside another: keep the outermost call's ids
+        elif self._depth and input_ids is None:
+            return  # the decoder called inside a wrapper: keep the wrapper's ids
         self._ids, self._mask = input_ids, None
 
     def end(self, outer: bool) -> None:
-        if outer or not self._outer:
-            self._ids, self._mask, self._outer, self.running = None, None, False, False
+        if outer:
+            self._depth = max(0, self._depth - 1)
+        if not self._depth:
+            self._ids, self._mask, self.running = None, None, False
 
     def visual_mask(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Bool ``(batch, seq)`` for ``hidden`` of shape ``(batch, seq, d)``; None when all text."""
@@ -625,6 +630,16 @@ def text_config_of(config: Any) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def _wrappers(model: nn.Module, decoder: nn.Module) -> list[nn.Module]:
+    """The top model and every module on the path from it down to the decoder (exclusive)."""
+    path = next((name for name, m in model.named_modules() if m is decoder), "")
+    found, module = [model], model
+    for part in path.split(".")[:-1] if path else []:
+        module = getattr(module, part)
+        found.append(module)
+    return found
+
+
 def _container(model: nn.Module) -> SurgeonModules:
     existing = getattr(model, MODULE_ATTR, None)
     if isinstance(existing, SurgeonModules):
@@ -633,10 +648,12 @@ def _container(model: nn.Module) -> SurgeonModules:
     container = SurgeonModules(context)
     setattr(model, MODULE_ATTR, container)
     decoder, _ = decoder_of(model)
-    container.handles["context"] = [
-        model.register_forward_pre_hook(container._outer_begin, with_kwargs=True),
-        model.register_forward_hook(container._outer_end, always_call=True),
-    ]
+    container.handles["context"] = []
+    for wrapper in _wrappers(model, decoder):
+        container.handles["context"] += [
+            wrapper.register_forward_pre_hook(container._outer_begin, with_kwargs=True),
+            wrapper.register_forward_hook(container._outer_end, always_call=True),
+        ]
     if decoder is not model:
         container.handles["context"] += [
             decoder.register_forward_pre_hook(container._inner_begin, with_kwargs=True),

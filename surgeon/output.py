@@ -275,7 +275,11 @@ def write_index(path: Path, weight_map: dict[str, str], total_size: int) -> None
 
 
 def link_or_copy(src: Path, dst: Path) -> str:
-    """Hard-link ``src`` to ``dst`` when both are on one filesystem, else copy. Returns which."""
+    """Hard-link ``src`` to ``dst`` when both are on one filesystem, else copy. Returns which.
+
+    A symlink (the Hub cache's snapshot files are relative links into ``blobs/``) is followed:
+    the file it points to is linked or copied, never the link itself."""
+    src = Path(os.path.realpath(src))
     try:
         os.link(src, dst)
         return "link"

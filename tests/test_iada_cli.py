@@ -52,6 +52,21 @@ def test_inject_writes_a_standard_model_folder(cli, vlm, tmp_path):
     assert (out / "tokenizer.json").exists() and (out / "chat_template.jinja").exists()
 
 
+def test_a_folder_of_relative_symlinks_like_the_hub_cache(cli, vlm, tmp_path):
+    """Hub snapshots are relative links into ``blobs/``: the output links the files, not the links."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    for f in vlm.iterdir():
+        (blobs / f.name).write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(Path("..", "..", "blobs", f.name))
+    out = tmp_path / "out" / "vlm-iada"
+    assert cli("inject-iada", snapshot, "-o", out, "--block-size", "2").exit_code == 0
+    assert not any(p.is_symlink() for p in out.iterdir())
+    _, info = load_model(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
 def test_in_memory_injection_matches_the_written_folder(vlm, tmp_path):
     """One source of truth: add_iada and inject_iada create the same initial weights."""
     from transformers import AutoModelForImageTextToText

@@ -145,6 +145,20 @@ def test_beside_iada_each_kind_keeps_its_own_effect(vlm):
     assert torch.equal(logits(both, **images), logits(iada_only, **images))
 
 
+def test_the_inner_model_called_directly_runs_the_modules_too(vlm):
+    """``model.model(...)`` (features, embeddings) sees the same visual tokens as ``model(...)``."""
+    plain, model = base_model(vlm), base_model(vlm)
+    add_iada(model, IadaConfig(block_size=2))
+    add_image_lora(model, HEADS)
+    randomise(model, seed=3)
+    batch = image_batch(vlm)
+    with torch.no_grad():
+        inner = model.model(**batch).last_hidden_state
+        whole = model(**batch, output_hidden_states=True).hidden_states[-1]
+        base = plain.model(**batch).last_hidden_state
+    assert torch.equal(inner, whole) and not torch.allclose(inner, base)
+
+
 def test_bad_selections_name_the_problem(vlm):
     from surgeon.errors import ConfigError
 
@@ -270,9 +284,12 @@ def test_trains_beside_iada_and_through_text_only_batches(tiny_models, data, tmp
     lines = [line for line in data.read_text().splitlines() if json.loads(line)["kind"] == "text"]
     text_only.write_text("\n".join(lines) + "\n")
     plain = heads_json(tmp_path / "plain.json", HEADS)
-    _train(tiny_models("qwen2_5_vl"), text_only, tmp_path / "text", image_lora=plain, max_steps=2, batch_size=1)
-    ups = {k: v for k, v in load_file(str(tmp_path / "text" / "surgeon-image_lora.safetensors")).items() if k.endswith(".up")}
-    assert ups and all(not v.any() for v in ups.values())  # no visual token, no gradient: still B = 0
+    _train(tiny_models("qwen2_5_vl"), data, tmp_path / "mixed", image_lora=plain, max_steps=4, batch_size=1)  # text-only batches too
+    from surgeon.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sees no image or video in .*would train nothing"):  # never a silent no-op
+        _train(tiny_models("qwen2_5_vl"), text_only, tmp_path / "text", image_lora=plain, max_steps=2, batch_size=1)
+    assert not (tmp_path / "text").exists()
 
 
 def test_train_cli_bad_input(cli, vlm, data, tmp_path):

@@ -129,12 +129,22 @@ def _add_image_lora(model: torch.nn.Module, config: TrainConfig, dataset: Any) -
     from surgeon.modeling_surgeon import visual_token_ids
 
     if module_parameters(model, "image_lora"):
-        raise ConfigError("image_lora", f"{config.model} already has Image-LoRA adapters, which train anyway", "drop --image-lora")
+        raise ConfigError(
+            "image_lora",
+            f"{config.model} already has Image-LoRA adapters",
+            "train from the base model with --image-lora (without it, LoRA would train the language model beside them)",
+        )
     heads = read_heads(config.image_lora, "image_lora")  # type: ignore[arg-type]
     module = add_image_lora(model, heads, ImageLoraConfig(rank=config.image_lora_rank, alpha=config.image_lora_alpha))
     s = module.settings
-    ids = torch.tensor(visual_token_ids(model.config))
+    ids = torch.tensor(visual_token_ids(model.config), dtype=torch.long)
     visual = sum(int(torch.isin(dataset[i].input_ids, ids).sum()) for i in range(len(dataset)))
+    if visual == 0:
+        why = "has no image or video placeholder token ids" if not len(ids) else f"sees no image or video in {config.data}"
+        raise ConfigError(
+            "image_lora", f"{config.model} {why}, so Image-LoRA (visual tokens only) would train nothing",
+            "train on data with images, or without --image-lora",
+        )
     flops = flops_report(s["heads"], s["hidden_size"], s["num_kv_heads"], s["head_dim"], sum(dataset.lengths), visual, s["rank"])
     params = count_parameters(s["heads"], s["hidden_size"], s["head_dim"], s["rank"])
     return {"heads": s["heads"], "parameters": params, "flops": flops.to_dict()}
