@@ -329,11 +329,10 @@ def push_folder(folder: str | Path, config: PushConfig, *, endpoint: str | None 
     record = read_surgeon_json(path)
     card, card_source, sent_card, notes = _card(path, record, config)
     bases = base_repo_ids(record) if record else []
-    if not bases and record:  # a local base: published as the user typed it, never as this machine's path
-        typed = ((record.get("inputs") or {}).get("model") or {}).get("source")
-        bases = [typed] if isinstance(typed, str) and typed else []
+    typed = (((record or {}).get("inputs") or {}).get("model") or {}).get("source")  # a local base, as the user typed it
+    base = bases[0] if bases else typed if isinstance(typed, str) and typed else None
     token = config.token or stored_token()
-    plan = plan_upload(path, card, record, token, bases[0] if bases else None)
+    plan = plan_upload(path, card, record, token, base)
     revision = config.revision or "main"
     root = (endpoint or _endpoint()).rstrip("/")
     result = PushResult(

@@ -75,7 +75,7 @@ def _text_defaults(cfg: dict) -> dict:
     LLaVA-1.5/1.6 configs do: their ``text_config`` names only what differs from LlamaConfig's
     defaults); empty when nothing is missing or transformers does not know the model type."""
     wanted = ("hidden_size", "num_attention_heads", "num_key_value_heads")
-    if all(config_value(cfg, key) is not None for key in wanted) or not cfg.get("model_type"):
+    if all(config_value(cfg, key) is not None for key in wanted[:2]) or not cfg.get("model_type"):
         return {}
     try:
         from transformers import AutoConfig

@@ -43,6 +43,7 @@ from surgeon.streaming import BlockStream, Job
 
 Progress = Callable[[str, int, int], None]
 DTYPE_NAMES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "fp32": "F32", "float32": "F32"}
+_SHORT_NAMES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 
 
 @dataclass(frozen=True)
@@ -142,8 +143,7 @@ def compute_prior(config: PriorConfig, progress: Progress | None = None) -> Prio
             )
             inputs: dict = {"reasoning": reasoning, "vlm": vlm, **({"base": base} if base else {})}
             recorded = {k: v for k, v in result.to_dict().items() if k != "output"}
-            short = {v: k for k, v in DTYPE_NAMES.items() if k.startswith(("bf", "fp"))}  # "BF16" -> "bf16"
-            resolved = replace(config, dtype=short.get(out_dtype, config.dtype))  # the dtype used, not None
+            resolved = replace(config, dtype=_SHORT_NAMES.get(out_dtype, config.dtype))  # the dtype used, not None
             write_record(tmp, build_record("prior", "prior", resolved, inputs, recorded))
     return result
 

@@ -110,6 +110,9 @@ def test_bad_targets_are_errors():
         Drift([])
     with pytest.raises(ConfigError, match="choose one of"):
         Drift([("p", torch.nn.Parameter(torch.ones(2)), torch.ones(2))], scale="cosine")
+    for alpha in (float("nan"), -1.0):
+        with pytest.raises(ConfigError, match="drift_alpha: must be a finite number ≥ 0"):
+            Drift([("p", torch.nn.Parameter(torch.ones(2)), torch.ones(2))], alpha=alpha)
 
 
 @pytest.mark.parametrize("scale", ["absolute", "gradnorm", "adaptive_cosine"])

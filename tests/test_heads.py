@@ -31,6 +31,12 @@ def test_allocation_sums_to_the_budget_and_respects_capacity():
             assert not chosen or not rest or min(row[h] for h in chosen) >= max(rest)
 
 
+def test_a_tau_that_is_not_a_finite_non_negative_number_is_an_error():
+    for tau in (float("nan"), float("inf"), -0.5):
+        with pytest.raises(ConfigError, match="tau: must be a finite number ≥ 0"):
+            allocate_budget([[1.0, 2.0], [3.0, 4.0]], 2, tau)
+
+
 def test_tau_zero_spreads_evenly_and_tau_one_follows_the_mass():
     scores = [[9.0, 8.0, 7.0, 6.0], [1.0, 0.5, 0.0, 0.0], [0.1, 0.0, 0.0, 0.0], [3.0, 3.0, 0.0, 0.0]]
     for budget in range(1, 17):

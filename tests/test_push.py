@@ -245,6 +245,18 @@ def test_card_sections_follow_surgeon_json(outputs, tmp_path):
     assert "base_model" not in card_metadata(local_only, made["merge"])  # never a local path
 
 
+def test_a_local_base_is_published_as_typed_never_as_this_machines_path(cli, folder):
+    """An adapter trained on a local folder records the folder's full path (so peft finds it from
+    anywhere here); the uploaded copy names the base as the user typed it."""
+    src = folder("adapter")
+    record = json.loads((src / "surgeon.json").read_text())
+    record["inputs"]["model"] = {"source": "my-vlm", "fingerprint": "sha256:1"}
+    (src / "surgeon.json").write_text(json.dumps(record))
+    result = cli("push", src, "--repo", "acme/a", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "adapter_config.json: base_model_name_or_path set to my-vlm (was a local path)" in result.stdout
+
+
 def test_dry_run_sends_nothing(cli, hub_standin, folder):
     src = folder("merge")
     before = snapshot(src)

@@ -130,6 +130,9 @@ def test_cli_bad_input(cli, vlm, data, tmp_path):
     assert_one_line_error(cli("train", vlm, "--data", data, "-o", tmp_path / "o", "--prior", "p"), "prior", "--full")
     assert_one_line_error(cli("train", vlm, "--data", tmp_path / "none.jsonl", "-o", tmp_path / "o"), "none.jsonl")
     assert_one_line_error(cli("train", vlm, "--data", data, "-o", tmp_path / "o", "--perception-weight", "2"), "perception_weight")
+    for option, value, message in (("--lr", "nan", "lr: must be a finite number"), ("--lr", "-1e-4", "lr: must be positive"),
+                                   ("--epochs", "inf", "epochs: must be a finite number"), ("--lora-dropout", "1", "lora_dropout")):  # fmt: skip
+        assert_one_line_error(cli("train", vlm, "--data", data, "-o", tmp_path / "o", option, value), message)
     assert not (tmp_path / "o").exists() and not (tmp_path / "o-checkpoints").exists()
     assert_one_line_error(cli("train", vlm, "--data", data, "-o", tmp_path / "o", "--resume"), "no checkpoint in")
     (tmp_path / "o-checkpoints" / "checkpoint-2").mkdir(parents=True)
