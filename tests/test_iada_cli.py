@@ -117,7 +117,8 @@ def run_without_surgeon(jobs: list[dict], tmp_path: Path) -> None:
     (tmp_path / "remote.py").write_text(REMOTE)
     proc = subprocess.run(
         [sys.executable, "-I", "-S", str(tmp_path / "remote.py"), str(tmp_path / "jobs.json"), json.dumps(deps)],
-        cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=tmp_path, capture_output=True, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())},  # like with like
     )  # fmt: skip
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 

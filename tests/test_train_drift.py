@@ -4,6 +4,7 @@ depend on how the global batch is split (2-process DDP with gloo versus 1 proces
 from __future__ import annotations
 
 import json
+
 import pytest
 import torch
 from helpers import run_surgeon
