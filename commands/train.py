@@ -19,8 +19,8 @@ from surgeon.commands._console import emit_json, err, out, quiet_transformers
     ),
 )
 @click.argument("model")
-@click.option("--data", required=True, help="JSONL: TRL `messages` or ShareGPT/LLaMA-Factory style; image paths relative to it.")
-@click.option("-o", "--output", required=True, help="Output folder (checkpoints go to OUTPUT-checkpoints/).")
+@click.option("--data", default=None, help="JSONL: TRL `messages` or ShareGPT/LLaMA-Factory style; image paths relative to it.")
+@click.option("-o", "--output", default=None, help="Output folder (checkpoints go to OUTPUT-checkpoints/).")
 @click.option("--max-steps", type=int, default=None, help="Optimiser steps (default: --epochs over the data).")
 @click.option("--epochs", type=float, default=1.0, show_default=True)
 @click.option("--lr", type=float, default=None, help="Peak learning rate [default: 1e-4 LoRA, 1e-5 --full].")
@@ -37,7 +37,23 @@ from surgeon.commands._console import emit_json, err, out, quiet_transformers
 @click.option("--lora-targets", default="attn,mlp", show_default=True, help="Language-model projections LoRA wraps: attn, mlp.")
 @click.option("--train-vision", is_flag=True, help="Also train the vision tower and projector.")
 @click.option("--max-length", type=int, default=2048, show_default=True, help="Tokens per sample: longer ones are truncated; a sample whose image would be cut is skipped and counted.")
-@click.option("--mixed-precision", type=click.Choice(["auto", "no", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option(
+    "--mixed-precision", type=click.Choice(["auto", "no", "bf16", "fp16"]), default="auto", show_default=True,
+    help="Compute dtype: auto is bf16 on a GPU that has it, else no (fp32). Frozen weights are kept in it.",
+)
+@click.option(
+    "--param-dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+    help="Trained parameters (master copies), their gradients and AdamW state: fp32 costs 16 bytes per trained "
+    "parameter, bf16 8 (less exact updates).",
+)
+@click.option(
+    "--fsdp", is_flag=True,
+    help="Shard parameters, gradients, optimizer state and DRIFT's Δ over the processes (FSDP2, one unit per decoder "
+    "layer); needs a launch on several processes (torchrun / accelerate launch).",
+)
+@click.option("--gpu-memory", default=None, metavar="SIZE", help="Memory per process to plan against, e.g. 80GB [default: the device's].")
+@click.option("--dry-run", is_flag=True, help="Print the memory plan per process from config.json alone and exit.")
+@click.option("--num-processes", type=int, default=1, show_default=True, help="Processes the --dry-run plan is for.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for activation memory.")
 @click.option("--save-steps", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: never).")
 @click.option("--resume", is_flag=True, help="Continue exactly from the latest checkpoint in OUTPUT-checkpoints/.")
@@ -68,7 +84,7 @@ from surgeon.commands._console import emit_json, err, out, quiet_transformers
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (and its checkpoints).")
 @push_to_hub_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-def command(as_json: bool, **options: object) -> None:
+def command(as_json: bool, dry_run: bool, num_processes: int, **options: object) -> None:
     """Fine-tune MODEL on --data with LoRA (default) or --full, optionally with DRIFT (--prior),
     perception/reasoning reweighting (--perception-weight) and the model's IADA blocks.
 
@@ -93,6 +109,9 @@ def command(as_json: bool, **options: object) -> None:
 
     config = TrainConfig(**options)  # type: ignore[arg-type]
     quiet_transformers()
+    if dry_run:
+        _print_plan(config, num_processes, as_json)
+        return
     with _StepBar() as bar:
         result = train(config, on_step=bar.update, on_status=lambda text: err.print(f"surgeon train: {text}"))
     if not result.main_process:
@@ -103,6 +122,29 @@ def command(as_json: bool, **options: object) -> None:
         return
     m = result.metrics
     out.print(f"trained {result.steps} step{'s' if result.steps != 1 else ''}: loss {m.get('loss', float('nan')):.4f}; wrote {result.output}")
+
+
+def _print_plan(config: object, processes: int, as_json: bool) -> None:
+    from surgeon.training.plan import plan_for
+
+    plan = plan_for(config, processes)  # type: ignore[arg-type]
+    if as_json:
+        emit_json(plan.to_dict())
+        return
+    how = f"{plan.processes} process{'es' if plan.processes != 1 else ''}, " + ("sharded (FSDP)" if plan.sharded else "unsharded")
+    prec = plan.precision
+    out.print(f"memory plan: {plan.architecture}, {how}, {prec['compute']} compute, trained parameters in {prec['trained']}")
+    p = plan.parameters
+    out.print(f"parameters: {p['total']:,} ({p['trained']:,} trained, {p['frozen']:,} frozen; {p['replicated']:,} replicated on every process)")
+    for part, value in plan.parts.items():
+        out.print(f"  {part:<12} {value / 1e9:9.2f} GB")
+    verdict = "" if plan.budget is None else (" fits " if plan.fits else " does NOT fit ") + f"{plan.budget / 1e9:.1f} GB {plan.budget_source}"
+    out.print(f"  {'total':<12} {plan.per_process_bytes / 1e9:9.2f} GB per process;{verdict}")
+    ckpt = "gradient checkpointing" if plan.gradient_checkpointing else "no gradient checkpointing"
+    out.print(f"activations for {plan.tokens:,} tokens per micro-batch (--batch-size × --max-length), {ckpt}")
+    for note in plan.notes:
+        out.print(note)
+    out.print("dry run: nothing loaded or written")
 
 
 class _StepBar:

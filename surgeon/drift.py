@@ -11,8 +11,14 @@ The optimiser then moves θ ← θ − η·opt(g'), so subtracting Δ pulls θ t
 The rule is not linear in g (‖g‖ and c depend on it), so *where* it is applied matters. surgeon
 applies it once per optimiser step to the accumulated and all-reduced gradient — after the last
 micro-batch's backward, before clipping — so the update does not depend on world size or on how
-the batch was split into micro-batches. Δ is moved once onto each parameter's device and dtype
-policy (fp32 maths, gradient dtype kept); no host copies happen during training.
+the batch was split into micro-batches. Δ is moved once onto each parameter's device, in the
+prior's stored dtype (fp32 maths, gradient dtype kept); no host copies happen during training.
+
+Sharded parameters (FSDP2 DTensors, ``surgeon.shards``): Δ is sharded exactly like its
+parameter (each rank keeps only its own rows, read from the prior's file), ‖g‖, ⟨g,Δ⟩ and the
+norms that clipping needs are summed over ranks from local partial sums in one all-reduce per
+step for all tensors together, and the update is applied to the local rows. The gradient is
+never gathered.
 
 Outside surgeon's trainer::
 
@@ -27,64 +33,70 @@ DRIFT; otherwise DRIFT acts on the already-clipped gradient.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from surgeon.errors import ConfigError
+from surgeon.shards import global_sums, is_sharded, local, row_range
 
 Scale = Literal["adaptive_cosine", "gradnorm", "absolute"]
 SCALES: tuple[str, ...] = ("adaptive_cosine", "gradnorm", "absolute")
 EPS = 1e-12
 
 
-def _local(x: torch.Tensor) -> torch.Tensor:
-    """A reduced DTensor (sharded parameters) as a plain replicated tensor; plain tensors as is."""
-    full = getattr(x, "full_tensor", None)
-    return full() if callable(full) else x
-
-
 def drift_coefficient(
     g: torch.Tensor, delta: torch.Tensor, delta_norm: torch.Tensor, alpha: float, scale: str
 ) -> torch.Tensor:
-    """The scalar k (0-dim fp32 tensor, on g's device) such that g' = g − k·Δ.
+    """The scalar k (0-dim fp32 tensor, on g's device) such that g' = g − k·Δ, for plain tensors.
 
     Computed without a host sync, so it can run inside a step on any device.
     """
-    return _terms(g, delta, delta_norm, alpha, scale)[0]
+    _check_scale(scale)
+    g_norm = torch.linalg.vector_norm(g, dtype=torch.float32)
+    return _coefficients(g_norm, _dot(g, delta), delta_norm, alpha, scale)
 
 
-def _terms(
-    g: torch.Tensor, delta: torch.Tensor, delta_norm: torch.Tensor, alpha: float, scale: str
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(k, ‖g'‖²)``. The new norm follows from what k needed anyway,
-    ‖g − kΔ‖² = ‖g‖² − 2k⟨g,Δ⟩ + k²‖Δ‖², so clipping needs no further pass over g'. The
-    ``absolute`` scale reads neither ‖g‖ nor ⟨g,Δ⟩, so it returns None for the norm."""
-    if scale == "absolute":
-        return torch.tensor(alpha, dtype=torch.float32, device=g.device), None
+def _check_scale(scale: str) -> None:
     if scale not in SCALES:
         raise ConfigError("drift_scale", f"unknown scale {scale!r}", f"choose one of {', '.join(SCALES)}")
-    g_norm = _local(torch.linalg.vector_norm(g, dtype=torch.float32))
-    dot = _dot(g, delta)
+
+
+def _coefficients(
+    g_norm: torch.Tensor, dot: torch.Tensor, delta_norm: torch.Tensor, alpha: float, scale: str
+) -> torch.Tensor:
+    """k for each tensor (elementwise over vectors of whole-tensor ‖g‖, ⟨g,Δ⟩ and ‖Δ‖)."""
+    if scale == "absolute":
+        return torch.full_like(g_norm, alpha)
     k = alpha * g_norm / delta_norm.clamp_min(EPS)
     if scale == "adaptive_cosine":
         c = (dot / (g_norm * delta_norm).clamp_min(EPS)).clamp(-1.0, 1.0)
         k = k * (c + 1) / 2
-    return k, (g_norm * g_norm - 2 * k * dot + k * k * delta_norm * delta_norm).clamp_min(0.0)
+    return k
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """⟨a, b⟩ in fp32 without a full-size temporary for plain fp32 tensors."""
-    if getattr(a, "device_mesh", None) is None and a.dtype == b.dtype == torch.float32:
-        return torch.dot(a.reshape(-1), b.reshape(-1))
-    return _local((a.float() * b.float()).sum())
+    """⟨a, b⟩ of plain (local) tensors in fp32; no full-size temporary when both are fp32."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    if a.dtype != torch.float32:
+        a = a.float()
+    if b.dtype != torch.float32:
+        b = b.float()
+    return torch.dot(a, b)
+
+
+def _norms(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """fp32 norms of plain tensors as one vector on ``device``."""
+    if not tensors:
+        return torch.zeros(0, device=device)
+    return torch.stack([n.to(device) for n in torch._foreach_norm(list(tensors), 2, dtype=torch.float32)])
 
 
 def drift_gradient(g: torch.Tensor, delta: torch.Tensor, alpha: float, scale: str) -> torch.Tensor:
-    """g' for one tensor, out of place (the formula as a function; ``Drift.apply`` works in place)."""
+    """g' for one plain tensor, out of place (the formula as a function; ``Drift.apply`` works in place)."""
     delta_norm = torch.linalg.vector_norm(delta.float())
     k = drift_coefficient(g, delta, delta_norm, alpha, scale)
     return (g.float() - k * delta.float()).to(g.dtype)
@@ -92,27 +104,30 @@ def drift_gradient(g: torch.Tensor, delta: torch.Tensor, alpha: float, scale: st
 
 @dataclass(frozen=True)
 class DriftStats:
-    """What one ``apply`` did: tensors biased, tensors without a gradient, mean coefficient, and
-    the new gradient norms it already knows (``{id(param): ‖g'‖}``) for ``clip_grad_norm``."""
+    """What one ``apply`` did: tensors biased, tensors without a gradient, the mean coefficient k,
+    and ``total_norm``: the global L2 norm, after the bias, of the gradients of every parameter
+    passed as ``norms_of`` (None when none was), for ``clip_grad_norm``."""
 
     biased: int
     skipped: int
     mean_coefficient: float
-    grad_norms: dict[int, torch.Tensor] = field(default_factory=dict)
+    total_norm: torch.Tensor | None = None
 
 
 class Drift:
     """Δ for each biased parameter, held on the parameter's device, applied to ``.grad`` in place.
 
-    ``targets`` are ``(name, parameter, delta)`` triples with ``delta.shape == parameter.shape``.
+    ``targets`` are ``(name, parameter, delta)`` or ``(name, parameter, delta, norm_to)`` tuples.
+    ``delta`` has the parameter's shape, or, for a parameter sharded by FSDP2, the shape of this
+    rank's rows of it (a whole Δ is cut to those rows here). ``norm_to``: scale Δ to this norm
+    (the prior's normalisation Δ·‖θ_VLM‖/‖Δ‖), kept as a factor so that Δ stays as stored.
     ``alpha == 0`` leaves every gradient bit-for-bit unchanged.
     """
 
     def __init__(
-        self, targets: Iterable[tuple[str, torch.nn.Parameter, torch.Tensor]], alpha: float = 1.0, scale: str = "adaptive_cosine"
+        self, targets: Iterable[tuple[Any, ...]], alpha: float = 1.0, scale: str = "adaptive_cosine"
     ) -> None:
-        if scale not in SCALES:
-            raise ConfigError("drift_scale", f"unknown scale {scale!r}", f"choose one of {', '.join(SCALES)}")
+        _check_scale(scale)
         if not (math.isfinite(float(alpha)) and float(alpha) >= 0):
             raise ConfigError("drift_alpha", f"must be a finite number ≥ 0, got {alpha}")
         self.alpha = float(alpha)
@@ -120,17 +135,21 @@ class Drift:
         self.names: list[str] = []
         self.params: list[torch.nn.Parameter] = []
         self.deltas: list[torch.Tensor] = []
-        self.delta_norms: list[torch.Tensor] = []
-        for name, param, delta in targets:
-            if tuple(delta.shape) != tuple(param.shape):
-                raise ConfigError("prior", f"Δ for {name} has shape {tuple(delta.shape)}, the parameter {tuple(param.shape)}")
-            delta = _like_param(delta, param)
+        norm_to: list[float | None] = []
+        for name, param, delta, *rest in targets:
             self.names.append(name)
             self.params.append(param)
-            self.deltas.append(delta)
-            self.delta_norms.append(_local(torch.linalg.vector_norm(delta.float())))
+            self.deltas.append(_local_delta(name, delta, param))
+            norm_to.append(rest[0] if rest else None)
         if not self.params:
             raise ConfigError("prior", "no parameter of the model is biased by the prior", "check the prior's tensor selection")
+        self._ids = {id(p): i for i, p in enumerate(self.params)}
+        self._sharded = [is_sharded(p) for p in self.params]
+        self.device = self.deltas[0].device
+        raw = global_sums(_norms(self.deltas, self.device) ** 2, self._sharded, self.params).sqrt()
+        factors = [1.0 if want is None else float(want) / max(float(n), EPS) for want, n in zip(norm_to, raw.tolist())]
+        self.factors = torch.tensor(factors, dtype=torch.float32, device=self.device)
+        self.delta_norms = raw * self.factors  # ‖factor·Δ‖ over all ranks
 
     @classmethod
     def from_prior(
@@ -144,9 +163,11 @@ class Drift:
         """Attach a ``surgeon prior`` folder (or Hub repo id) to a model's language-model parameters.
 
         ``parameters``: the model itself (a transformers VLM or LLM, peft-free: DRIFT biases full
-        weights), or a dict that maps LM-relative names (``layers.3.mlp.up_proj.weight``, ``lm_head.weight``;
-        see ``surgeon.training.model.lm_parameters``) to parameters; the prior's tensors are
-        matched through the same names, whatever the on-disk layout of the VLM it was made from.
+        weights; sharded by FSDP2 or not), or a dict that maps LM-relative names
+        (``layers.3.mlp.up_proj.weight``, ``lm_head.weight``; see
+        ``surgeon.training.model.lm_parameters``) to parameters; the prior's tensors are matched
+        through the same names, whatever the on-disk layout of the VLM it was made from. Each rank
+        reads only the rows of Δ that its shard of the parameter holds.
         ``normalize``: Δ ← Δ·‖θ_VLM‖/max(‖Δ‖, eps) (the reference default; it changes only the
         ``absolute`` scale). Every prior tensor must find its parameter, with the same shape.
         """
@@ -167,37 +188,64 @@ class Drift:
                 )
             for name in p.names:
                 rel = p.relative(name)
-                delta = p.read(name)
-                if normalize:
-                    delta = delta * (p.vlm_norm(name) / max(float(torch.linalg.vector_norm(delta)), EPS))
-                targets.append((rel, parameters[rel], delta))
+                param = parameters[rel]
+                if tuple(p.shape(name)) != tuple(param.shape):
+                    raise ConfigError("prior", f"Δ for {rel} has shape {p.shape(name)}, the parameter {tuple(param.shape)}")
+                start, stop = row_range(param)
+                delta = p.read_rows(name, start, stop).to(local(param).device)
+                targets.append((rel, param, delta, p.vlm_norm(name) if normalize else None))
         return cls(targets, alpha=alpha, scale=scale)
 
     @property
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)
 
+    @property
+    def local_bytes(self) -> int:
+        """Bytes of Δ held by this process (its rows only, when the parameters are sharded)."""
+        return sum(d.numel() * d.element_size() for d in self.deltas)
+
     @torch.no_grad()
-    def apply(self) -> DriftStats:
-        """Bend every biased parameter's current ``.grad`` (call once per optimiser step)."""
+    def apply(self, norms_of: Iterable[torch.nn.Parameter] = ()) -> DriftStats:
+        """Bend every biased parameter's current ``.grad`` (call once per optimiser step).
+
+        ``norms_of``: parameters whose global gradient norm after the bias is wanted (for
+        clipping); it comes out of the same single all-reduce as ‖g‖ and ⟨g,Δ⟩, and for biased
+        tensors from the identity ‖g − kΔ‖² = ‖g‖² − 2k⟨g,Δ⟩ + k²‖Δ‖², without another pass."""
+        norms_of = [p for p in norms_of if p.grad is not None]
+        active = [i for i, p in enumerate(self.params) if p.grad is not None]
+        skipped = len(self.params) - len(active)
         if self.alpha == 0.0:
-            return DriftStats(0, 0, 0.0)
-        biased, skipped, norms = 0, 0, {}
-        total = torch.zeros((), dtype=torch.float32, device=_device(self.params[0]))
-        for p, delta, delta_norm in zip(self.params, self.deltas, self.delta_norms):
-            if p.grad is None:
-                skipped += 1
-                continue
-            k, new_sq = _terms(p.grad, delta, delta_norm, self.alpha, self.scale)
-            if p.grad.dtype == torch.float32 == delta.dtype:
-                p.grad.addcmul_(delta, k, value=-1.0)  # g − k·Δ, no full-size temporary
-            else:
-                p.grad.copy_((p.grad.float() - delta.float() * k).to(p.grad.dtype))
-            if new_sq is not None and p.grad.dtype == torch.float32:
-                norms[id(p)] = new_sq.sqrt()
-            total += k.to(total.device)
-            biased += 1
-        return DriftStats(biased, skipped, float(total) / max(biased, 1), norms)  # one host sync per step
+            total = squared_norm(norms_of).sqrt() if norms_of else None
+            return DriftStats(0, skipped, 0.0, total)
+        others = [p for p in norms_of if id(p) not in self._ids]
+        grads = [local(self.params[i].grad) for i in active]  # type: ignore[arg-type]
+        deltas = [self.deltas[i] for i in active]
+        index = torch.tensor(active, dtype=torch.long, device=self.device)
+        factors, delta_norms = self.factors[index], self.delta_norms[index]
+        sharded = [self._sharded[i] for i in active]
+        other_sharded = [is_sharded(p.grad) for p in others]  # type: ignore[arg-type]
+        other_sq = _norms([local(p.grad) for p in others], self.device) ** 2  # type: ignore[arg-type]
+        n = len(active)
+        if self.scale == "absolute":  # k needs neither ‖g‖ nor ⟨g,Δ⟩: bias first, then one reduction
+            k = torch.full((n,), self.alpha, device=self.device)
+            _bend(grads, deltas, k * factors)
+            sums = global_sums(torch.cat([_norms(grads, self.device) ** 2, other_sq]), sharded + other_sharded, self.params)
+            new_sq = sums[:n]
+        else:
+            dots = torch.stack([_dot(g, d).to(self.device) for g, d in zip(grads, deltas)]) if n else torch.zeros(0)
+            partial = torch.cat([_norms(grads, self.device) ** 2, dots * factors, other_sq])
+            sums = global_sums(partial, sharded + sharded + other_sharded, self.params)
+            g_sq, dot = sums[:n], sums[n : 2 * n]
+            k = _coefficients(g_sq.sqrt(), dot, delta_norms, self.alpha, self.scale)
+            _bend(grads, deltas, k * factors)
+            new_sq = (g_sq - 2 * k * dot + k * k * delta_norms * delta_norms).clamp_min(0.0)
+        total = None
+        if norms_of:
+            wanted = torch.tensor([id(self.params[i]) in {id(p) for p in norms_of} for i in active], device=self.device)
+            total = ((new_sq * wanted).sum() + sums[len(sums) - len(others) :].sum()).sqrt()
+        mean = float(k.mean()) if n else 0.0  # one host sync per step
+        return DriftStats(n, skipped, mean, total)
 
     def attach(self, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None) -> Any:
         """Apply DRIFT (then clip to ``max_grad_norm`` if given) before every ``optimizer.step()``.
@@ -207,44 +255,59 @@ class Drift:
         params = [p for group in optimizer.param_groups for p in group["params"]]
 
         def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            stats = self.apply()
+            stats = self.apply(norms_of=params if max_grad_norm else ())
             if max_grad_norm:
-                clip_grad_norm(params, max_grad_norm, stats.grad_norms)
+                clip_grad_norm(params, max_grad_norm, stats.total_norm)
 
         return optimizer.register_step_pre_hook(hook)
 
 
-def _like_param(delta: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
-    """Δ in the parameter's dtype on its device (sharded like it for DTensor parameters), so it
-    costs at most one more copy of the biased weights and is never copied again."""
-    delta = delta.to(device=_device(param), dtype=param.dtype)
-    mesh = getattr(param, "device_mesh", None)
-    if mesh is not None:
-        from torch.distributed.tensor import distribute_tensor
-
-        delta = distribute_tensor(delta, mesh, param.placements)
-    return delta
+def _bend(grads: list[torch.Tensor], deltas: list[torch.Tensor], coefficients: torch.Tensor) -> None:
+    """g ← g − c·Δ in place for each (local) gradient, in the gradient's dtype (fp32 maths)."""
+    for g, d, c in zip(grads, deltas, coefficients):
+        if g.dtype == torch.float32:
+            g.addcmul_(d, c.to(g.device), value=-1.0)  # no full-size temporary
+        else:
+            g.copy_((g.float() - d.float() * c.to(g.device)).to(g.dtype))
 
 
-def _device(param: torch.Tensor) -> torch.device:
-    mesh = getattr(param, "device_mesh", None)
-    return torch.device(mesh.device_type) if mesh is not None else param.device
+def _local_delta(name: str, delta: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
+    """Δ as this rank holds it: the parameter's local rows, on the parameter's device, in the
+    dtype Δ came in (a whole Δ for a sharded parameter is cut to those rows)."""
+    delta = delta.detach()
+    if is_sharded(param) and tuple(delta.shape) == tuple(param.shape):
+        start, stop = row_range(param)
+        delta = delta[start:stop]
+    want = tuple(local(param).shape)
+    if tuple(delta.shape) != want:
+        raise ConfigError("prior", f"Δ for {name} has shape {tuple(delta.shape)}, the parameter {tuple(param.shape)}")
+    return delta.to(local(param).device).contiguous()
 
 
-def clip_grad_norm(
-    params: Iterable[torch.nn.Parameter], max_norm: float, known: dict[int, torch.Tensor] | None = None
-) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` (same coefficient, max_norm/(total+1e-6) capped at 1)
-    that takes per-tensor norms already known (``DriftStats.grad_norms``) instead of reading
-    those gradients once more. Returns the total norm before clipping."""
-    known = known or {}
+def squared_norm(params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
+    """The squared global L2 norm of the parameters' gradients (0-dim fp32; one all-reduce at
+    most, for sharded gradients)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    rest = [p.grad for p in params if p.grad is not None and id(p) not in known]
+    device = local(grads[0]).device
+    partial = _norms([local(g) for g in grads], device) ** 2
+    return global_sums(partial, [is_sharded(g) for g in grads], grads).sum()
+
+
+def clip_grad_norm(
+    params: Iterable[torch.nn.Parameter], max_norm: float, total: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (same coefficient, max_norm/(total+1e-6) capped at 1)
+    for plain and sharded gradients alike. ``total``: the global norm when already known
+    (``DriftStats.total_norm``), so the gradients are not read once more. Returns the total norm
+    before clipping."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    if total is None:
+        total = squared_norm(params).sqrt()
+    grads = [local(p.grad) for p in params]  # type: ignore[arg-type]
     device = grads[0].device
-    squares = [n.to(device) ** 2 for n in known.values()]
-    squares += [_local(n).float().to(device) ** 2 for n in torch._foreach_norm(rest)] if rest else []
-    total = torch.stack(squares).sum().sqrt()
-    torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp(max=1.0))
+    torch._foreach_mul_(grads, (max_norm / (total.to(device) + 1e-6)).clamp(max=1.0))
     return total

@@ -190,6 +190,14 @@ def download_config(repo_id: str, revision: str | None = None) -> tuple[str, str
     return str(path), commit
 
 
+def download_file(repo_id: str, filename: str, revision: str | None = None) -> str:
+    """Fetch (or find in the cache) one file of a repo. Returns its local path."""
+    from huggingface_hub import hf_hub_download
+
+    with _translated(_named(repo_id, revision)):
+        return str(hf_hub_download(repo_id, filename, revision=revision))
+
+
 def adapter_snapshot(repo_id: str, revision: str | None = None) -> str | None:
     """The local snapshot of a peft adapter repo (config, adapter and surgeon-module weights,
     processor files), or None when the repo holds no ``adapter_config.json`` or cannot be reached."""

@@ -244,7 +244,8 @@ class Prior:
 
     ``names``: the VLM's on-disk tensor names, in file order. ``relative(name)``: LM-relative
     name (``layers.3.mlp.up_proj.weight``, ``embed_tokens.weight``, ``lm_head.weight``).
-    ``read(name)``: Δ as fp32, the VLM tensor's shape. ``vlm_norm(name)``: ‖θ_VLM‖ of that tensor
+    ``read(name)``: Δ as fp32, the VLM tensor's shape; ``read_rows(name, start, stop)``: some of its
+    rows in the stored dtype. ``vlm_norm(name)``: ‖θ_VLM‖ of that tensor
     when the prior was made. ``rows(name)``: paired rows (None: all). ``record``: surgeon.json.
     """
 
@@ -273,6 +274,14 @@ class Prior:
 
     def read(self, name: str) -> torch.Tensor:
         return self._ckpt.read(name).float()
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start .. stop`` of Δ in its stored dtype, read straight from the file (a
+        sharded trainer reads only the rows its shard of the parameter holds)."""
+        return self._ckpt.read(name, rows=max(stop - start, 0), start=start)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._ckpt.tensors[name].shape
 
     def vlm_norm(self, name: str) -> float:
         return float(self._tensors[name]["vlm_norm"])

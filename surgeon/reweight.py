@@ -29,6 +29,9 @@ each micro-batch's. For the sum of micro-batch losses to be the step's token ave
 step's token counts (``count_span_tokens`` summed over micro-batches and ranks) as ``totals``.
 Under data parallelism run the backwards without the framework's gradient sync and pass a
 ``reduce`` that sums each buffer over ranks, so the norms are those of the global gradients.
+Under FSDP the backwards reduce-scatter as usual, the buffers hold each rank's rows of the summed
+gradients, and the norms add the ranks' partial sums (``surgeon.shards``); ``reduce`` then
+applies only to parameters that are not sharded.
 
 Empty spans (not specified by the paper; surgeon default): a span with no tokens has L = 0 (still
 attached to the graph) and gets no weight. λ becomes 0 when the step has no perception tokens and
@@ -39,12 +42,13 @@ are zero, λ = 0.5.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from surgeon.shards import global_norm, is_sharded
 
 IGNORE_INDEX = -100
 EPS = 1e-12
@@ -172,13 +176,16 @@ class PerceptionGradients:
         self.norm_reasoning = 0
 
     def backward(self, losses: SpanLosses) -> None:
-        """Add this micro-batch's ∇L_p and ∇L_r to the two buffers."""
+        """Add this micro-batch's ∇L_p and ∇L_r to the two buffers (a pass for each span that is
+        not empty in the whole step)."""
         if any(p.grad is not None for p in self.params):
             raise RuntimeError("parameters hold gradients; call optimizer.zero_grad(set_to_none=True) first")
         self.norm_perception = max(self.norm_perception, losses.norm_perception)
         self.norm_reasoning = max(self.norm_reasoning, losses.norm_reasoning)
-        passes = [(losses.perception, self.g_p)] if losses.n_perception else []
-        passes += [(losses.reasoning, self.g_r)] if losses.n_reasoning else []
+        # A span empty in this micro-batch but not in the step (``totals``) still gets its pass, a
+        # zero gradient: under FSDP every rank must run the same backward passes.
+        passes = [(losses.perception, self.g_p)] if losses.norm_perception else []
+        passes += [(losses.reasoning, self.g_r)] if losses.norm_reasoning else []
         for k, (loss, buffers) in enumerate(passes):
             for p, buf in zip(self.params, buffers):
                 p.grad = buf  # autograd accumulates into the buffer
@@ -191,17 +198,21 @@ class PerceptionGradients:
     def apply(self, reduce: Callable[[torch.Tensor], None] | None = None) -> DynamicLambda:
         """Set ``.grad = λ·g_p + (1−λ)·g_r`` with λ from the global norms; return λ and the norms.
 
-        ``reduce``: an in-place cross-rank sum applied to every buffer first (data parallelism;
-        every rank reduces every buffer, zeros where it had no gradient, so the collectives match;
-        pass step-wide ``totals`` to ``span_losses`` so that empty spans are judged globally).
+        ``reduce``: an in-place cross-rank sum applied first to the buffer of every parameter
+        that is not sharded (data parallelism; every rank reduces every such buffer, zeros where
+        it had no gradient, so the collectives match; pass step-wide ``totals`` to
+        ``span_losses`` so that empty spans are judged globally). Sharded buffers already hold
+        summed gradients; their norms are summed over ranks from local parts.
         """
         if reduce is not None:
             for buffers in (self.g_p, self.g_r):
                 for i, p in enumerate(self.params):
+                    if is_sharded(p):
+                        continue
                     if buffers[i] is None:
                         buffers[i] = torch.zeros_like(p)
                     reduce(buffers[i])
-        norm_p, norm_r = _global_norm(self.g_p), _global_norm(self.g_r)
+        norm_p, norm_r = global_norm(self.g_p), global_norm(self.g_r)
         if self.norm_perception == 0 or self.norm_reasoning == 0:
             lam = effective_lambda(0.5, self.norm_perception, self.norm_reasoning)
         else:
@@ -226,13 +237,3 @@ def dynamic_backward(
     grads = PerceptionGradients(params)
     grads.backward(losses)
     return grads.apply(reduce)
-
-
-def _global_norm(tensors: list[torch.Tensor | None]) -> float:
-    """L2 norm over all tensors together, in float32, with one device sync."""
-    present = [t for t in tensors if t is not None]
-    if not present:
-        return 0.0
-    device = present[0].device
-    squares = torch.stack([t.detach().float().pow(2).sum().to(device) for t in present])
-    return math.sqrt(float(squares.sum()))

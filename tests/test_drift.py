@@ -103,6 +103,20 @@ def test_parameters_without_gradient_are_counted_not_biased():
     assert (stats.biased, stats.skipped) == (1, 1) and b.grad is None
 
 
+def test_norm_to_scales_delta_like_the_normalised_prior():
+    """A (name, param, Δ, norm_to) target acts as Δ·norm_to/‖Δ‖ while Δ stays as stored."""
+    gen = torch.Generator().manual_seed(2)
+    g, d = torch.randn(6, 4, generator=gen), torch.randn(6, 4, generator=gen).bfloat16()
+    a, b = torch.nn.Parameter(torch.zeros(6, 4)), torch.nn.Parameter(torch.zeros(6, 4))
+    a.grad, b.grad = g.clone(), g.clone()
+    scaled = d.float() * (3.0 / d.float().norm())
+    Drift([("a", a, d, 3.0)], alpha=0.2, scale="absolute").apply()
+    Drift([("b", b, scaled)], alpha=0.2, scale="absolute").apply()
+    assert torch.allclose(a.grad, b.grad, atol=1e-6)
+    drift = Drift([("a", a, d, 3.0)], alpha=0.2)
+    assert drift.deltas[0].dtype == torch.bfloat16 and torch.allclose(drift.delta_norms, torch.tensor([3.0]))
+
+
 def test_bad_targets_are_errors():
     with pytest.raises(ConfigError, match="shape"):
         Drift([("p", torch.nn.Parameter(torch.ones(2)), torch.ones(3))])
@@ -130,9 +144,8 @@ def test_clipping_with_drift_norms_matches_torch_clipping(scale):
         a.grad, b.grad = g.clone(), g.clone()
     Drift([("a", ref[0], deltas[0]), ("b", ref[1], deltas[1])], alpha=0.7, scale=scale).apply()
     expected = torch.nn.utils.clip_grad_norm_(ref, 1.0)
-    stats = Drift([("a", ours[0], deltas[0]), ("b", ours[1], deltas[1])], alpha=0.7, scale=scale).apply()
-    assert len(stats.grad_norms) == (0 if scale == "absolute" else 2)
-    total = clip_grad_norm(ours, 1.0, stats.grad_norms)
+    stats = Drift([("a", ours[0], deltas[0]), ("b", ours[1], deltas[1])], alpha=0.7, scale=scale).apply(norms_of=ours)
+    total = clip_grad_norm(ours, 1.0, stats.total_norm)
     assert torch.allclose(total, expected, rtol=1e-5)
     for a, b in zip(ref, ours):
         assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7)

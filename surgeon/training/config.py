@@ -9,8 +9,37 @@ from dataclasses import asdict, dataclass
 
 from surgeon.errors import ConfigError
 
-# Fields that do not change what a run computes: excluded from the resume fingerprint.
-_NOT_FINGERPRINTED = {"output", "save_steps", "resume", "overwrite", "log_every"}
+# Fields that do not change what a run computes: excluded from the resume fingerprint. (Whether
+# the model is sharded is checked on resume from the checkpoint itself.)
+_NOT_FINGERPRINTED = {"output", "save_steps", "resume", "overwrite", "log_every", "fsdp", "gpu_memory"}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The dtype policy of a run (torch dtype names).
+
+    ``mixed``: "no", "bf16" or "fp16" (autocast; under FSDP the all-gathered copies are in
+    ``compute``). ``master``: trained parameters, their gradients and AdamW state (fp32 by
+    default: 16 bytes per trained parameter; bf16 on request: 8). ``frozen``: parameters that do
+    not train, kept in the compute dtype under mixed precision. ``compute``: the dtype of the
+    matrix products. ``reduce``: the dtype gradients are summed over ranks in (fp32).
+    """
+
+    mixed: str
+    master: str
+    frozen: str
+    compute: str
+    reduce: str = "float32"
+
+
+def resolve_precision(config: TrainConfig, bf16_ok: bool) -> Precision:
+    """The run's dtypes: ``mixed_precision`` auto is bf16 where the device has it (``bf16_ok``:
+    a GPU with bf16), else no; ``param_dtype`` sets the trained parameters' dtype."""
+    mixed = config.mixed_precision if config.mixed_precision != "auto" else ("bf16" if bf16_ok else "no")
+    master = "bfloat16" if config.param_dtype == "bf16" else "float32"
+    compute = {"bf16": "bfloat16", "fp16": "float16"}.get(mixed, master)
+    return Precision(mixed, master, frozen=compute, compute=compute)
 
 
 @dataclass(frozen=True)
@@ -18,8 +47,8 @@ class TrainConfig:
     """A training run. Defaults marked (ours) are surgeon's choices, not from a paper."""
 
     model: str  # model folder or Hub repo id (a surgeon folder with IADA / Image-LoRA is fine)
-    data: str  # JSONL file (TRL messages or ShareGPT/LLaMA-Factory style)
-    output: str  # final folder; checkpoints go to ``<output>-checkpoints/``
+    data: str | None = None  # JSONL file (TRL messages or ShareGPT/LLaMA-Factory style); needed to train
+    output: str | None = None  # final folder; checkpoints go to ``<output>-checkpoints/``; needed to train
     max_steps: int | None = None  # optimiser steps; None: ``epochs`` over the data
     epochs: float = 1.0
     lr: float | None = None  # None: 1e-4 with LoRA, 1e-5 with --full (ours) or Image-LoRA (the reference's)
@@ -37,6 +66,9 @@ class TrainConfig:
     train_vision: bool = False  # also train the vision tower and projector (fully)
     max_length: int = 2048
     mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else no
+    param_dtype: str = "fp32"  # trained parameters (master copies), gradients, AdamW state: fp32 or bf16
+    fsdp: bool = False  # shard parameters, gradients, optimiser state and Δ over the processes (FSDP2)
+    gpu_memory: str | None = None  # memory budget per process for the plan (default: the device's)
     gradient_checkpointing: bool = False
     save_steps: int = 0  # 0: no intermediate checkpoints
     resume: bool = False  # continue from the latest checkpoint in ``<output>-checkpoints/``
@@ -88,6 +120,10 @@ class TrainConfig:
             raise ConfigError("warmup_ratio", f"must lie in [0, 1), got {self.warmup_ratio}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ConfigError("mixed_precision", f"unknown value {self.mixed_precision!r}", "choose auto, no, bf16 or fp16")
+        if self.param_dtype not in ("fp32", "bf16"):
+            raise ConfigError("param_dtype", f"unknown value {self.param_dtype!r}", "choose fp32 or bf16")
+        if self.fsdp and self.mixed_precision == "fp16":
+            raise ConfigError("mixed_precision", "FSDP runs in bf16 or fp32, without fp16 loss scaling", "use --mixed-precision bf16 (or no)")
         if self.perception_weight is not None and self.perception_weight != "dynamic":
             try:
                 lam = float(self.perception_weight)
@@ -115,6 +151,12 @@ class TrainConfig:
             raise ConfigError("merge_lora", "there is no LoRA to merge with --full", "drop --merge-lora")
         if self.perception_weight == "dynamic" and self.mixed_precision == "fp16":
             raise ConfigError("perception_weight", "dynamic λ does not work with fp16 loss scaling", "use --mixed-precision bf16 or no")
+
+    def require_io(self) -> None:
+        """A training run (not a plan) needs data and an output folder."""
+        for field in ("data", "output"):
+            if not getattr(self, field):
+                raise ConfigError(field, "a training run needs it", f"pass --{field}, or --dry-run for a memory plan only")
 
     @property
     def learning_rate(self) -> float:

@@ -20,7 +20,6 @@ Because every loss is normalised by the global token counts and DRIFT sees the f
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
@@ -54,16 +53,10 @@ def checkpoint_root(output: str | Path) -> Path:
     return out.parent / f"{out.name}-checkpoints"
 
 
-def _mixed_precision(config: TrainConfig) -> str:
-    if config.mixed_precision != "auto":
-        return config.mixed_precision
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
 def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: Callable[[str], None] | None = None) -> TrainResult:
     """Run ``config`` to the end and write its output folder; ``on_step`` receives each step's metrics."""
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from accelerate import PartialState
+    from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
     from surgeon.drift import clip_grad_norm
@@ -71,15 +64,25 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
     from surgeon.output import check_output
     from surgeon.reweight import PerceptionGradients, combine, count_span_tokens, span_losses
     from surgeon.training import setup
+    from surgeon.training.config import resolve_precision
+    from surgeon.training.model import trainable
     from surgeon.training.order import SampleOrder
+    from surgeon.training.parallel import Replicated, Sharded, deepspeed_requested, fsdp_requested
     from surgeon.training.state import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 
+    config.require_io()
+    if deepspeed_requested():
+        raise ConfigError("distributed", "surgeon train does not run under DeepSpeed", "shard with --fsdp (FSDP2) instead")
     # cpu=True on machines without CUDA, so that torchrun/accelerate launch gives a gloo process group
     cpu = not torch.cuda.is_available()
     state = PartialState(cpu=cpu)
     status = on_status if (on_status is not None and state.is_main_process) else (lambda text: None)
-    check_output(config.output, config.overwrite, [config.model, config.data, config.prior, config.image_lora])
-    ckpt_root = checkpoint_root(config.output)
+    precision = resolve_precision(config, not cpu and torch.cuda.is_bf16_supported())
+    sharded = fsdp_requested(config.fsdp) and state.num_processes > 1
+    if fsdp_requested(config.fsdp) and not sharded:
+        status("one process: --fsdp has nothing to shard over, so this run trains unsharded")
+    check_output(config.output, config.overwrite, [config.model, config.data, config.prior, config.image_lora])  # type: ignore[arg-type]
+    ckpt_root = checkpoint_root(config.output)  # type: ignore[arg-type]
     if config.resume and latest_checkpoint(ckpt_root) is None:
         raise ConfigError("resume", f"no checkpoint in {ckpt_root}", "run without --resume, or check --output")
     if not config.resume and ckpt_root.exists():  # without a checkpoint in it: metrics of a run that stopped early
@@ -87,13 +90,15 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
             raise ConfigError(
                 "output", f"{ckpt_root} holds checkpoints of an earlier run", "pass --resume to continue it, or --overwrite to start over"
             )
+        state.wait_for_everyone()
         if state.is_main_process:
-            shutil.rmtree(ckpt_root)
+            shutil.rmtree(ckpt_root, ignore_errors=True)
     state.wait_for_everyone()
     set_seed(config.seed)
     checkpoint = setup.check_inputs(config)
+    setup.check_memory(config, checkpoint, state.num_processes, sharded, precision, state.device)
     status("loading data and model")
-    run = setup.prepare(config, checkpoint)
+    run = setup.prepare(config, checkpoint, precision, sharded=sharded)
     data = run.dataset.stats
     status(
         f"data: {data.used} of {data.read} samples used, {data.supervised_tokens:,} supervised tokens"
@@ -106,22 +111,17 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
             f"{il['parameters']:,} parameters; adapter FLOPs {flops['ratio']:.2%} of LoRA on v_proj over all tokens "
             f"(visual-token fraction of the data {flops['visual_fraction']:.2%})"
         )
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=run.has_surgeon_modules)
-    accelerator = Accelerator(mixed_precision=_mixed_precision(config), kwargs_handlers=[ddp], cpu=cpu)
-    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
-        raise ConfigError(
-            "distributed",
-            f"surgeon train runs with DDP, not {accelerator.distributed_type.name}",
-            "launch with plain torchrun or `accelerate launch` without an FSDP/DeepSpeed config",
-        )
-    world, rank = accelerator.num_processes, accelerator.process_index
+    engine = Sharded(precision, state) if sharded else Replicated(precision, run.has_surgeon_modules, cpu)
+    world, rank = engine.world, engine.rank
     order = SampleOrder(len(run.dataset), config.batch_size, config.grad_accum, world, config.seed)
     total = config.max_steps or max(1, math.ceil(config.epochs * order.steps_per_epoch))
+    model = engine.shard(run.model)
+    run.trainable = trainable(model)  # the sharded parameters (same names)
     params = list(run.trainable.values())
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total), total)
-    model, optimizer = accelerator.prepare(run.model, optimizer)
-    drift = setup.drift_for(run, config, accelerator.device)
+    model, optimizer = engine.wrap(model, optimizer)
+    drift = setup.drift_for(run, config)
     if drift is not None:
         status(f"DRIFT biases {len(drift.params)} tensors ({drift.numel:,} parameters), {config.drift_scale}, α={config.drift_alpha}")
     dynamic = PerceptionGradients(params) if config.perception_weight == "dynamic" else None
@@ -130,31 +130,25 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
     start = 0
     if config.resume:
         latest = latest_checkpoint(ckpt_root)
-        start = load_checkpoint(latest, fingerprint, run.trainable, optimizer, scheduler)
+        start = load_checkpoint(latest, fingerprint, run.trainable, optimizer, scheduler, engine)  # type: ignore[arg-type]
         status(f"resumed from {latest} at step {start}")
 
-    def all_reduce(t: torch.Tensor) -> torch.Tensor:
-        if world > 1:
-            torch.distributed.all_reduce(t)
-        return t
-
-    metrics_lines: list[str] = []
+    log = _MetricsLog(ckpt_root / "metrics.jsonl", start) if engine.is_main else None
     metrics: dict[str, Any] = {}
     model.train()
     for step in range(start, total):
         started = time.perf_counter()
         batches = [run.collate([run.dataset[i] for i in mb]) for mb in order.micro_batches(step, rank)]
         counts = torch.tensor([list(count_span_tokens(b["labels"], b["perception_mask"])) for b in batches]).sum(0)
-        n_p, n_r = (int(x) for x in all_reduce(counts.to(accelerator.device)))
+        n_p, n_r = (int(x) for x in engine.all_reduce(counts.to(engine.device)))
         lam = config.fixed_lambda if config.fixed_lambda is not None else n_p / max(n_p + n_r, 1)
-        sums = torch.zeros(3, device=accelerator.device)  # L_p, L_r, tokens seen (this rank)
+        sums = torch.zeros(3, device=engine.device)  # L_p, L_r, tokens seen (this rank)
         for j, batch in enumerate(batches):
             last = j == len(batches) - 1 and dynamic is None
-            sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
             labels, mask = batch.pop("labels"), batch.pop("perception_mask")
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            with sync:
-                with accelerator.autocast():
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            with engine.sync(model, last):
+                with engine.autocast():
                     logits = model(**batch).logits
                 if not logits.requires_grad:  # a text-only batch when only visual-token adapters train
                     logits = logits + sum(p.sum() for p in params) * 0.0  # same values, zero gradients
@@ -162,20 +156,23 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
                 if dynamic is not None:
                     dynamic.backward(losses)
                 else:
-                    accelerator.backward(combine(losses, lam) * world)
+                    engine.backward(combine(losses, lam) * engine.loss_scale)
             sums += torch.stack([losses.perception.detach(), losses.reasoning.detach(), batch["attention_mask"].sum().float()])
-        if dynamic is not None:
-            lam = dynamic.apply(reduce=all_reduce if world > 1 else None).lam
-        if accelerator.scaler is not None:
-            accelerator.unscale_gradients(optimizer)
-        drift_stats = drift.apply() if drift is not None else None
-        known = drift_stats.grad_norms if drift_stats is not None else None
-        grad_norm = clip_grad_norm(params, config.max_grad_norm, known) if config.max_grad_norm > 0 else None
+        if dynamic is not None:  # reduces the gradients that no framework summed over ranks
+            lam = dynamic.apply(reduce=engine.all_reduce if world > 1 else None).lam
+        else:
+            engine.finish_grads()
+        engine.unscale(optimizer)
+        clip = params if config.max_grad_norm > 0 else ()
+        drift_stats = drift.apply(norms_of=clip) if drift is not None else None
+        grad_norm = None
+        if config.max_grad_norm > 0:
+            grad_norm = clip_grad_norm(params, config.max_grad_norm, drift_stats.total_norm if drift_stats else None)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        l_p, l_r, tokens = (float(x) for x in all_reduce(sums))
+        l_p, l_r, tokens = (float(x) for x in engine.all_reduce(sums))
         eff = 0.0 if n_p == 0 else 1.0 if n_r == 0 else lam
         elapsed = time.perf_counter() - started
         metrics = {
@@ -195,31 +192,45 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
         if drift_stats is not None:
             metrics["drift_tensors"] = drift_stats.biased
             metrics["drift_coefficient"] = drift_stats.mean_coefficient
-        metrics_lines.append(json.dumps(metrics))
-        if on_step is not None and accelerator.is_main_process:
+        if log is not None:
+            log.write(metrics)
+        if on_step is not None and engine.is_main:
             on_step(metrics)
         if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < total:
-            if accelerator.is_main_process:
-                save_checkpoint(ckpt_root / f"checkpoint-{step + 1}", Progress(step + 1, fingerprint), run.trainable, optimizer, scheduler)
-                _append_metrics(ckpt_root, metrics_lines)
-                metrics_lines = []
-            accelerator.wait_for_everyone()
+            save_checkpoint(ckpt_root / f"checkpoint-{step + 1}", Progress(step + 1, fingerprint), run.trainable, optimizer, scheduler, engine)
+            engine.barrier()
 
     stats = {**run.stats, "steps": total, "world_size": world, "global_batch": order.global_batch, "final": metrics}
+    stats["precision"] = {"mixed": precision.mixed, "trained": precision.master, "frozen": precision.frozen}
+    stats["sharded"] = engine.sharded
     if drift is not None:
         stats["drift"] = {"tensors": len(drift.params), "parameters": drift.numel}
-    if accelerator.is_main_process:
-        _append_metrics(ckpt_root, metrics_lines)
-        setup.save_output(run, accelerator.unwrap_model(model), config, stats, ckpt_root / "metrics.jsonl")
+    final = setup.output_model(run, model, config, precision, engine)
+    if log is not None:
+        log.close()
+        setup.save_output(run, final, config, stats, ckpt_root / "metrics.jsonl")
         if not any(ckpt_root.glob("checkpoint-*")):  # nothing to resume from: the metrics are in the output now
             shutil.rmtree(ckpt_root, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return TrainResult(config.output, total, metrics, stats, accelerator.is_main_process)
+    engine.barrier()
+    return TrainResult(config.output, total, metrics, stats, engine.is_main)  # type: ignore[arg-type]
 
 
-def _append_metrics(root: Path, lines: list[str]) -> None:
-    if not lines:
-        return
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / "metrics.jsonl", "a") as f:
-        f.write("\n".join(lines) + "\n")
+class _MetricsLog:
+    """``metrics.jsonl`` beside the checkpoints: one line per step, written as the step ends. A
+    resumed run first drops the lines of steps after the checkpoint it continues from."""
+
+    def __init__(self, path: Path, start: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if start and path.exists():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= start]
+            path.write_text("".join(line + "\n" for line in kept))
+        elif path.exists():
+            path.unlink()
+        self._file = open(path, "a")
+
+    def write(self, metrics: dict[str, Any]) -> None:
+        self._file.write(json.dumps(metrics) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

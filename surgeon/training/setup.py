@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from surgeon.errors import ConfigError
-from surgeon.training.config import TrainConfig
+from surgeon.training.config import Precision, TrainConfig
 from surgeon.iada import IadaConfig, add_iada
 from surgeon.provenance import file_hash
 from surgeon.modules import load_model, module_parameters, write_adapter_modules, write_model, write_module_folder
@@ -60,13 +60,18 @@ def check_inputs(config: TrainConfig) -> Any:
     return ckpt
 
 
-def prepare(config: TrainConfig, ckpt: Any) -> Run:
-    """Load and encode the data, load the model, choose and mark the trainable parameters."""
+def prepare(config: TrainConfig, ckpt: Any, precision: Precision, sharded: bool = False) -> Run:
+    """Load and encode the data, load the model, choose and mark the trainable parameters.
+
+    ``sharded``: the model is loaded in the checkpoint's own dtype (memory-mapped, so a process
+    reads only the rows it keeps) and cast unit by unit when FSDP shards it; otherwise every
+    parameter is cast to the precision policy here."""
     from surgeon.data import DataStats, load_samples
     from surgeon.encoding import EncodedDataset, SampleEncoder
 
+    config.require_io()
     stats = DataStats()
-    samples = load_samples(config.data, config.perception_regex, skip_bad=config.skip_bad_lines, stats=stats)
+    samples = load_samples(config.data, config.perception_regex, skip_bad=config.skip_bad_lines, stats=stats)  # type: ignore[arg-type]
     encoder = SampleEncoder.from_pretrained(ckpt.path, max_length=config.max_length, name=config.model)
     dataset = EncodedDataset(samples, encoder, stats=stats, skip_bad=config.skip_bad_lines, cache=True)
     if config.perception_weight is not None and stats.perception_tokens == 0:
@@ -76,33 +81,14 @@ def prepare(config: TrainConfig, ckpt: Any) -> Run:
             f"no supervised token of {config.data} is marked as perception ({how}), so the weight would change nothing",
             "mark perception spans in the answers (or fix --perception-regex), or drop --perception-weight",
         )
-
-    dtype = torch.bfloat16 if (torch.cuda.is_available() and not config.full and torch.cuda.is_bf16_supported()) else torch.float32
-    model = load_model(ckpt.path, dtype=dtype)
-    if config.iada:
-        if module_parameters(model, "iada"):
-            raise ConfigError("iada", f"{config.model} already has IADA blocks, which train anyway", "drop --iada")
-        add_iada(model, IadaConfig())
+    model = build_model(config, ckpt.path, "auto" if sharded else precision.frozen)
+    if not sharded:
+        cast_parameters(model.parameters(), precision)
     extra: dict[str, Any] = {}
     if config.image_lora:
-        extra["image_lora"] = _add_image_lora(model, config, dataset)
-    has_modules = bool(module_parameters(model))
-    extra["surgeon_modules"] = [kind for kind in ("iada", "image_lora") if module_parameters(model, kind)]  # all train
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
-    if config.full:
-        set_trainable(model, full=True, train_vision=config.train_vision)
-    else:
-        lora = not config.image_lora  # Image-LoRA trains alone: no LoRA on the language model, which stays frozen
-        if lora:  # with --train-vision, peft trains and saves the vision tower and projector (modules_to_save)
-            model = apply_lora(
-                model, config.lora_rank, config.lora_alpha, config.lora_targets, config.lora_dropout, config.train_vision
-            )
-        set_trainable(model, full=False, train_vision=config.train_vision and not lora)
-        for p in model.parameters():
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()  # adapters and unfrozen modules train in fp32
+        extra["image_lora"] = _image_lora_report(model, config, dataset)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    extra["surgeon_modules"] = [kind for kind in ("iada", "image_lora") if module_parameters(base, kind)]  # all train
     params = trainable(model)
     if not params:
         raise ConfigError("model", "no parameter would train", "check --full / LoRA targets")
@@ -115,18 +101,74 @@ def prepare(config: TrainConfig, ckpt: Any) -> Run:
         processor=encoder.processor,
         checkpoint=ckpt,
         trainable=params,
-        data_fingerprint=file_hash(config.data),
-        has_surgeon_modules=has_modules,
+        data_fingerprint=file_hash(config.data),  # type: ignore[arg-type]
+        has_surgeon_modules=bool(extra["surgeon_modules"]),
         stats={"data": dataset.stats.to_dict(), "trainable_parameters": n_train, "parameters": n_total, **extra},
     )
 
 
-def _add_image_lora(model: torch.nn.Module, config: TrainConfig, dataset: Any) -> dict[str, Any]:
-    """Attach Image-LoRA for ``config.image_lora``'s heads; returns its statistics, with the FLOPs
-    report over the whole dataset (tokens and visual tokens of every usable sample)."""
+def build_model(config: TrainConfig, source: str | Path | dict, dtype: str) -> torch.nn.Module:
+    """The model a run trains, without its data: loaded from ``source`` (a model folder) in
+    ``dtype`` (a torch dtype name, or ``auto`` for the checkpoint's own), or, for a config.json
+    dict, built empty on the meta device (memory plans); then IADA / Image-LoRA modules added,
+    gradient checkpointing on, LoRA applied or the language model unfrozen, every other
+    parameter frozen. The same options always give the same structure and parameter names."""
+    if isinstance(source, dict):
+        model = empty_model(source)
+    else:
+        model = load_model(source, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+    if config.iada:
+        if module_parameters(model, "iada"):
+            raise ConfigError("iada", f"{config.model} already has IADA blocks, which train anyway", "drop --iada")
+        add_iada(model, IadaConfig())
+    if config.image_lora:
+        _add_image_lora(model, config)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if config.full:
+        set_trainable(model, full=True, train_vision=config.train_vision)
+        return model
+    lora = not config.image_lora  # Image-LoRA trains alone: no LoRA on the language model, which stays frozen
+    if lora:  # with --train-vision, peft trains and saves the vision tower and projector (modules_to_save)
+        model = apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.lora_dropout, config.train_vision)
+    set_trainable(model, full=False, train_vision=config.train_vision and not lora)
+    return model
+
+
+def empty_model(model_config: dict) -> torch.nn.Module:
+    """A model of a config.json dict on the meta device: shapes, names and no memory."""
+    from transformers import AutoConfig
+
+    from surgeon import modeling_surgeon as modeling
+
+    config = AutoConfig.for_model(**model_config)
+    architectures = getattr(config, "architectures", None) or []
+    if not architectures:
+        raise ConfigError("model", "config.json names no architecture", "give a transformers model folder")
+    try:
+        cls = modeling.architecture_class(architectures[0])
+    except modeling.SurgeonModelingError as e:
+        raise ConfigError("model", str(e)) from None
+    if getattr(config, modeling.CONFIG_KEY, None):
+        cls = modeling.surgeon_class(cls)
+    with torch.device("meta"):
+        return cls._from_config(config)
+
+
+def cast_parameters(params: Any, precision: Precision) -> None:
+    """Trained parameters to the master dtype, frozen ones to the frozen dtype, in place (a
+    parameter tied to another is cast once)."""
+    for p in params:
+        want = getattr(torch, precision.master if p.requires_grad else precision.frozen)
+        if p.dtype != want and p.is_floating_point():
+            p.data = p.data.to(want)
+
+
+def _add_image_lora(model: torch.nn.Module, config: TrainConfig) -> None:
+    """Attach Image-LoRA for the heads of ``config.image_lora``."""
     from surgeon.heads import read_heads
-    from surgeon.image_lora import ImageLoraConfig, add_image_lora, count_parameters, flops_report
-    from surgeon.modeling_surgeon import visual_token_ids
+    from surgeon.image_lora import ImageLoraConfig, add_image_lora
 
     if module_parameters(model, "image_lora"):
         raise ConfigError(
@@ -135,8 +177,17 @@ def _add_image_lora(model: torch.nn.Module, config: TrainConfig, dataset: Any) -
             "train from the base model with --image-lora (without it, LoRA would train the language model beside them)",
         )
     heads = read_heads(config.image_lora, "image_lora")  # type: ignore[arg-type]
-    module = add_image_lora(model, heads, ImageLoraConfig(rank=config.image_lora_rank, alpha=config.image_lora_alpha))
-    s = module.settings
+    add_image_lora(model, heads, ImageLoraConfig(rank=config.image_lora_rank, alpha=config.image_lora_alpha))
+
+
+def _image_lora_report(model: torch.nn.Module, config: TrainConfig, dataset: Any) -> dict[str, Any]:
+    """Image-LoRA's statistics, with the FLOPs report over the whole dataset (tokens and visual
+    tokens of every usable sample); an error when the data has no visual token to adapt."""
+    from surgeon.image_lora import count_parameters, flops_report
+    from surgeon.modeling_surgeon import visual_token_ids
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    s = base.surgeon.image_lora.settings  # type: ignore[union-attr]
     ids = torch.tensor(visual_token_ids(model.config), dtype=torch.long)
     visual = sum(int(torch.isin(dataset[i].input_ids, ids).sum()) for i in range(len(dataset)))
     if visual == 0:
@@ -150,8 +201,9 @@ def _add_image_lora(model: torch.nn.Module, config: TrainConfig, dataset: Any) -
     return {"heads": s["heads"], "parameters": params, "flops": flops.to_dict()}
 
 
-def drift_for(run: Run, config: TrainConfig, device: torch.device) -> Any:
-    """The Drift object for ``config.prior`` (None without a prior), Δ already on ``device``."""
+def drift_for(run: Run, config: TrainConfig) -> Any:
+    """The Drift object for ``config.prior`` (None without a prior): Δ on the parameters' device,
+    each rank holding only the rows of its shards when the model is sharded."""
     if not config.prior:
         return None
     from surgeon.drift import Drift
@@ -159,6 +211,58 @@ def drift_for(run: Run, config: TrainConfig, device: torch.device) -> Any:
     return Drift.from_prior(
         dict(lm_parameters(run.model)), config.prior, alpha=config.drift_alpha, scale=config.drift_scale, normalize=config.drift_normalize
     )
+
+
+def check_memory(config: TrainConfig, ckpt: Any, processes: int, sharded: bool, precision: Precision, device: torch.device) -> None:
+    """Stop before loading anything when the run's memory plan does not fit the device it runs
+    on (``--gpu-memory``, or the GPU's memory; on the CPU the memory available to the machine's
+    processes), with the plan in the message."""
+    from surgeon.training.plan import device_budget, plan_memory
+
+    found = device_budget(config.gpu_memory, device, processes)
+    if found is None:
+        return
+    budget, source = found
+    plan = plan_memory(config, ckpt.config, processes, sharded, precision, device.type, budget, source)
+    if not plan.fits:
+        raise ConfigError(
+            "memory",
+            f"the run needs about {plan.describe()} per process, more than the {_gb(budget)} {source}",
+            "shard with --fsdp over more processes, or use --gradient-checkpointing, a smaller --batch-size / --max-length, LoRA or --param-dtype bf16 "
+            "(surgeon train MODEL --dry-run shows the plan)",
+        )
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def output_model(run: Run, model: torch.nn.Module, config: TrainConfig, precision: Precision, engine: Any) -> torch.nn.Module | None:
+    """The trained model as the main process saves it (None on the other processes).
+
+    Replicated runs: the model itself. Sharded runs: the trained parameters are gathered one
+    tensor at a time (each rank's rows, collected on the main process's CPU) into a copy of the
+    model that the main process loads from the checkpoint (memory-mapped: untouched frozen weights
+    cost no memory) and builds exactly as the run built its own; every rank takes part in each
+    gather, and no process ever holds more than that one copy of the trained weights."""
+    if not engine.sharded:
+        return engine.accelerator.unwrap_model(model)
+    gathered: dict[str, torch.Tensor] = {}
+    for name, p in trainable(model).items():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
+        if engine.is_main:
+            gathered[name] = full.detach().to("cpu", copy=True)
+        del full
+    if not engine.is_main:
+        return None
+    twin = build_model(config, run.checkpoint.path, precision.frozen)
+    missing = [name for name in gathered if name not in dict(twin.named_parameters())]
+    if missing:
+        raise RuntimeError(f"the rebuilt model lacks {len(missing)} trained parameters, e.g. {missing[0]}")
+    for name, p in twin.named_parameters():
+        if name in gathered:
+            p.data = gathered.pop(name)
+    return twin
 
 
 def save_output(run: Run, model: torch.nn.Module, config: TrainConfig, stats: dict, metrics: Path) -> Path:

@@ -5,15 +5,20 @@ A checkpoint folder holds::
     trainable.safetensors   the trainable parameters, by name
     optimizer.safetensors   the optimizer's per-parameter state tensors (``state.<i>.<key>``)
     rng.safetensors         torch CPU (and CUDA) generator states
-    state.json              step, param groups, scheduler state, Python/NumPy RNG, run fingerprint
+    state.json              step, param groups, scheduler state, Python/NumPy RNG, run fingerprint,
+                            world size and whether the model was sharded
 
-so that ``--resume`` continues exactly where the run stopped and no file is ever unpickled.
+so that ``--resume`` continues exactly where the run stopped and no file is ever unpickled. A
+sharded (FSDP) run writes one ``trainable``, ``optimizer`` and ``rng`` file per rank instead
+(``trainable-rank00001.safetensors`` …), each with that rank's rows only; it resumes on the same
+number of processes.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,7 @@ import torch
 from surgeon.errors import ConfigError
 from surgeon.output import output_folder
 from surgeon.safetensors_io import write_file
+from surgeon.shards import local
 
 STATE_FILE = "state.json"
 
@@ -36,41 +42,79 @@ class Progress:
     fingerprint: str
 
 
+def _suffix(engine: Any) -> str:
+    return f"-rank{engine.rank:05d}" if engine is not None and engine.sharded else ""
+
+
 def save_checkpoint(
     folder: Path,
     progress: Progress,
     trainable: dict[str, torch.Tensor],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    engine: Any = None,
 ) -> Path:
-    """Write one checkpoint folder atomically (it appears complete or not at all)."""
-    with output_folder(folder, overwrite=True) as tmp:
-        write_file(tmp / "trainable.safetensors", {k: v.detach().contiguous().cpu() for k, v in trainable.items()})
-        opt = optimizer.state_dict()
-        tensors, scalars = {}, {}
-        for idx, entries in opt["state"].items():
-            for key, value in entries.items():
-                if torch.is_tensor(value):
-                    tensors[f"state.{idx}.{key}"] = value.detach().contiguous().cpu()
-                else:
-                    scalars[f"state.{idx}.{key}"] = value
-        write_file(tmp / "optimizer.safetensors", tensors)
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        write_file(tmp / "rng.safetensors", rng)
-        np_state = np.random.get_state()
-        state = {
-            "step": progress.step,
-            "fingerprint": progress.fingerprint,
-            "param_groups": opt["param_groups"],
-            "optimizer_scalars": scalars,
-            "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
-            "python_rng": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-            "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        }
-        (tmp / STATE_FILE).write_text(json.dumps(state))
+    """Write one checkpoint folder atomically (it appears complete or not at all). Called on every
+    rank: a replicated run's main process writes everything; a sharded run's ranks each write
+    their own rows into one shared temporary folder that the main process renames into place."""
+    sharded = engine is not None and engine.sharded
+    main = engine is None or engine.is_main
+    if not sharded:
+        if main:
+            with output_folder(folder, overwrite=True) as tmp:
+                _write_tensors(tmp, "", trainable, optimizer)
+                _write_state(tmp, progress, optimizer, scheduler, engine)
+        return Path(folder)
+    tmp = folder.parent / f".{folder.name}.surgeon-tmp-shared"
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    engine.barrier()
+    _write_tensors(tmp, _suffix(engine), trainable, optimizer)
+    engine.barrier()
+    if main:
+        _write_state(tmp, progress, optimizer, scheduler, engine)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    engine.barrier()
     return Path(folder)
+
+
+def _write_tensors(tmp: Path, suffix: str, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
+    write_file(tmp / f"trainable{suffix}.safetensors", {k: local(v).detach().contiguous().cpu() for k, v in trainable.items()})
+    tensors = {}
+    for idx, entries in optimizer.state_dict()["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{idx}.{key}"] = local(value).detach().contiguous().cpu()
+    write_file(tmp / f"optimizer{suffix}.safetensors", tensors)
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    write_file(tmp / f"rng{suffix}.safetensors", rng)
+
+
+def _write_state(
+    tmp: Path, progress: Progress, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, engine: Any
+) -> None:
+    opt = optimizer.state_dict()
+    scalars = {
+        f"state.{idx}.{key}": value for idx, entries in opt["state"].items() for key, value in entries.items() if not torch.is_tensor(value)
+    }
+    np_state = np.random.get_state()
+    state = {
+        "step": progress.step,
+        "fingerprint": progress.fingerprint,
+        "world_size": engine.world if engine is not None else 1,
+        "sharded": bool(engine is not None and engine.sharded),
+        "param_groups": opt["param_groups"],
+        "optimizer_scalars": scalars,
+        "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
+        "python_rng": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    (tmp / STATE_FILE).write_text(json.dumps(state))
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -88,10 +132,12 @@ def load_checkpoint(
     trainable: dict[str, torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    engine: Any = None,
 ) -> int:
     """Restore a checkpoint into live objects; returns the step to continue from.
 
-    Refuses a checkpoint made with settings that change the run (model, data, batch, seed …).
+    Refuses a checkpoint made with settings that change the run (model, data, batch, seed …), and
+    a sharded checkpoint on another number of processes or without sharding (and the reverse).
     """
     from safetensors.torch import load_file
 
@@ -102,20 +148,39 @@ def load_checkpoint(
             f"{folder} was made with different training settings",
             "resume with the same model, data and options, or start a new output folder",
         )
-    weights = load_file(str(folder / "trainable.safetensors"))
+    sharded = bool(engine is not None and engine.sharded)
+    world = engine.world if engine is not None else 1
+    saved_world, saved_sharded = state.get("world_size", 1), state.get("sharded", False)
+    if saved_sharded != sharded or (sharded and saved_world != world):
+        how = f"--fsdp on {saved_world} processes" if saved_sharded else "without --fsdp"
+        now = f"--fsdp on {world} processes" if sharded else "unsharded"
+        raise ConfigError(
+            "resume",
+            f"{folder} holds the model sharded over {saved_world} processes, this run is {now}" if saved_sharded
+            else f"{folder} holds an unsharded model, this run is {now}",
+            f"resume {how} (e.g. torchrun --nproc-per-node {saved_world} … --fsdp --resume)" if saved_sharded else f"resume {how}",
+        )
+    suffix = _suffix(engine)
+    weights = load_file(str(folder / f"trainable{suffix}.safetensors"))
     if set(weights) != set(trainable):
         raise ConfigError("resume", f"{folder} holds other trainable parameters than this run", "start a new output folder")
     with torch.no_grad():
         for name, param in trainable.items():
-            param.copy_(weights[name])
-    tensors = load_file(str(folder / "optimizer.safetensors"))
+            local(param).copy_(weights[name])
+    tensors = load_file(str(folder / f"optimizer{suffix}.safetensors"))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     opt_state: dict[int, dict[str, Any]] = {}
     for key, value in list(tensors.items()) + list(state["optimizer_scalars"].items()):
         _, idx, name = key.split(".", 2)
+        param = params[int(idx)]
+        if torch.is_tensor(value) and hasattr(param, "placements") and tuple(value.shape) == tuple(local(param).shape):
+            from torch.distributed.tensor import DTensor
+
+            value = DTensor.from_local(value.to(local(param).device), param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
         opt_state.setdefault(int(idx), {})[name] = value
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
     scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
-    rng = load_file(str(folder / "rng.safetensors"))
+    rng = load_file(str(folder / f"rng{suffix}.safetensors"))
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():
         cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]

@@ -1,0 +1,265 @@
+"""A memory plan for a training run, from config.json alone (the model is built on the meta device).
+
+    plan = plan_memory(TrainConfig(model="Qwen/Qwen2.5-VL-7B-Instruct", full=True), model_config,
+                       processes=8, sharded=True, precision=resolve_precision(config, True), device="cuda")
+    plan.per_process_bytes, plan.parts            # {"weights": …, "master": …, "gradients": …, …}
+
+Per process, in bytes (surgeon's estimates; "trained" = parameters that train):
+
+    weights      frozen parameters in the frozen dtype, plus the compute-dtype working copies of
+                 trained weights (autocast's cached casts; under FSDP, the all-gathered units in
+                 flight: the root and the two largest decoder-layer units)
+    master       trained parameters in the master dtype (fp32 by default)
+    gradients    their gradients (2× with dynamic λ, which keeps g_p and g_r apart; under FSDP plus
+                 one unit's unsharded fp32 gradients before the reduce-scatter)
+    optimizer    AdamW's two moments, in the master dtype
+    delta        DRIFT's Δ in the prior's stored dtype
+    activations  what the backward pass keeps, for batch_size × max_length tokens of the language
+                 model: per decoder layer and token about (7·hidden + 3·kv + 4·intermediate) values
+                 in the compute dtype (one layer input with gradient checkpointing, plus one layer
+                 recomputed), plus the logits and the cross-entropy's fp32 copies, plus IADA's
+                 fp32 boundary states; the vision tower's activations are not counted (frozen
+                 towers keep none)
+    runtime      a fixed allowance for the framework: CUDA context and workspaces on a GPU, the
+                 Python/torch/transformers process on the CPU
+
+Under FSDP every tensor of the language model is split in rows over the processes (a tensor of n
+rows costs ceil(n / processes) rows per process); the vision tower, projector and surgeon
+modules are replicated (see ``surgeon.training.parallel``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from surgeon.errors import ConfigError
+from surgeon.training.config import DTYPE_BYTES, Precision, TrainConfig
+
+PARTS = ("weights", "master", "gradients", "optimizer", "delta", "activations", "runtime")
+RUNTIME_BYTES = {"cuda": 2 * 10**9, "cpu": 10**9}  # surgeon's allowance (see the module docstring)
+PRIOR_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per process by part (``PARTS``), the counts behind them, and the budget."""
+
+    architecture: str
+    processes: int
+    sharded: bool
+    device: str
+    precision: dict[str, str]
+    parts: dict[str, int]
+    parameters: dict[str, int]
+    tokens: int
+    gradient_checkpointing: bool
+    budget: int | None = None
+    budget_source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def per_process_bytes(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.budget is None or self.per_process_bytes <= self.budget
+
+    def describe(self) -> str:
+        """``"122.3 GB (weights 1.4, master 30.5, …)"``."""
+        parts = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in self.parts.items() if v)
+        return f"{self.per_process_bytes / 1e9:.1f} GB ({parts})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "per_process_bytes": self.per_process_bytes, "fits": self.fits}
+
+
+def plan_memory(
+    config: TrainConfig,
+    model_config: dict,
+    processes: int,
+    sharded: bool,
+    precision: Precision,
+    device: str = "cuda",
+    budget: int | None = None,
+    budget_source: str = "",
+) -> MemoryPlan:
+    """The plan of ``config`` on ``processes`` processes (``sharded``: FSDP) for a model of
+    ``model_config`` (config.json as a dict), built on the meta device with the run's own options
+    (LoRA, IADA, Image-LoRA, full, --train-vision), so the parameter counts are exact."""
+    import torch
+
+    from surgeon.modules import module_parameters
+    from surgeon.training.model import language_model, lm_parameters, vision_modules
+    from surgeon.training.setup import build_model
+
+    if processes < 1:
+        raise ConfigError("num_processes", f"must be at least 1, got {processes}")
+    sharded = sharded and processes > 1
+    model = build_model(config, model_config, "auto")
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    replicated = {id(p) for path in vision_modules(model) for p in model.get_submodule(path).parameters()}
+    replicated |= {id(p) for p in module_parameters(root).values()}
+    world = processes if sharded else 1
+
+    def size(p: torch.Tensor, nbytes: int) -> int:
+        """Bytes of p on one process: its rows when sharded, all of it otherwise."""
+        if not sharded or id(p) in replicated or p.dim() == 0:
+            return p.numel() * nbytes
+        rows = -(-p.shape[0] // world)
+        return rows * (p.numel() // max(p.shape[0], 1)) * nbytes
+
+    b_master, b_frozen = DTYPE_BYTES[precision.master], DTYPE_BYTES[precision.frozen]
+    b_compute = DTYPE_BYTES[precision.compute]
+    unique = list({id(p): p for p in model.parameters()}.values())
+    trained = [p for p in unique if p.requires_grad]
+    frozen = [p for p in unique if not p.requires_grad]
+    parts = dict.fromkeys(PARTS, 0)
+    parts["weights"] = sum(size(p, b_frozen) for p in frozen)
+    parts["master"] = sum(size(p, b_master) for p in trained)
+    grad_copies = 2 if config.perception_weight == "dynamic" else 1
+    parts["gradients"] = grad_copies * sum(size(p, b_master) for p in trained)
+    parts["optimizer"] = 2 * sum(size(p, b_master) for p in trained)
+    decoder = language_model(model)
+    layer_params = [list(layer.parameters()) for layer in decoder.layers]
+    largest = max((sum(p.numel() for p in ps) for ps in layer_params), default=0)
+    if sharded:
+        in_layers = {id(p) for ps in layer_params for p in ps}
+        root_numel = sum(p.numel() for p in unique if id(p) not in in_layers and id(p) not in replicated)
+        parts["weights"] += (root_numel + 2 * largest) * b_compute  # all-gathered units in flight
+        largest_trained = max((sum(p.numel() for p in ps if p.requires_grad) for ps in layer_params), default=0)
+        parts["gradients"] += largest_trained * 4
+    elif precision.mixed != "no" and b_compute < b_master:
+        parts["weights"] += sum(p.numel() for p in trained if p.dim() >= 2) * b_compute  # autocast's cached casts
+    notes: list[str] = []
+    if config.prior:
+        parts["delta"], biased = _delta_bytes(config.prior, dict(lm_parameters(model)), size)
+        notes.append(f"DRIFT biases {biased:,} parameters")
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    tokens = config.batch_size * config.max_length
+    parts["activations"] = _activations(text, len(decoder.layers), tokens, b_compute, config, module_parameters(root))
+    parts["runtime"] = RUNTIME_BYTES.get(device, RUNTIME_BYTES["cuda"])
+    counts = {
+        "total": sum(p.numel() for p in unique),
+        "trained": sum(p.numel() for p in trained),
+        "frozen": sum(p.numel() for p in frozen),
+        "replicated": sum(p.numel() for p in unique if id(p) in replicated),
+    }
+    return MemoryPlan(
+        architecture=type(root).__name__.removeprefix("Surgeon"),
+        processes=processes,
+        sharded=sharded,
+        device=device,
+        precision={"mixed": precision.mixed, "trained": precision.master, "frozen": precision.frozen, "compute": precision.compute},
+        parts=parts,
+        parameters=counts,
+        tokens=tokens,
+        gradient_checkpointing=config.gradient_checkpointing,
+        budget=budget,
+        budget_source=budget_source,
+        notes=notes,
+    )
+
+
+def _activations(text: Any, layers: int, tokens: int, b: int, config: TrainConfig, modules: dict) -> int:
+    h = text.hidden_size
+    heads = getattr(text, "num_attention_heads", 1) or 1
+    head_dim = getattr(text, "head_dim", None) or h // heads
+    kv = (getattr(text, "num_key_value_heads", None) or heads) * head_dim
+    f = getattr(text, "intermediate_size", None) or 4 * h
+    per_layer = (7 * h + 3 * kv + 4 * f) * b  # bytes per token
+    if config.gradient_checkpointing:
+        kept = tokens * (layers * h * b + per_layer)
+    else:
+        kept = tokens * layers * per_layer
+    vocab = getattr(text, "vocab_size", 0) or 0
+    logits = tokens * vocab * (b + 8 + (4 if b < 4 else 0))  # logits, fp32 log-softmax, fp32 gradient (+ fp32 copy)
+    boundaries = len({n.split(".")[3] for n in modules if n.startswith("surgeon.iada.blocks.")})
+    iada = tokens * h * 4 * 2 * (boundaries + 1) if boundaries else 0
+    return kept + logits + iada
+
+
+def _delta_bytes(prior: str, params: dict[str, Any], size: Any) -> tuple[int, int]:
+    """Bytes of Δ per process and the biased parameter count, from the prior's surgeon.json."""
+    record = _prior_record(prior)
+    stats = record.get("stats", {})
+    dtype = (record.get("config") or {}).get("dtype") or "fp32"
+    nbytes = PRIOR_BYTES.get(str(dtype), 4)
+    total = biased = 0
+    for entry in (stats.get("tensors") or {}).values():
+        p = params.get(entry.get("relative"))
+        if p is None:
+            raise ConfigError("prior", f"{prior} has Δ for {entry.get('relative')}, which this model lacks", "use a prior made for this model")
+        total += size(p, nbytes)
+        biased += p.numel()
+    return total, biased
+
+
+def _prior_record(prior: str) -> dict:
+    from surgeon.checkpoint import REPO_ID
+    from surgeon.provenance import FILE_NAME
+
+    path = Path(prior)
+    if path.is_dir():
+        file = path / FILE_NAME
+    elif REPO_ID.match(prior):
+        from surgeon.hub import download_file
+
+        file = Path(download_file(prior, FILE_NAME))
+    else:
+        raise ConfigError("prior", f"{prior}: no such prior folder", "give a folder written by surgeon prior")
+    try:
+        record = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError("prior", f"{prior} has no readable surgeon.json", "give a folder written by surgeon prior") from None
+    if not isinstance(record, dict) or record.get("artifact") != "prior":
+        raise ConfigError("prior", f"{prior} is not a prior", "give a folder written by surgeon prior")
+    return record
+
+
+def device_budget(given: str | None, device: Any, processes: int) -> tuple[int, str] | None:
+    """The memory one process may use, and where the figure comes from: ``--gpu-memory``, the
+    GPU's memory, or on the CPU the memory available to this machine's processes (None when
+    unknown)."""
+    from surgeon.output import parse_size
+
+    if given:
+        return parse_size(given, "gpu_memory"), "budget (--gpu-memory)"
+    if device.type == "cuda":
+        import torch
+
+        props = torch.cuda.get_device_properties(device)
+        return props.total_memory, f"of {props.name} ({device})"
+    available = _mem_available()
+    if available is None:
+        return None
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", processes) or processes)
+    return available // max(local, 1), f"available per process on this machine ({local} process{'es' if local != 1 else ''})"
+
+
+def _mem_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def plan_for(config: TrainConfig, processes: int, device: str = "cuda") -> MemoryPlan:
+    """``surgeon train --dry-run``: the plan from ``config.model``'s config.json alone (a folder
+    holding just a config works; for a Hub id only config.json is fetched), for a GPU with bf16
+    unless ``--mixed-precision`` says otherwise, checked against ``--gpu-memory`` if given."""
+    from surgeon.iada import _load_config
+    from surgeon.output import parse_size
+    from surgeon.training.config import resolve_precision
+
+    model_config = _load_config(config.model, None)
+    precision = resolve_precision(config, bf16_ok=device == "cuda")
+    budget = parse_size(config.gpu_memory, "gpu_memory") if config.gpu_memory else None
+    return plan_memory(config, model_config, processes, config.fsdp, precision, device, budget, "budget (--gpu-memory)" if budget else "")

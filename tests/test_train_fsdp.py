@@ -1,0 +1,139 @@
+"""Sharded training (``--fsdp``, FSDP2 on 2 CPU processes with gloo) against one unsharded
+process with the same global batch: the same weights for full fine-tuning with DRIFT (each
+scale) and fixed λ, dynamic λ, LoRA and IADA; a sharded resume continues exactly.
+
+Both sides run as fresh processes with one intra-op thread (``run_surgeon``), several commands per
+process (``train_driver.py``), so they compare like with like. They still differ in the order of
+a few sums over ranks (gradient norms, ⟨g,Δ⟩, the dynamic λ's norms), so weights agree to 1e-5:
+0.3% of the largest change three steps at lr 1e-3 can make."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import free_port, run_surgeon
+from safetensors.torch import load_file
+
+DRIVER = Path(__file__).with_name("train_driver.py")
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def data(shapes_data):
+    return shapes_data("trl")
+
+
+@pytest.fixture(scope="module")
+def prior(vlm, tmp_path_factory):
+    from surgeon import tiny
+    from surgeon.prior import PriorConfig, compute_prior
+
+    root = tmp_path_factory.mktemp("fsdp-prior")
+    reasoning = tiny.build_reasoning_llm(vlm, root / "r1", scale=0.5)
+    compute_prior(PriorConfig(reasoning=str(reasoning), vlm=str(vlm), output=str(root / "prior")))
+    return root / "prior"
+
+
+@pytest.fixture(scope="module")
+def iada_vlm(vlm, tmp_path_factory):
+    from surgeon.iada import IadaConfig, inject_iada
+
+    return inject_iada(str(vlm), tmp_path_factory.mktemp("fsdp-iada") / "vlm-iada", IadaConfig(block_size=2)).output
+
+
+def drive(jobs: list, tmp: Path, nproc: int) -> None:
+    """Run the driver's jobs on ``nproc`` processes (torchrun for 2) with one thread each."""
+    path = tmp / f"jobs-{nproc}-{len(list(tmp.glob('jobs-*')))}.json"
+    path.write_text(json.dumps([[str(a) for a in job] if isinstance(job, list) else job for job in jobs]))
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), str(DRIVER), str(path)]  # fmt: skip
+    else:
+        cmd = [sys.executable, str(DRIVER), str(path)]
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SURGEON_DEBUG": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update({f"{f.name}:{k}": v for k, v in load_file(str(f)).items()})
+    return out
+
+
+def assert_same(one: Path, two: Path, tol: float = TOL) -> None:
+    a, b = weights(one), weights(two)
+    assert a and a.keys() == b.keys(), sorted(set(a) ^ set(b))[:5]
+    worst = max((float((a[k].float() - b[k].float()).abs().max()), k) for k in a)
+    assert worst[0] <= tol, worst
+
+
+CASES = {
+    "drift-cosine": ["--full", "--prior", "PRIOR", "--perception-weight", "0.7"],
+    "drift-gradnorm": ["--full", "--prior", "PRIOR", "--drift-scale", "gradnorm", "--drift-alpha", "0.5"],
+    "drift-absolute": ["--full", "--prior", "PRIOR", "--drift-scale", "absolute", "--drift-alpha", "1e-2"],
+    "dynamic": ["--full", "--perception-weight", "dynamic"],
+    "lora": [],
+    "iada": ["IADA"],
+}
+
+
+def _args(name: str, vlm, iada_vlm, data, prior, out: Path, accum: int) -> list:
+    extra = [str(prior) if a == "PRIOR" else a for a in CASES[name] if a != "IADA"]
+    model = iada_vlm if "IADA" in CASES[name] else vlm
+    common = ["--data", data, "--lr", "1e-3", "--seed", "3", "--batch-size", "2", "--max-steps", "3", "--warmup-ratio", "0"]
+    return [model, *common, *extra, "-o", out, "--grad-accum", accum]
+
+
+def test_two_sharded_processes_give_the_weights_of_one(vlm, iada_vlm, data, prior, tmp_path):
+    drive([[*_args(n, vlm, iada_vlm, data, prior, tmp_path / f"{n}-2", 1), "--fsdp"] for n in CASES], tmp_path, 2)
+    drive([_args(n, vlm, iada_vlm, data, prior, tmp_path / f"{n}-1", 2) for n in CASES], tmp_path, 1)
+    for name in CASES:
+        one, two = tmp_path / f"{name}-1", tmp_path / f"{name}-2"
+        assert_same(one, two)
+        record = json.loads((two / "surgeon.json").read_text())["stats"]
+        assert record["sharded"] is True and record["world_size"] == 2, name
+        lines = (two / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(x)["step"] for x in lines] == [1, 2, 3], name
+    # outputs are the standard folders: a full model, a peft adapter, IADA blocks beside the adapter
+    assert (tmp_path / "drift-cosine-2" / "model.safetensors").exists()
+    assert (tmp_path / "lora-2" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "iada-2" / "surgeon-modules.safetensors").exists()
+
+
+def test_sharded_resume_continues_exactly_and_needs_the_same_world_size(vlm, data, prior, tmp_path):
+    args = [vlm, "--data", data, "--lr", "1e-3", "--seed", "1", "--batch-size", "1", "--max-steps", "5", "--warmup-ratio", "0",
+            "--full", "--prior", prior, "--save-steps", "2", "--fsdp"]  # fmt: skip
+    drive([
+        [*args, "-o", tmp_path / "whole"],
+        {"args": [str(a) for a in [*args, "-o", tmp_path / "cut"]], "stop_after_checkpoint": 4},
+    ], tmp_path, 2)  # fmt: skip
+    assert not (tmp_path / "cut").exists()
+    ckpt = tmp_path / "cut-checkpoints" / "checkpoint-4"
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "optimizer-rank00000.safetensors", "optimizer-rank00001.safetensors", "rng-rank00000.safetensors",
+        "rng-rank00001.safetensors", "state.json", "trainable-rank00000.safetensors", "trainable-rank00001.safetensors",
+    ]  # fmt: skip
+    halves = [load_file(str(ckpt / f"trainable-rank0000{r}.safetensors")) for r in (0, 1)]
+    full = load_file(str(vlm / "model.safetensors"))
+    name = next(k for k in halves[0] if k.endswith("layers.0.mlp.up_proj.weight"))
+    rows = full["model.layers.0.mlp.up_proj.weight"].shape[0]
+    assert halves[0][name].shape[0] == halves[1][name].shape[0] == rows // 2  # each rank holds its rows
+
+    other = run_surgeon(["train", *[str(a) for a in args], "-o", tmp_path / "cut", "--resume"], nproc=1)
+    assert other.returncode == 1 and "Error: resume:" in other.stderr
+    assert "sharded over 2 processes" in other.stderr and "--nproc-per-node 2" in other.stderr
+
+    drive([[*args, "-o", tmp_path / "cut", "--resume"]], tmp_path, 2)
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same ranks, same sums: bit for bit
+    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
