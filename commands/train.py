@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import click
-
 from surgeon.commands._cli import example
-from surgeon.commands._hub import push_to_hub_option, push_written
 from surgeon.commands._console import emit_json, err, out, quiet_transformers
+from surgeon.commands._hub import push_to_hub_option, push_written
 
 
 @click.command(

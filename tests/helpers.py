@@ -46,4 +46,4 @@ def run_surgeon(args: list[str], nproc: int = 1, threads: int = 1, timeout: floa
     else:
         launch = [sys.executable]
     cmd = [*launch, "-m", "surgeon.commands", *[str(a) for a in args]]
-    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, check=False, env=full_env, capture_output=True, text=True, timeout=timeout)

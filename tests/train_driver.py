@@ -14,12 +14,14 @@ import sys
 
 def main() -> None:
     import click
-
     from surgeon.commands import main as surgeon
+
     from surgeon.training import state
 
     save = state.save_checkpoint
-    for job in json.load(open(sys.argv[1])):
+    with open(sys.argv[1]) as f:
+        jobs = json.load(f)
+    for job in jobs:
         args, stop = (job, None) if isinstance(job, list) else (job["args"], job.get("stop_after_checkpoint"))
 
         def save_then_stop(folder, progress, *rest, _stop=stop, **kw):

@@ -11,10 +11,16 @@ from typing import Any
 import torch
 
 from surgeon.errors import ConfigError
-from surgeon.training.config import Precision, TrainConfig
 from surgeon.iada import IadaConfig, add_iada
+from surgeon.modules import (
+    load_model,
+    module_parameters,
+    write_adapter_modules,
+    write_model,
+    write_module_folder,
+)
 from surgeon.provenance import file_hash
-from surgeon.modules import load_model, module_parameters, write_adapter_modules, write_model, write_module_folder
+from surgeon.training.config import Precision, TrainConfig
 from surgeon.training.model import apply_lora, lm_parameters, set_trainable, trainable
 
 
