@@ -103,6 +103,10 @@ def test_two_sharded_processes_give_the_weights_of_one(vlm, iada_vlm, data, prio
         assert record["sharded"] is True and record["world_size"] == 2, name
         lines = (two / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(x)["step"] for x in lines] == [1, 2, 3], name
+    # Δ is sharded like its parameters: each rank holds half of it (the tiny model's rows split evenly)
+    drift = [json.loads((tmp_path / f"drift-cosine-{n}" / "surgeon.json").read_text())["stats"]["drift"] for n in (1, 2)]
+    assert drift[0]["delta_bytes_per_process"] == 4 * drift[0]["parameters"]  # the tiny prior is fp32
+    assert drift[1]["delta_bytes_per_process"] == drift[0]["delta_bytes_per_process"] // 2
     # outputs are the standard folders: a full model, a peft adapter, IADA blocks beside the adapter
     assert (tmp_path / "drift-cosine-2" / "model.safetensors").exists()
     assert (tmp_path / "lora-2" / "adapter_model.safetensors").exists()

@@ -204,7 +204,7 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
     stats["precision"] = {"mixed": precision.mixed, "trained": precision.master, "frozen": precision.frozen}
     stats["sharded"] = engine.sharded
     if drift is not None:
-        stats["drift"] = {"tensors": len(drift.params), "parameters": drift.numel}
+        stats["drift"] = {"tensors": len(drift.params), "parameters": drift.numel, "delta_bytes_per_process": drift.local_bytes}
     final = setup.output_model(run, model, config, precision, engine)
     if log is not None:
         log.close()

@@ -6,14 +6,15 @@
 
 Per process, in bytes (surgeon's estimates; "trained" = parameters that train):
 
-    weights      frozen parameters in the frozen dtype, plus the compute-dtype working copies of
-                 trained weights (autocast's cached casts; under FSDP, the all-gathered units in
-                 flight: the root and the two largest decoder-layer units)
+    weights      frozen parameters in the frozen dtype
     master       trained parameters in the master dtype (fp32 by default)
-    gradients    their gradients (2× with dynamic λ, which keeps g_p and g_r apart; under FSDP plus
-                 one unit's unsharded fp32 gradients before the reduce-scatter)
+    gradients    their gradients (2× with dynamic λ, which keeps g_p and g_r apart)
     optimizer    AdamW's two moments, in the master dtype
     delta        DRIFT's Δ in the prior's stored dtype
+    copies       working copies: autocast's compute-dtype casts of the trained weights (one
+                 process or DDP, mixed precision); under FSDP the all-gathered units in flight (the
+                 root and two decoder layers) and one layer's unsharded fp32 gradients before
+                 their reduce-scatter
     activations  what the backward pass keeps, for batch_size × max_length tokens of the language
                  model: per decoder layer and token about (7·hidden + 3·kv + 4·intermediate) values
                  in the compute dtype (one layer input with gradient checkpointing, plus one layer
@@ -39,7 +40,7 @@ from typing import Any
 from surgeon.errors import ConfigError
 from surgeon.training.config import DTYPE_BYTES, Precision, TrainConfig
 
-PARTS = ("weights", "master", "gradients", "optimizer", "delta", "activations", "runtime")
+PARTS = ("weights", "master", "gradients", "optimizer", "delta", "copies", "activations", "runtime")
 RUNTIME_BYTES = {"cuda": 2 * 10**9, "cpu": 10**9}  # surgeon's allowance (see the module docstring)
 PRIOR_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -130,11 +131,10 @@ def plan_memory(
     if sharded:
         in_layers = {id(p) for ps in layer_params for p in ps}
         root_numel = sum(p.numel() for p in unique if id(p) not in in_layers and id(p) not in replicated)
-        parts["weights"] += (root_numel + 2 * largest) * b_compute  # all-gathered units in flight
         largest_trained = max((sum(p.numel() for p in ps if p.requires_grad) for ps in layer_params), default=0)
-        parts["gradients"] += largest_trained * 4
+        parts["copies"] = (root_numel + 2 * largest) * b_compute + largest_trained * 4  # units in flight
     elif precision.mixed != "no" and b_compute < b_master:
-        parts["weights"] += sum(p.numel() for p in trained if p.dim() >= 2) * b_compute  # autocast's cached casts
+        parts["copies"] = sum(p.numel() for p in trained if p.dim() >= 2) * b_compute  # autocast's cached casts
     notes: list[str] = []
     if config.prior:
         parts["delta"], biased = _delta_bytes(config.prior, dict(lm_parameters(model)), size)

@@ -130,7 +130,11 @@ def build_model(config: TrainConfig, source: str | Path | dict, dtype: str) -> t
     if config.image_lora:
         _add_image_lora(model, config)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x; the old name warns
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if config.full:
         set_trainable(model, full=True, train_vision=config.train_vision)
