@@ -57,8 +57,8 @@ def main() -> None:
         start = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        known = drift.apply().grad_norms if with_drift else None
-        clip_grad_norm(params, 1.0, known)
+        total = drift.apply(norms_of=params).total_norm if with_drift else None
+        clip_grad_norm(params, 1.0, total)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start

@@ -83,19 +83,33 @@ CASES = {
     "dynamic": ["--full", "--perception-weight", "dynamic"],
     "lora": [],
     "iada": ["IADA"],
+    "vision-checkpointing": ["--train-vision", "--gradient-checkpointing"],
+    "image-lora": ["--image-lora", "HEADS"],
 }
 
 
-def _args(name: str, vlm, iada_vlm, data, prior, out: Path, accum: int) -> list:
-    extra = [str(prior) if a == "PRIOR" else a for a in CASES[name] if a != "IADA"]
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory) -> Path:
+    from surgeon.heads import HeadScores, write_heads
+
+    selected = [[1], [0, 1], [], [0]]  # the tiny model's 4 layers × 2 KV heads
+    scores = [[1.0, 1.0] for _ in selected]
+    result = HeadScores("tiny", "gate", 4, 2, 16, 64, scores, 4, 0.5, None, [len(r) for r in selected], selected)
+    return write_heads(result, tmp_path_factory.mktemp("fsdp-heads") / "heads.json")
+
+
+def _args(name: str, vlm, iada_vlm, data, prior, out: Path, accum: int, heads=None) -> list:
+    swap = {"PRIOR": str(prior), "HEADS": str(heads)}
+    extra = [swap.get(a, a) for a in CASES[name] if a != "IADA"]
     model = iada_vlm if "IADA" in CASES[name] else vlm
     common = ["--data", data, "--lr", "1e-3", "--seed", "3", "--batch-size", "2", "--max-steps", "3", "--warmup-ratio", "0"]
     return [model, *common, *extra, "-o", out, "--grad-accum", accum]
 
 
-def test_two_sharded_processes_give_the_weights_of_one(vlm, iada_vlm, data, prior, tmp_path):
-    drive([[*_args(n, vlm, iada_vlm, data, prior, tmp_path / f"{n}-2", 1), "--fsdp"] for n in CASES], tmp_path, 2)
-    drive([_args(n, vlm, iada_vlm, data, prior, tmp_path / f"{n}-1", 2) for n in CASES], tmp_path, 1)
+def test_two_sharded_processes_give_the_weights_of_one(vlm, iada_vlm, data, prior, heads, tmp_path):
+    bf16 = [*_args("lora", vlm, iada_vlm, data, prior, tmp_path / "bf16-2", 1), "--fsdp", "--mixed-precision", "bf16", "--full"]
+    drive([*[[*_args(n, vlm, iada_vlm, data, prior, tmp_path / f"{n}-2", 1, heads), "--fsdp"] for n in CASES], bf16], tmp_path, 2)
+    drive([_args(n, vlm, iada_vlm, data, prior, tmp_path / f"{n}-1", 2, heads) for n in CASES], tmp_path, 1)
     for name in CASES:
         one, two = tmp_path / f"{name}-1", tmp_path / f"{name}-2"
         assert_same(one, two)
@@ -111,6 +125,14 @@ def test_two_sharded_processes_give_the_weights_of_one(vlm, iada_vlm, data, prio
     assert (tmp_path / "drift-cosine-2" / "model.safetensors").exists()
     assert (tmp_path / "lora-2" / "adapter_model.safetensors").exists()
     assert (tmp_path / "iada-2" / "surgeon-modules.safetensors").exists()
+    assert (tmp_path / "image-lora-2" / "surgeon-image_lora.safetensors").exists()
+    # mixed precision: bf16 compute on the all-gathered copies, fp32 master weights and reduction
+    record = json.loads((tmp_path / "bf16-2" / "surgeon.json").read_text())["stats"]
+    assert record["precision"] == {"mixed": "bf16", "trained": "float32", "frozen": "bfloat16"}
+    fp32 = [json.loads(x)["loss"] for x in (tmp_path / "drift-gradnorm-1" / "metrics.jsonl").read_text().splitlines()]
+    bf16_losses = [json.loads(x)["loss"] for x in (tmp_path / "bf16-2" / "metrics.jsonl").read_text().splitlines()]
+    assert abs(bf16_losses[0] - fp32[0]) < 0.05 * fp32[0]  # the same first step, to bf16 accuracy
+    assert weights(tmp_path / "bf16-2")["model.safetensors:lm_head.weight"].dtype == torch.float32
 
 
 def test_sharded_resume_continues_exactly_and_needs_the_same_world_size(vlm, data, prior, tmp_path):
@@ -141,3 +163,28 @@ def test_sharded_resume_continues_exactly_and_needs_the_same_world_size(vlm, dat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same ranks, same sums: bit for bit
     steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
+
+
+def test_accelerate_launch_with_fsdp_shards_and_bad_launches_are_clear(cli, vlm, data, tmp_path, monkeypatch):
+    import os
+    import subprocess
+
+    out = tmp_path / "acc"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--num_processes", "2", "--main_process_port",
+           str(free_port()), "-m", "surgeon.commands", "train", str(vlm), "--data", str(data), "-o", str(out), "--max-steps", "2",
+           "--full", "--batch-size", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = json.loads((out / "surgeon.json").read_text())["stats"]
+    assert stats["sharded"] is True and stats["world_size"] == 2
+    assert "view tensor" not in proc.stderr and "Traceback" not in proc.stderr
+
+    one = cli("train", vlm, "--data", data, "-o", tmp_path / "one", "--max-steps", "1", "--full", "--fsdp")
+    assert one.exit_code == 0, one.output
+    assert "one process: --fsdp has nothing to shard over" in one.stderr
+    assert json.loads((tmp_path / "one" / "surgeon.json").read_text())["stats"]["sharded"] is False
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    refused = cli("train", vlm, "--data", data, "-o", tmp_path / "ds", "--max-steps", "1")
+    assert refused.exit_code == 1 and refused.stderr.startswith("Error: distributed:") and "--fsdp" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "ds").exists()

@@ -99,8 +99,12 @@ class Sharded:
     sharded = True
 
     def __init__(self, precision: Precision, state: Any) -> None:
+        import warnings
+
         from torch.distributed.device_mesh import init_device_mesh
 
+        # the loop never changes a model output in place, which is what this warning is about
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         self.precision = precision
         self.world = state.num_processes
         self.rank = state.process_index
