@@ -156,15 +156,25 @@ def _qwen_vl_processor(tok: Any, cls_name: str, patch: int, video_cls: Callable[
     )
 
 
+def _mrope(text: dict) -> list[int]:
+    """Qwen-VL's multimodal rotary sections (time, height, width) for the text config's head size,
+    in the real models' proportions (16, 24, 24 of 64)."""
+    half = text.get("head_dim", text["hidden_size"] // text["num_attention_heads"]) // 2
+    first = half // 4
+    second = (half - first) // 2
+    return [first, second, half - first - second]
+
+
 def _qwen2_5_vl(tok: Any, t: dict) -> tuple[Any, Any]:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     ids = _token_ids(tok)
+    text = _text(t)
     cfg = Qwen2_5_VLConfig(
-        text_config=_text(t, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, bos_token_id=None, **_eos(tok)),
+        text_config=_text(t, rope_scaling={"type": "mrope", "mrope_section": _mrope(text)}, bos_token_id=None, **_eos(tok)),
         vision_config=dict(
-            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=TEXT["hidden_size"],
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text["hidden_size"],
             fullatt_block_indexes=[1], window_size=56, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
         ),
         image_token_id=ids["image"], video_token_id=ids["video"],
@@ -185,7 +195,7 @@ def _qwen3_vl(tok: Any, t: dict) -> tuple[Any, Any]:
             **_eos(tok),
         ),
         vision_config=dict(
-            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=TEXT["hidden_size"],
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=_text(t)["hidden_size"],
             patch_size=16, spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[0, 1],
             num_position_embeddings=64,
         ),

@@ -20,6 +20,7 @@ Because every loss is normalised by the global token counts and DRIFT sees the f
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import shutil
@@ -63,11 +64,12 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
     from surgeon.errors import ConfigError
     from surgeon.output import check_output
     from surgeon.reweight import PerceptionGradients, combine, count_span_tokens, span_losses
+    from surgeon.shards import is_sharded
     from surgeon.training import setup
     from surgeon.training.config import resolve_precision
     from surgeon.training.model import trainable
     from surgeon.training.order import SampleOrder
-    from surgeon.training.parallel import Replicated, Sharded, deepspeed_requested, fsdp_requested
+    from surgeon.training.parallel import Replicated, Sharded, deepspeed_requested, fsdp_requested, return_freed_memory
     from surgeon.training.state import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 
     config.require_io()
@@ -75,6 +77,8 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
         raise ConfigError("distributed", "surgeon train does not run under DeepSpeed", "shard with --fsdp (FSDP2) instead")
     # cpu=True on machines without CUDA, so that torchrun/accelerate launch gives a gloo process group
     cpu = not torch.cuda.is_available()
+    if cpu:
+        return_freed_memory()
     state = PartialState(cpu=cpu)
     status = on_status if (on_status is not None and state.is_main_process) else (lambda text: None)
     precision = resolve_precision(config, not cpu and torch.cuda.is_bf16_supported())
@@ -117,8 +121,13 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
     total = config.max_steps or max(1, math.ceil(config.epochs * order.steps_per_epoch))
     model = engine.shard(run.model)
     run.trainable = trainable(model)  # the sharded parameters (same names)
+    gc.collect()  # drop the unsharded tensors now, and with them the checkpoint's file mapping
     params = list(run.trainable.values())
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    # fused: one kernel per step instead of foreach temporaries the size of the model state; sharded
+    # and replicated parameters in separate groups (one fused call cannot mix DTensors and tensors)
+    fused = engine.device.type in ("cuda", "cpu")
+    groups = [g for g in ([p for p in params if is_sharded(p)], [p for p in params if not is_sharded(p)]) if g]
+    optimizer = torch.optim.AdamW([{"params": g} for g in groups], lr=config.learning_rate, weight_decay=config.weight_decay, fused=fused)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total), total)
     model, optimizer = engine.wrap(model, optimizer)
     drift = setup.drift_for(run, config)
@@ -205,6 +214,9 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
     stats["sharded"] = engine.sharded
     if drift is not None:
         stats["drift"] = {"tensors": len(drift.params), "parameters": drift.numel, "delta_bytes_per_process": drift.local_bytes}
+    optimizer.zero_grad(set_to_none=True)
+    optimizer.state.clear()  # the moments (and Δ, below) are not needed for the output: free them first
+    del drift, dynamic
     final = setup.output_model(run, model, config, precision, engine)
     if log is not None:
         log.close()

@@ -36,6 +36,24 @@ import torch
 from surgeon.training.config import Precision
 
 
+def return_freed_memory() -> None:
+    """On the CPU (glibc): serve allocations of 1 MiB and more from mmap, so that buffers freed every
+    step (FSDP's gathered layers and their gradients, activations) go back to the system instead of
+    staying in the heap, where glibc's growing mmap threshold would otherwise keep them and the
+    process's memory would only ever grow. A no-op where glibc is not the C library."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (a fixed value also stops glibc from raising it)
+    except (OSError, AttributeError):
+        pass
+
+
 def fsdp_requested(flag: bool) -> bool:
     """``--fsdp``, or a launch through ``accelerate launch --use_fsdp`` (its environment)."""
     return flag or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
@@ -108,7 +126,8 @@ class Sharded:
         self.precision = precision
         self.world = state.num_processes
         self.rank = state.process_index
-        self.device = state.device
+        device = state.device  # "cpu:0" under a CPU launch: the plain "cpu" that loaded tensors report
+        self.device = torch.device("cpu") if device.type == "cpu" else device
         self.is_main = state.is_main_process
         self.mesh = init_device_mesh(self.device.type, (self.world,))
         self.loss_scale = 1.0  # gradients are summed over ranks
@@ -134,7 +153,7 @@ class Sharded:
         vision = {id(q): q for path in vision_modules(model) for q in model.get_submodule(path).parameters()}
         vision.update({id(q): q for q in module_parameters(root).values()})
         self.replicated = [q for q in vision.values() if q.requires_grad]
-        _prepare(vision.values(), p, self.device)
+        _prepare(vision.values(), p, self.device, copy=True)
         root.enable_input_require_grads()
         decoder = language_model(model)
         units: list[torch.nn.Module] = list(decoder.layers)
@@ -197,12 +216,14 @@ class Sharded:
         torch.distributed.barrier()
 
 
-def _prepare(params: Any, precision: Precision, device: torch.device) -> None:
-    """Move parameters to ``device`` and cast them to the policy (trained: master, frozen: frozen)."""
+def _prepare(params: Any, precision: Precision, device: torch.device, copy: bool = False) -> None:
+    """Move parameters to ``device`` and cast them to the policy (trained: master, frozen: frozen).
+    ``copy``: always into memory of their own, so that none keeps the checkpoint's memory-mapped
+    file alive once FSDP has copied every process's rows out of it."""
     for q in params:
         want = getattr(torch, precision.master if q.requires_grad else precision.frozen)
-        if q.device != device or (q.is_floating_point() and q.dtype != want):
-            q.data = q.data.to(device=device, dtype=want if q.is_floating_point() else q.dtype)
+        if copy or q.device != device or (q.is_floating_point() and q.dtype != want):
+            q.data = q.data.to(device=device, dtype=want if q.is_floating_point() else q.dtype, copy=copy)
 
 
 def _by_dtype(params: list[torch.nn.Parameter]) -> Iterator[list[torch.nn.Parameter]]:

@@ -12,9 +12,9 @@ Per process, in bytes (surgeon's estimates; "trained" = parameters that train):
     optimizer    AdamW's two moments, in the master dtype
     delta        DRIFT's Δ in the prior's stored dtype
     copies       working copies: autocast's compute-dtype casts of the trained weights (one
-                 process or DDP, mixed precision); under FSDP the all-gathered units in flight (the
-                 root and two decoder layers) and one layer's unsharded fp32 gradients before
-                 their reduce-scatter
+                 process or DDP, mixed precision); DDP's gradient buckets (a second copy of the
+                 gradients); under FSDP the all-gathered units in flight (the root and two decoder
+                 layers) and one layer's unsharded fp32 gradients before their reduce-scatter
     activations  what the backward pass keeps, for batch_size × max_length tokens of the language
                  model: per decoder layer and token about (7·hidden + 3·kv + 4·intermediate) values
                  in the compute dtype (one layer input with gradient checkpointing, plus one layer
@@ -133,8 +133,11 @@ def plan_memory(
         root_numel = sum(p.numel() for p in unique if id(p) not in in_layers and id(p) not in replicated)
         largest_trained = max((sum(p.numel() for p in ps if p.requires_grad) for ps in layer_params), default=0)
         parts["copies"] = (root_numel + 2 * largest) * b_compute + largest_trained * 4  # units in flight
-    elif precision.mixed != "no" and b_compute < b_master:
-        parts["copies"] = sum(p.numel() for p in trained if p.dim() >= 2) * b_compute  # autocast's cached casts
+    else:
+        if precision.mixed != "no" and b_compute < b_master:
+            parts["copies"] = sum(p.numel() for p in trained if p.dim() >= 2) * b_compute  # autocast's cached casts
+        if processes > 1:
+            parts["copies"] += sum(p.numel() for p in trained) * b_master  # DDP's gradient buckets
     notes: list[str] = []
     if config.prior:
         parts["delta"], biased = _delta_bytes(config.prior, dict(lm_parameters(model)), size)
