@@ -15,7 +15,7 @@ other (the peak memory counter is reset between cases):
     lora         surgeon train (LoRA r=16 on attn+mlp)
     full         surgeon train --full
     full+drift   surgeon train --full --prior PRIOR
-    lora+iada    surgeon train --iada (LoRA beside IADA blocks)
+    lora+iada    surgeon train on the model with IADA blocks (surgeon inject-iada): LoRA beside them
     image-lora   surgeon train --image-lora HEADS
     trl-lora     trl.SFTTrainer with the same LoRA (peft_config)
     trl-full     trl.SFTTrainer, full fine-tuning of the same parameters' model
@@ -52,6 +52,8 @@ def build(work: Path, tiny: bool, dtype: str) -> dict[str, Path]:
     from surgeon.prior import PriorConfig, compute_prior
 
     shape = SHAPE_TINY if tiny else SHAPE_2B
+    from surgeon.iada import IadaConfig, inject_iada
+
     vlm, llm, prior, heads = work / "vlm", work / "llm", work / "prior", work / "heads.json"
     if not (vlm / "config.json").exists():
         tiny_models.build("qwen2_5_vl", vlm, dtype=getattr(torch, dtype), **shape)
@@ -59,6 +61,8 @@ def build(work: Path, tiny: bool, dtype: str) -> dict[str, Path]:
         tiny_models.build("qwen2", llm, seed=1, dtype=getattr(torch, dtype), **shape)
     if not (prior / "surgeon.json").exists():
         compute_prior(PriorConfig(reasoning=str(llm), vlm=str(vlm), output=str(prior)))
+    if not (work / "vlm-iada" / "config.json").exists():  # blocks every 7 layers (the default); every 2 in the tiny shape
+        inject_iada(str(vlm), work / "vlm-iada", IadaConfig(block_size=2 if tiny else 7))
     if not heads.exists():
         layers, kv = shape["num_hidden_layers"], shape["num_key_value_heads"]
         head_dim = shape["hidden_size"] // shape["num_attention_heads"]
@@ -66,7 +70,7 @@ def build(work: Path, tiny: bool, dtype: str) -> dict[str, Path]:
         scores = [[1.0] * kv for _ in range(layers)]
         write_heads(HeadScores("bench", "gate", layers, kv, head_dim, shape["hidden_size"], scores, layers, 0.5, None,
                                [1] * layers, selected), heads)  # fmt: skip
-    return {"vlm": vlm, "llm": llm, "prior": prior, "heads": heads}
+    return {"vlm": vlm, "llm": llm, "prior": prior, "heads": heads, "vlm-iada": work / "vlm-iada"}
 
 
 def make_data(work: Path, model: Path, seq: int, count: int) -> tuple[Path, int]:
@@ -123,9 +127,9 @@ def run_surgeon(case: str, paths: dict, data: Path, out: Path, args: argparse.Na
     from surgeon.training.loop import train
 
     options = {"lora": {}, "full": {"full": True}, "full+drift": {"full": True, "prior": str(paths["prior"])},
-               "lora+iada": {"iada": True}, "image-lora": {"image_lora": str(paths["heads"])}}[case]  # fmt: skip
+               "lora+iada": {}, "image-lora": {"image_lora": str(paths["heads"])}}[case]  # fmt: skip
     config = TrainConfig(
-        model=str(paths["vlm"]), data=str(data), output=str(out), max_steps=args.warmup + args.steps, batch_size=args.batch,
+        model=str(paths["vlm-iada" if case == "lora+iada" else "vlm"]), data=str(data), output=str(out), max_steps=args.warmup + args.steps, batch_size=args.batch,
         lr=1e-5, warmup_ratio=0.0, max_length=args.seq * 2, overwrite=True, mixed_precision=args.mixed_precision, **options,
     )  # fmt: skip
     reset_peak(args.device)
@@ -138,7 +142,7 @@ def run_trl(case: str, paths: dict, data: Path, out: Path, args: argparse.Namesp
     import torch
     from datasets import Dataset
     from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+    from transformers import AutoModelForImageTextToText, AutoProcessor, PrinterCallback, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     sample = json.loads(data.read_text().splitlines()[0])
@@ -152,10 +156,10 @@ def run_trl(case: str, paths: dict, data: Path, out: Path, args: argparse.Namesp
     times: list[float] = []
 
     class Clock(TrainerCallback):
-        def on_step_begin(self, *a, **k):
+        def on_step_begin(self, *a: object, **k: object) -> None:
             self.start = time.perf_counter()
 
-        def on_step_end(self, *a, **k):
+        def on_step_end(self, *a: object, **k: object) -> None:
             times.append(time.perf_counter() - self.start)
 
     bf16 = args.mixed_precision == "bf16" or (args.mixed_precision == "auto" and args.device.startswith("cuda"))
@@ -174,13 +178,15 @@ def run_trl(case: str, paths: dict, data: Path, out: Path, args: argparse.Namesp
     sft = SFTConfig(
         output_dir=str(out), max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch, learning_rate=1e-5,
         bf16=bf16, logging_steps=1, report_to="none", save_strategy="no", max_length=args.seq * 2,
-        use_cpu=not args.device.startswith("cuda"), dataloader_num_workers=0, lr_scheduler_type="cosine",
+        use_cpu=not args.device.startswith("cuda"), dataloader_num_workers=0, lr_scheduler_type="cosine", disable_tqdm=True,
     )  # fmt: skip
     trainer = SFTTrainer(model=model, args=sft, train_dataset=dataset, processing_class=AutoProcessor.from_pretrained(paths["vlm"]),
                          peft_config=peft_config, callbacks=[Clock()])  # fmt: skip
+    trainer.remove_callback(PrinterCallback)
     trainer.train()
-    step = statistics.median(times[args.warmup :])
-    return {"tokens_per_s": args.batch * tokens / step, "peak_memory": peak_memory(args.device)}
+    seen = [e["num_tokens"] for e in trainer.state.log_history if "num_tokens" in e]
+    per_step = [float(b) - float(a) for a, b in zip([0.0, *seen], seen)][args.warmup :]  # TRL's own token count
+    return {"tokens_per_s": statistics.median(per_step) / statistics.median(times[args.warmup :]), "peak_memory": peak_memory(args.device)}
 
 
 def main(argv: list[str] | None = None) -> dict:

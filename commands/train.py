@@ -15,6 +15,7 @@ from surgeon.commands._hub import push_to_hub_option, push_written
         "surgeon train demo/vlm --data demo/data/data.jsonl -o run/ --max-steps 20 --perception-weight 0.5",
         "surgeon train demo/vlm --data demo/data/data.jsonl -o run-drift/ --full --prior demo/prior --max-steps 20",
         "surgeon train demo/vlm --data demo/data/data.jsonl -o run-il/ --image-lora demo/heads --max-steps 20 --lr 1e-3",
+        "surgeon train demo/vlm --full --prior demo/prior --dry-run --fsdp --num-processes 8 --gpu-memory 80GB",
     ),
 )
 @click.argument("model")
@@ -52,7 +53,7 @@ from surgeon.commands._hub import push_to_hub_option, push_written
 )
 @click.option("--gpu-memory", default=None, metavar="SIZE", help="Memory per process to plan against, e.g. 80GB [default: the device's].")
 @click.option("--dry-run", is_flag=True, help="Print the memory plan per process from config.json alone and exit.")
-@click.option("--num-processes", type=int, default=1, show_default=True, help="Processes the --dry-run plan is for.")
+@click.option("--num-processes", type=int, default=None, help="Processes the --dry-run plan is for [default: 1].")
 @click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for activation memory.")
 @click.option("--save-steps", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: never).")
 @click.option("--resume", is_flag=True, help="Continue exactly from the latest checkpoint in OUTPUT-checkpoints/.")
@@ -83,7 +84,7 @@ from surgeon.commands._hub import push_to_hub_option, push_written
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (and its checkpoints).")
 @push_to_hub_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-def command(as_json: bool, dry_run: bool, num_processes: int, **options: object) -> None:
+def command(as_json: bool, dry_run: bool, num_processes: int | None, **options: object) -> None:
     """Fine-tune MODEL on --data with LoRA (default) or --full, optionally with DRIFT (--prior),
     perception/reasoning reweighting (--perception-weight) and the model's IADA blocks.
 
@@ -98,10 +99,21 @@ def command(as_json: bool, dry_run: bool, num_processes: int, **options: object)
 
     \b
     Runs on one CPU or GPU as is, and on several with
-      accelerate launch -m surgeon.commands train …   or   torchrun --nproc-per-node N -m surgeon.commands train …
-    The update does not depend on how the global batch (batch size × accumulation × processes)
-    is split. Output: a peft adapter folder (or full weights, or --merge-lora), metrics.jsonl and
-    surgeon.json.
+      torchrun --nproc-per-node N -m surgeon.commands train …
+      accelerate launch --multi_gpu --num_processes N -m surgeon.commands train …
+    (without --multi_gpu or --use_fsdp, accelerate launch starts a single process). The update does
+    not depend on how the global batch (batch size × accumulation × processes) is split.
+    --fsdp (or accelerate launch --use_fsdp) shards parameters, gradients, AdamW state and DRIFT's
+    Δ over the processes with FSDP2, one unit per decoder layer; the vision tower stays
+    replicated. DeepSpeed is not supported. Output: a peft adapter folder (or full weights, or
+    --merge-lora), metrics.jsonl and surgeon.json.
+
+    \b
+    Precision: with mixed precision (auto: bf16 on a GPU that has it) frozen weights are bf16 and
+    trained parameters, gradients and AdamW state fp32, 16 bytes per trained parameter (about
+    122 GB for a 7.6B language model on one process); --param-dtype bf16 halves that. --dry-run
+    prints this plan per process from config.json alone; a run whose plan exceeds its device's
+    memory (or --gpu-memory) stops before loading.
     """
     from surgeon.training.config import TrainConfig
     from surgeon.training.loop import train
@@ -109,8 +121,12 @@ def command(as_json: bool, dry_run: bool, num_processes: int, **options: object)
     config = TrainConfig(**options)  # type: ignore[arg-type]
     quiet_transformers()
     if dry_run:
-        _print_plan(config, num_processes, as_json)
+        _print_plan(config, num_processes or 1, as_json)
         return
+    if num_processes is not None:
+        from surgeon.errors import ConfigError
+
+        raise ConfigError("num_processes", "only sizes a --dry-run plan", "launch the processes with torchrun --nproc-per-node N")
     with _StepBar() as bar:
         result = train(config, on_step=bar.update, on_status=lambda text: err.print(f"surgeon train: {text}"))
     if not result.main_process:

@@ -82,6 +82,7 @@ CASES = {
     "drift-absolute": ["--full", "--prior", "PRIOR", "--drift-scale", "absolute", "--drift-alpha", "1e-2"],
     "dynamic": ["--full", "--perception-weight", "dynamic"],
     "lora": [],
+    "merged-lora": ["--merge-lora"],
     "iada": ["IADA"],
     "vision-checkpointing": ["--train-vision", "--gradient-checkpointing"],
     "image-lora": ["--image-lora", "HEADS"],

@@ -1,0 +1,20 @@
+"""The GPU benchmark script runs end to end in its tiny CPU shape (its numbers are for a GPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def test_gpu_train_benchmark_runs_every_case_on_the_cpu(tmp_path):
+    spec = importlib.util.spec_from_file_location("gpu_train", BENCH / "gpu_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--seq", "64", "--batch", "1", "--work", str(tmp_path)]
+    report = module.main(argv)
+    assert set(report["results"]) == set(module.CASES)
+    for case, r in report["results"].items():
+        assert r["tokens_per_s"] > 0 and r["peak_memory"] > 0, case
+    assert (tmp_path / "tiny" / "gpu-train.json").exists()
