@@ -51,7 +51,7 @@ for scale in ("adaptive_cosine", "gradnorm", "absolute"):
     assert abs(stats_s.mean_coefficient - stats.mean_coefficient) < 1e-5
 assert row_range(sh[1]) == ((0, 1) if rank == 0 else (1, 1))
 assert abs(global_norm([q.grad for q in sh]) - global_norm([p.grad for p in ref])) < 1e-5
-print("ok", rank)
+print("ok", flush=True)
 '''
 
 
@@ -62,4 +62,4 @@ def test_drift_on_sharded_parameters_equals_the_unsharded_formula(tmp_path):
            "--master-port", str(free_port()), str(script)]  # fmt: skip
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ok 0" in proc.stdout and "ok 1" in proc.stdout
+    assert proc.stdout.count("ok") == 2, proc.stdout  # both ranks got to the end (their lines may interleave)
