@@ -20,7 +20,7 @@ from surgeon.commands._console import emit_json, out, progress
 @click.option("--model", "-m", required=True, help="Model folder or Hub repo id (processor and loss).")
 @click.option("--batch-size", default=4, show_default=True, help="Samples per forward pass.")
 @click.option("--max-samples", type=int, default=None, help="Use only the first N good samples.")
-@click.option("--max-length", type=int, default=None, help="Truncate to N tokens, as training would.")
+@click.option("--max-length", type=int, default=2048, show_default=True, help="Truncate to N tokens, as training does.")
 @click.option(
     "--perception-regex",
     default=None,
@@ -41,7 +41,7 @@ def command(
     model: str,
     batch_size: int,
     max_samples: int | None,
-    max_length: int | None,
+    max_length: int,
     perception_regex: str | None,
     skip_bad_lines: bool,
     device: str,

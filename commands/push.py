@@ -29,7 +29,7 @@ _CARD = {
 @click.option("--revision", "--branch", "revision", default=None, metavar="BRANCH", help="Branch to commit to; created from main when missing (default: main).")
 @click.option("--message", "-m", default=None, help="Commit message (default: names the surgeon command that made the folder).")
 @click.option("--token", default=None, metavar="TOKEN", help="Hub token with write access (default: HF_TOKEN, then the `hf auth login` token). Never stored.")
-@click.option("--dry-run", is_flag=True, help="Print the files with their sizes and the model card; send nothing.")
+@click.option("--dry-run", is_flag=True, help="Print the files with their sizes, the model card and what would be refused; send nothing.")
 @click.option("--overwrite-card", is_flag=True, help="Replace a README.md in FOLDER by the card built from surgeon.json.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def command(
@@ -40,8 +40,10 @@ def command(
 
     Writes the repo's README.md from the folder's surgeon.json: base models, method, settings,
     statistics and a loading snippet for what the folder holds. The folder itself is never
-    changed, so a failed push can simply be run again. Files are checked first: a Hub token or a
-    local path you did not type stops the push before anything is sent.
+    changed, so a failed push can simply be run again. Every file is checked first, whole: a Hub
+    token, an absolute local path in a text file, or a link to something outside FOLDER stops the
+    push before anything is sent (--dry-run lists them all). surgeon's own records go up with
+    local paths written as `local <name>`.
     """
     from surgeon.hub import PushConfig, push_folder
 
@@ -49,6 +51,10 @@ def command(
     result = push_folder(folder, config)
     if as_json:
         emit_json(result.to_dict())
+        if result.refused:
+            from surgeon.hub import refusal_error
+
+            raise refusal_error(result.refused)
         return
     files = Table(title=f"{'would send' if dry_run else 'sent'} to {result.repo} ({result.revision})", title_justify="left")
     files.add_column("file")
@@ -63,6 +69,12 @@ def command(
     if dry_run:
         if result.card is not None:
             out.print("\n" + result.card, markup=False, highlight=False)
+        for path, problem in result.refused:
+            out.print(f"refused: {path}: {problem}", highlight=False)
         err.print(f"dry run: nothing was sent (would publish to {result.url})", highlight=False)
+        if result.refused:
+            from surgeon.hub import refusal_error
+
+            raise refusal_error(result.refused)
     else:
         out.print(f"pushed to {result.url}\ncommit {result.commit_url}", highlight=False)

@@ -221,29 +221,57 @@ def _compile(perception_regex: str | None) -> re.Pattern | None:
         raise ConfigError("perception_regex", problem) from None
 
 
-def _records(file: Path):
-    """Yield ``(line, record or BadSample)``; a JSON array file numbers its items from 1."""
-    try:
-        text = file.read_text(encoding="utf-8-sig")  # a byte-order mark some editors write is not data
-    except UnicodeDecodeError:
-        hint = "give a .jsonl file with one JSON object a line"
-        raise DataError(str(file), "is not UTF-8 text", hint) from None
-    if text.lstrip().startswith("["):
+MAX_LINE_BYTES = 8 * 2**20  # a JSONL line (one sample) longer than this is a bad line (surgeon's limit)
+MAX_ARRAY_BYTES = 2**30  # a JSON-array file is parsed whole: larger ones must be JSONL
+
+
+def _records(file: Path, max_line_bytes: int = MAX_LINE_BYTES):
+    """Yield ``(line, record or BadSample)``, reading one line at a time (never more than
+    ``max_line_bytes`` of one line: a longer line is a BadSample); a JSON array file is parsed
+    whole and numbers its items from 1."""
+    with open(file, "rb") as f:
+        start = f.read(4096)
+    head = start.decode("utf-8-sig", errors="ignore").lstrip()
+    if head.startswith("["):
+        size = file.stat().st_size
+        if size > MAX_ARRAY_BYTES:
+            raise DataError(str(file), f"is a {size / 2**30:.1f} GiB JSON array", "write it as JSONL, one sample a line")
         try:
-            items = json.loads(text)
+            items = json.loads(file.read_text(encoding="utf-8-sig"))
+        except UnicodeDecodeError:
+            raise DataError(str(file), "is not UTF-8 text", "give a .jsonl file with one JSON object a line") from None
         except json.JSONDecodeError as exc:
             where = f"{file}:{exc.lineno}"
             raise DataError(where, f"malformed JSON array ({exc.msg})", "fix the file") from None
-        for i, item in enumerate(items, 1):
-            yield i, item
+        yield from enumerate(items, 1)
         return
-    for i, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            yield i, json.loads(raw)
-        except json.JSONDecodeError as exc:
-            yield i, BadSample("malformed JSON", exc.msg)
+    with open(file, "rb") as f:
+        number = 0
+        while True:
+            raw = f.readline(max_line_bytes + 1)
+            if not raw:
+                return
+            number += 1
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                size = len(raw)
+                while (more := f.readline(1 << 20)) and not more.endswith(b"\n"):  # skip the rest of the line
+                    size += len(more)
+                size += len(more)
+                limit = f"{max_line_bytes / 2**20:.0f} MB"
+                yield number, BadSample("line too long", f"{size / 2**20:.1f} MB, over the limit of {limit} for one sample")
+                continue
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a byte-order mark some editors write is not data
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(str(file), "is not UTF-8 text", "give a .jsonl file with one JSON object a line") from None
+            if not text.strip():
+                continue
+            try:
+                yield number, json.loads(text)
+            except json.JSONDecodeError as exc:
+                yield number, BadSample("malformed JSON", exc.msg)
 
 
 def parse_record(

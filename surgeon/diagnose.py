@@ -23,7 +23,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 @dataclass(frozen=True)
 class DiagnoseConfig:
-    """What to measure. ``max_samples``: the first N good samples; ``max_length``: None = no limit.
+    """What to measure. ``max_samples``: the first N good samples; ``max_length``: tokens per sample
+    (longer samples are truncated, as training does; a sample whose image would be cut is skipped).
 
     ``device``: ``auto`` is the first GPU when there is one, else the CPU. ``dtype``: ``auto`` is
     float32 on CPU and the checkpoint's dtype on GPU.
@@ -33,7 +34,7 @@ class DiagnoseConfig:
     model: str
     batch_size: int = 4
     max_samples: int | None = None
-    max_length: int | None = None
+    max_length: int = 2048
     perception_regex: str | None = None
     skip_bad_lines: bool = False
     device: str = "auto"
@@ -44,7 +45,7 @@ class DiagnoseConfig:
             raise ConfigError("batch_size", f"must be at least 1, got {self.batch_size}")
         if self.max_samples is not None and self.max_samples < 1:
             raise ConfigError("max_samples", f"must be at least 1, got {self.max_samples}")
-        if self.max_length is not None and self.max_length < 2:
+        if self.max_length < 2:
             raise ConfigError("max_length", f"must be at least 2, got {self.max_length}")
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", f"unknown dtype {self.dtype!r}", f"choose one of {', '.join(DTYPES)}")

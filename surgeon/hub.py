@@ -256,6 +256,7 @@ class PushResult:
     card_source: str  # "surgeon.json" (built), "kept" (the folder's own README.md), "none"
     notes: tuple[str, ...]  # changes made to the uploaded copies (dropped local paths)
     dry_run: bool
+    refused: tuple[tuple[str, str], ...] = ()  # (path, problem): what stops the push (a dry run lists them)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -344,10 +345,13 @@ def push_folder(folder: str | Path, config: PushConfig, *, endpoint: str | None 
     revision = config.revision or "main"
     root = (endpoint or _endpoint()).rstrip("/")
     result = PushResult(
-        config.repo, revision, f"{root}/{config.repo}", None, None, plan.files, sent_card, card_source, notes + plan.notes, config.dry_run
-    )
+        config.repo, revision, f"{root}/{config.repo}", None, None, plan.files, sent_card, card_source, notes + plan.notes,
+        config.dry_run, plan.refused,
+    )  # fmt: skip
     if config.dry_run:
         return result
+    if plan.refused:
+        raise refusal_error(plan.refused)
 
     from huggingface_hub import HfApi
 
@@ -360,6 +364,15 @@ def push_folder(folder: str | Path, config: PushConfig, *, endpoint: str | None 
             api.create_branch(config.repo, branch=config.revision, exist_ok=True)
         info = api.upload_folder(repo_id=config.repo, folder_path=tmp, commit_message=message, revision=config.revision)
     return dataclasses.replace(result, url=str(url), commit=info.oid, commit_url=info.commit_url)
+
+
+def refusal_error(refused: tuple[tuple[str, str], ...]) -> CheckpointError:
+    """The one-line error for files that must not be published (the first, and how many more)."""
+    (first, problem), more = refused[0], len(refused) - 1
+    hint = "remove it (or replace it with a Hub repo id) and push again; surgeon push never uploads credentials or local paths"
+    if more:
+        hint = f"{more} more file{'s' if more > 1 else ''} would be refused (surgeon push --dry-run lists them); " + hint
+    return CheckpointError(first, problem, hint)
 
 
 def _card(folder: Path, record: dict | None, config: PushConfig) -> tuple[str | None, str, str | None, tuple[str, ...]]:

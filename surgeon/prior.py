@@ -121,6 +121,7 @@ def compute_prior(config: PriorConfig, progress: Progress | None = None) -> Prio
                 tick("prior", 0, len(plans))
                 stream.run([job for i, plan in enumerate(plans, 1) for job in plan.jobs(partial(tick, "prior", i, len(plans)))])
             for plan in plans:
+                plan.check_finite()
                 pair, d = plan.pair, plan.distance()
                 numbers = {k: v for k, v in d.to_dict().items() if k != "tensors"}
                 layer = layer_index(pair.relative)
@@ -231,6 +232,25 @@ class _DeltaPlan:
             jobs.append(Job([(self.vlm, name)], shape, self.zero, out=out, start=self.shared, parallel=True))
         jobs[-1].done = done
         return jobs
+
+    def check_finite(self) -> None:
+        """CheckpointError naming the tensor and the model when an input held NaN or Inf (the sums
+        of squares behind the statistics are then not finite: a check that costs no extra pass)."""
+        diag = torch.diagonal(self.gram)
+        if bool(torch.isfinite(diag).all()) and bool(torch.isfinite(self.extra_sq)):
+            return
+        # single mode: the Gram rows are [θ_VLM, Δ = θ_R − θ_VLM]; two-model mode: [θ_R, θ_VLM, θ_base, Δ]
+        vlm = self.sources[1]
+        if not bool(torch.isfinite(self.extra_sq)):  # the VLM's rows without counterpart
+            bad = vlm
+        elif self.single:
+            bad = vlm if not bool(torch.isfinite(diag[0])) else self.sources[0]
+        else:
+            bad = next((src for src, ok in zip(self.sources, torch.isfinite(diag[:3]).tolist()) if not ok), self.sources[0])
+        raise CheckpointError(
+            bad[0].source, f"tensor {bad[1]} holds NaN or Inf values",
+            "the checkpoint is damaged or was saved after a diverged run: use an intact copy",
+        )
 
     def distance(self) -> Distance:
         d = Distance(tensors=1)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from importlib import metadata
 from pathlib import Path
@@ -44,6 +45,8 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if isinstance(value, Path):
         return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "nan", "inf", "-inf": surgeon.json stays strict JSON
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
@@ -102,7 +105,7 @@ def build_record(
 
 def write_record(folder: Path, record: dict) -> Path:
     path = Path(folder) / FILE_NAME
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    path.write_text(json.dumps(_plain(record), indent=2, allow_nan=False) + "\n")
     return path
 
 

@@ -88,7 +88,6 @@ def read_header(path: Path, file_name: str | None = None) -> tuple[dict[str, Ten
     base = 8 + n
     data_len = size - base
     tensors: dict[str, TensorInfo] = {}
-    furthest = 0
     for name, entry in header.items():
         try:
             dtype, shape, (b, e) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
@@ -99,10 +98,18 @@ def read_header(path: Path, file_name: str | None = None) -> tuple[dict[str, Ten
         expected = math.prod(shape) * torch.empty((), dtype=DTYPES[dtype]).element_size()
         if not (0 <= b <= e) or e - b != expected:
             raise FormatError(f"has inconsistent offsets for {name!r} ({b}..{e} for {expected} bytes)")
-        furthest = max(furthest, e)
         tensors[name] = TensorInfo(name, dtype, shape, file_name or path.name, base + b, base + e)
-    if furthest > data_len:
-        raise FormatError(f"is truncated: the header needs {furthest} bytes of tensor data, the file holds {data_len}")
+    # As the format requires: the tensors' byte ranges tile the data section, with no overlap and no gap.
+    position = base
+    for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        if info.start != position:
+            what = "overlaps the tensor before it" if info.start < position else "leaves a gap before it"
+            raise FormatError(f"has invalid offsets: {info.name!r} {what} (bytes {info.start - base}..{info.end - base})")
+        position = info.end
+    if position - base > data_len:
+        raise FormatError(f"is truncated: the header needs {position - base} bytes of tensor data, the file holds {data_len}")
+    if position - base < data_len:
+        raise FormatError(f"has {data_len - (position - base)} bytes after its last tensor, which the format does not allow")
     ordered = dict(sorted(tensors.items(), key=lambda kv: kv[1].start))
     return ordered, {str(k): str(v) for k, v in meta.items()}
 

@@ -1,20 +1,29 @@
-"""The exact copy of a folder that ``surgeon push`` sends, checked for credentials and local paths.
+"""The exact copy of a folder that ``surgeon push`` sends, checked whole for credentials, local
+paths and links that leave the folder.
 
     plan = plan_upload(folder, card_text, record, token)     # reads, never writes
+    plan.refused                                               # [(path, why)], empty when it may be sent
     with staged(folder, plan) as tmp:                          # links + rewritten files, in a temp dir
         client.upload_folder(folder_path=tmp, ...)
 
-Invariants:
+Policy (every entry under the folder, ``.git`` and ``.cache`` aside):
 
-- The folder itself is never written: the card and any cleaned JSON file live only in the
-  staging folder (elsewhere, under the system temp dir), whose other entries are symlinks to the
-  originals, so a 100 GB checkpoint costs no copy.
-- Nothing that looks like a Hub access token (``hf_…``, ``api_org_…``, or the token in use) is
-  sent: text files, JSON files and safetensors header metadata are scanned; a hit is an error.
-- No local absolute path that the user did not type is sent. Typed paths are the inputs' sources
-  and option values recorded in ``surgeon.json``. ``_name_or_path`` fields holding a local path
-  are dropped from the uploaded copy, a local ``base_model_name_or_path`` is replaced by the base
-  model's Hub id when ``surgeon.json`` knows it; any other local path is an error naming the file.
+- **Links.** A symlink (file or folder) whose target lies outside the folder is refused by name;
+  links inside the folder, and a Hub cache snapshot's links into its own ``blobs/``, are followed.
+  Anything that is not a regular file (a pipe, a socket, a device) is refused.
+- **Tokens.** Every file is scanned, streamed, whatever its size, for what looks like a Hub access
+  token (``hf_…``, ``api_org_…``) and for the token in use; a safetensors file's tensor data is
+  binary and is skipped, its header (names and metadata) is scanned.
+- **Local paths.** No text file sends an absolute local path: a path under this folder, its parent,
+  the home, working, temporary or Hugging Face cache folders, or any absolute path whose top
+  folder exists on this machine outside the system ones (``/usr``, ``/etc`` …). surgeon's own
+  records are cleaned in the uploaded copy instead: ``surgeon.json`` (and the ``surgeon`` section
+  of ``heads.json``) name local inputs and outputs as ``local <name>`` (inputs keep their
+  fingerprints), ``_name_or_path`` fields holding a local path are dropped, and a local
+  ``base_model_name_or_path`` becomes the base model's Hub id (or its folder name). Vocabulary
+  files (``tokenizer.json``, ``merges.txt`` …) are scanned for tokens only.
+- The folder itself is never written: cleaned files and the card live in a staging folder under
+  the system temp dir whose other entries are symlinks to the originals (no copy of the weights).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import struct
 import tempfile
 from collections.abc import Iterator
@@ -31,86 +41,123 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from surgeon.errors import CheckpointError
-
 CARD = "README.md"
-_TOKEN = re.compile(r"(?<![A-Za-z0-9])(hf_[A-Za-z0-9]{30,}|api_org_[A-Za-z0-9]{30,})")
-_TEXT_SUFFIXES = {".json", ".md", ".txt", ".py", ".yaml", ".yml", ".jinja", ".cfg", ".toml", ".csv", ".jsonl", ".ini", ".sh"}
-_TEXT_MAX = 50 * 10**6
-# JSON files whose every string value is checked; in others (tokenizer vocabularies, chat
-# templates) only the path-holding keys are, because vocabularies legitimately hold "/usr"-like tokens.
-_VOCAB_JSON = {"tokenizer.json", "vocab.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"}
+_TOKEN = re.compile(rb"(?<![A-Za-z0-9])(hf_[A-Za-z0-9]{30,}|api_org_[A-Za-z0-9]{30,})")
+# an absolute path of two or more parts (POSIX), a home-relative one, or a Windows drive path
+_PATH = re.compile(rb"(?<![\w.~:/\\-])(/(?:[\w.@+~-]+/)+[\w.@+~-]*|~/[\w.@+~/-]+|[A-Za-z]:\\[\w.@+~ \\-]+)")
+_SYSTEM_DIRS = {"usr", "etc", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "proc", "sys", "dev", "var", "opt", "boot", "run", "srv", "snap"}
+_VOCAB = {"tokenizer.json", "vocab.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "merges.txt", "vocab.txt"}
+_RECORDS = {"surgeon.json": None, "heads.json": "surgeon"}  # file -> the key holding a surgeon record (None: all of it)
 _DROP_KEYS = {"_name_or_path", "name_or_path", "model_name_or_path"}
 _BASE_KEY = "base_model_name_or_path"
 _SKIP_DIRS = {".git", ".cache"}
+_CHUNK = 1 << 20
+_OVERLAP = 8192  # bytes kept between chunks, so a token or path across a chunk boundary is still seen
 
 
 @dataclass(frozen=True)
 class UploadPlan:
-    """What would be sent: ``files`` (path in repo, bytes) sorted, and the replaced contents."""
+    """What would be sent: ``files`` (path in repo, bytes) sorted, the replaced contents, notes on
+    what the uploaded copies change, and ``refused``: (path, problem) pairs that stop the push."""
 
     files: tuple[tuple[str, int], ...]
     replaced: dict[str, bytes] = field(default_factory=dict)  # path in repo -> bytes sent instead
     notes: tuple[str, ...] = ()
+    refused: tuple[tuple[str, str], ...] = ()
 
     @property
     def total_bytes(self) -> int:
         return sum(size for _, size in self.files)
 
 
-def local_files(folder: Path) -> dict[str, Path]:
-    """Every file under ``folder`` by posix path relative to it (``.git``/``.cache`` skipped)."""
+def local_files(folder: Path) -> tuple[dict[str, Path], list[tuple[str, str]]]:
+    """Every file under ``folder`` by posix path relative to it (``.git``/``.cache`` skipped), and
+    the entries refused: links that leave the folder, and anything that is not a regular file."""
+    folder = Path(folder)
+    real = Path(os.path.realpath(folder))
+    allowed = [real]
+    if real.parent.name == "snapshots":  # a Hub cache snapshot: its files link into ../../blobs
+        allowed.append(real.parent.parent / "blobs")
     out: dict[str, Path] = {}
+    refused: list[tuple[str, str]] = []
     for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not (Path(root) == folder and d in _SKIP_DIRS))
-        for name in files:
-            path = Path(root) / name
-            if path.is_file():
-                out[path.relative_to(folder).as_posix()] = path
-    return dict(sorted(out.items()))
+        base = Path(root)
+        keep = []
+        for d in sorted(dirs):
+            path = base / d
+            if base == folder and d in _SKIP_DIRS:
+                continue
+            rel = path.relative_to(folder).as_posix()
+            if path.is_symlink():
+                target = Path(os.path.realpath(path))
+                if not _inside(target, allowed):
+                    refused.append((rel + "/", f"is a link to {target}, a folder outside the one pushed"))
+                continue  # a link inside the folder: its files are sent under their own path
+            keep.append(d)
+        dirs[:] = keep
+        for name in sorted(files):
+            path = base / name
+            rel = path.relative_to(folder).as_posix()
+            if path.is_symlink():
+                target = Path(os.path.realpath(path))
+                if not _inside(target, allowed):
+                    refused.append((rel, f"is a link to {target}, outside the folder pushed"))
+                    continue
+            try:
+                mode = os.stat(path).st_mode
+            except OSError:
+                refused.append((rel, "is a broken link"))
+                continue
+            if not stat.S_ISREG(mode):
+                refused.append((rel, "is not a regular file"))
+                continue
+            out[rel] = path
+    return dict(sorted(out.items())), refused
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    return any(path == root or root in path.parents for root in roots)
 
 
 def plan_upload(
     folder: Path, card: str | None, record: dict | None, token: str | None, hub_base: str | None = None
 ) -> UploadPlan:
-    """Check every file that would be sent and decide the cleaned copies. Reads only.
+    """Check every file that would be sent and decide the cleaned copies. Reads only; never raises
+    for what it finds (``refused`` lists it).
 
     ``card``: README.md text to send instead of the folder's (None keeps the folder's).
-    ``hub_base``: the base model's Hub id, used for a local ``base_model_name_or_path``.
+    ``hub_base``: the base model's Hub id (or the name it was typed as), for a local
+    ``base_model_name_or_path``.
     """
     folder = Path(folder)
-    files = local_files(folder)
-    typed = _typed_paths(record)
-    roots = _local_roots(folder)
-    secret = token if token and len(token) >= 8 else None
+    files, refused = local_files(folder)
+    roots = local_roots(folder, record)
+    secret = token.encode() if token and len(token) >= 8 else None
     replaced: dict[str, bytes] = {}
     notes: list[str] = []
     if card is not None:
         replaced[CARD] = card.encode()
+    for rel, path in files.items():
+        if rel in replaced:
+            continue
+        name = Path(rel).name
+        if rel in _RECORDS or (name.endswith(".json") and name not in _VOCAB):
+            cleaned = _clean_json(rel, path, roots, hub_base, notes)
+            if cleaned is not None:
+                replaced[rel] = cleaned
     for rel in sorted(set(files) | set(replaced)):
-        data, path = replaced.get(rel), files.get(rel, folder / rel)
-        if path.suffix in _TEXT_SUFFIXES and (data is not None or path.stat().st_size <= _TEXT_MAX):
-            text = (data if data is not None else path.read_bytes()).decode("utf-8", "replace")
-            _check_token(rel, text, secret)
-            if rel.endswith(".json") and data is None:
-                cleaned = _clean_json(rel, text, typed, roots, hub_base, notes)
-                if cleaned is not None:
-                    replaced[rel] = cleaned
-            elif rel == CARD:
-                _check_roots(rel, text, roots, typed)
-        elif path.suffix == ".safetensors":
-            for key, value in _safetensors_metadata(path).items():
-                _check_token(f"{rel} (header metadata {key!r})", value, secret)
-                _check_value(f"{rel} (header metadata {key!r})", value, typed, roots)
+        problem = _check_file(rel, replaced.get(rel), files.get(rel), secret, roots)
+        if problem:
+            refused.append((rel, problem))
     sizes = {rel: path.stat().st_size for rel, path in files.items()}
     sizes.update({rel: len(data) for rel, data in replaced.items()})
-    return UploadPlan(tuple(sorted(sizes.items())), replaced, tuple(notes))
+    return UploadPlan(tuple(sorted(sizes.items())), replaced, tuple(notes), tuple(sorted(refused)))
 
 
 @contextmanager
 def staged(folder: Path, plan: UploadPlan) -> Iterator[Path]:
     """A temporary folder holding what ``plan`` sends: symlinks to the originals, real replaced files."""
-    folder = Path(folder).resolve()
+    folder = Path(folder)
     tmp = Path(tempfile.mkdtemp(prefix="surgeon-push-"))
     try:
         for rel, _ in plan.files:
@@ -119,113 +166,163 @@ def staged(folder: Path, plan: UploadPlan) -> Iterator[Path]:
             if rel in plan.replaced:
                 dst.write_bytes(plan.replaced[rel])
             else:
-                dst.symlink_to((folder / rel).resolve())
+                dst.symlink_to(os.path.realpath(folder / rel))
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-# ---------------------------------------------------------------------------- checks
+# ---------------------------------------------------------------------------- scanning
 
 
-def _check_token(where: str, text: str, secret: str | None) -> None:
-    found = _TOKEN.search(text)
-    if found or (secret and secret in text):
-        shown = (found.group(1) if found else secret or "")[:7]
-        raise CheckpointError(
-            where,
-            f"holds what looks like a Hub access token ({shown}…), which would be published",
-            "remove it from the file and push again; surgeon push never uploads credentials",
-        )
+def _check_file(rel: str, data: bytes | None, path: Path | None, secret: bytes | None, roots: list[bytes]) -> str | None:
+    """The first problem of one file as it would be sent (``data`` when replaced), or None."""
+    name = Path(rel).name
+    if data is None and path is not None and name.endswith(".safetensors"):
+        head = _safetensors_header(path)
+        if head is None:
+            return "is not a readable safetensors file"
+        return _scan(iter([head]), secret, roots if rel != "" else [], paths=True)
+    chunks = iter([data]) if data is not None else _read_chunks(path)  # type: ignore[arg-type]
+    if data is None and path is not None and not _is_text(path):
+        return _scan(chunks, secret, [], paths=False)
+    return _scan(chunks, secret, roots, paths=name not in _VOCAB)
 
 
-def _typed_paths(record: dict | None) -> set[str]:
-    """Strings the user typed, as recorded in surgeon.json: input sources and option values."""
-    typed: set[str] = set()
-
-    def walk(value: Any) -> None:
-        if isinstance(value, str):
-            typed.add(value)
-        elif isinstance(value, dict):
-            for v in value.values():
-                walk(v)
-        elif isinstance(value, list):
-            for v in value:
-                walk(v)
-
-    if record:
-        walk(record.get("config"))
-        for entry in (record.get("inputs") or {}).values():
-            for item in entry if isinstance(entry, list) else [entry]:
-                if isinstance(item, dict):
-                    walk(item.get("source"))
-                else:
-                    walk(item)
-    return typed
+def _scan(chunks: Iterator[bytes], secret: bytes | None, roots: list[bytes], paths: bool) -> str | None:
+    tail = b""
+    for chunk in chunks:
+        window = tail + chunk
+        found = _TOKEN.search(window)
+        if found or (secret and secret in window):
+            shown = (found.group(1) if found else secret or b"")[:7].decode(errors="replace")
+            return f"holds what looks like a Hub access token ({shown}…), which would be published"
+        if paths:
+            hit = _local_path(window, roots)
+            if hit:
+                return f"holds the local path {hit!r}, which would be published"
+        tail = window[-_OVERLAP:]
+    return None
 
 
-def _local_roots(folder: Path) -> list[str]:
-    """Absolute local folders whose paths must not appear in surgeon-written text."""
-    candidates = [folder.resolve(), folder.resolve().parent, Path.home(), Path.cwd(), Path(tempfile.gettempdir())]
+def _local_path(text: bytes, roots: list[bytes]) -> str | None:
+    """The first absolute local path in ``text``: under one of ``roots``, or whose top folder
+    exists here and is not a system folder."""
+    for m in _PATH.finditer(text):
+        value = m.group(1)
+        if any(value == r or value.startswith(r + b"/") or value.startswith(r + b"\\") for r in roots):
+            return value.decode(errors="replace")
+        if value.startswith(b"/"):
+            top = value.split(b"/")[1].decode(errors="replace")
+            if top and top not in _SYSTEM_DIRS and os.path.isdir("/" + top):
+                return value.decode(errors="replace")
+        elif value.startswith(b"~/"):
+            return value.decode(errors="replace")
+    return None
+
+
+def _read_chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            yield chunk
+
+
+def _is_text(path: Path) -> bool:
+    """Whether a file reads as text: no NUL byte in its first 8 KB (git's rule)."""
+    with open(path, "rb") as f:
+        return b"\0" not in f.read(8192)
+
+
+def _safetensors_header(path: Path) -> bytes | None:
+    """The JSON header of a safetensors file (tensor names, dtypes, shapes, metadata)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            (n,) = struct.unpack("<Q", raw)
+            if n > 100 * 10**6:
+                return None
+            return f.read(n)
+    except (OSError, struct.error):
+        return None
+
+
+def local_roots(folder: Path, record: dict | None = None) -> list[bytes]:
+    """Absolute local folders whose paths must not leave the machine: the folder, its parent, the
+    home, working, temporary and Hugging Face cache folders, and the folders of local inputs."""
+    candidates = [Path(folder).absolute(), Path(folder).absolute().parent, Path.home(), Path.cwd(), Path(tempfile.gettempdir())]
     for env in ("HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_CACHE", "XDG_CACHE_HOME"):
         if os.environ.get(env):
             candidates.append(Path(os.environ[env]).expanduser())
-    roots = {str(p) for p in candidates if len(p.parts) > 1}
-    for p in list(roots):
-        roots.add(str(Path(p).resolve()))
-    return sorted(roots, key=len, reverse=True)
+    for value in _record_strings(record):
+        if is_local_path(value):
+            candidates.append(Path(value).expanduser().parent)
+    roots: set[str] = set()
+    for p in candidates:
+        for q in (p, Path(os.path.realpath(p))):
+            if len(q.parts) > 1:
+                roots.add(str(q))
+    return sorted((r.encode() for r in roots), key=len, reverse=True)
 
 
-def _is_local_path(value: str) -> bool:
+def is_local_path(value: str) -> bool:
+    """Whether a string is an absolute local path (POSIX with two or more parts, ``~/…``, Windows)."""
     v = value.strip()
     if "\n" in v or len(v) > 4096:
         return False
-    if re.match(r"^[A-Za-z]:[\\/]", v) or v.startswith("\\\\"):
-        return True
-    if v.startswith("~/"):
+    if re.match(r"^[A-Za-z]:[\\/]", v) or v.startswith("\\\\") or v.startswith("~/"):
         return True
     return v.startswith("/") and len([p for p in v.split("/") if p]) >= 2
 
 
-def _contains_root(text: str, roots: list[str]) -> str | None:
-    for root in roots:
-        m = re.search(re.escape(root) + r"(?=$|[/\\\s\"'`),;:])", text)
-        if m:
-            end = re.search(r"[\s\"'`),;]", text[m.start() :])
-            return text[m.start() : m.start() + (end.start() if end else len(text))]
-    return None
+def _record_strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _record_strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _record_strings(v)
 
 
-def _check_value(where: str, value: str, typed: set[str], roots: list[str]) -> None:
-    if value in typed:
-        return
-    hit = value if _is_local_path(value) else _contains_root(value, roots)
-    if hit and hit not in typed:
-        raise CheckpointError(
-            where,
-            f"holds the local path {hit!r}, which would be published",
-            "remove it (or replace it with a Hub repo id) and push again",
-        )
+# ---------------------------------------------------------------------------- cleaning
 
 
-def _check_roots(where: str, text: str, roots: list[str], typed: set[str]) -> None:
-    hit = _contains_root(text, roots)
-    if hit and not any(hit.startswith(t) for t in typed if t):
-        raise CheckpointError(
-            where,
-            f"holds the local path {hit!r}, which would be published",
-            "remove it and push again, or pass --overwrite-card to send the card built from surgeon.json",
-        )
-
-
-def _clean_json(rel: str, text: str, typed: set[str], roots: list[str], hub_base: str | None, notes: list[str]) -> bytes | None:
-    """Check a JSON file; return cleaned bytes when a path field was dropped or replaced, else None."""
+def _clean_json(rel: str, path: Path, roots: list[bytes], hub_base: str | None, notes: list[str]) -> bytes | None:
+    """Cleaned bytes for a JSON file (a surgeon record's local paths as ``local <name>``, local
+    ``_name_or_path`` fields dropped, a local base replaced), or None when nothing changes."""
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
+        if path.stat().st_size > 100 * 10**6:
+            return None
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     changed = False
-    every_value = Path(rel).name not in _VOCAB_JSON
+    record_key = _RECORDS.get(rel, "") if rel in _RECORDS else ""
+    decoded = [r.decode() for r in roots]
+
+    def local(value: Any) -> bool:
+        return isinstance(value, str) and (is_local_path(value) or any(value.startswith(r + "/") for r in decoded))
+
+    def shown(value: str) -> str:
+        return f"local {Path(value).name}"
+
+    def clean_record(value: Any) -> Any:
+        nonlocal changed
+        if local(value):
+            changed = True
+            return shown(value)
+        if isinstance(value, str):
+            for r in decoded:
+                if r in value:
+                    changed = True
+                    value = re.sub(re.escape(r) + r"[/\\]?[^\s\"'`),;]*", lambda m: shown(m.group(0)), value)
+            return value
+        if isinstance(value, dict):
+            return {k: clean_record(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean_record(v) for v in value]
+        return value
 
     def walk(value: Any, where: str) -> Any:
         nonlocal changed
@@ -233,39 +330,32 @@ def _clean_json(rel: str, text: str, typed: set[str], roots: list[str], hub_base
             out = {}
             for k, v in value.items():
                 key_where = f"{where}.{k}" if where else str(k)
-                if isinstance(v, str) and v not in typed and (_is_local_path(v) or _contains_root(v, roots)):
-                    if k in _DROP_KEYS:
-                        notes.append(f"{rel}: dropped {key_where} (a local path)")
-                        changed = True
-                        continue
-                    if k == _BASE_KEY and hub_base:
-                        notes.append(f"{rel}: {key_where} set to {hub_base} (was a local path)")
-                        out[k] = hub_base
-                        changed = True
-                        continue
-                    if every_value or k in _DROP_KEYS or k == _BASE_KEY:
-                        _check_value(f"{rel} ({key_where})", v, typed, roots)
+                if k in _DROP_KEYS and local(v):
+                    notes.append(f"{rel}: dropped {key_where} (a local path)")
+                    changed = True
+                    continue
+                if k == _BASE_KEY and local(v):
+                    replacement = hub_base if hub_base and not local(hub_base) else Path(v).name
+                    notes.append(f"{rel}: {key_where} set to {replacement} (was a local path)")
+                    out[k] = replacement
+                    changed = True
+                    continue
                 out[k] = walk(v, key_where)
             return out
         if isinstance(value, list):
             return [walk(v, f"{where}[{i}]") for i, v in enumerate(value)]
         return value
 
-    cleaned = walk(data, "")
+    if rel in _RECORDS and record_key is None:
+        cleaned = clean_record(data)
+        if changed:
+            notes.append(f"{rel}: local paths written as `local <name>`")
+    elif rel in _RECORDS and isinstance(data, dict) and record_key in data:
+        cleaned = {**data, record_key: clean_record(data[record_key])}
+        if changed:
+            notes.append(f"{rel}: local paths in {record_key!r} written as `local <name>`")
+    else:
+        cleaned = walk(data, "")
     if not changed:
         return None
     return (json.dumps(cleaned, indent=2, ensure_ascii=False) + "\n").encode()
-
-
-def _safetensors_metadata(path: Path) -> dict[str, str]:
-    """The ``__metadata__`` strings of a safetensors header (empty when unreadable)."""
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > 100 * 10**6:
-                return {}
-            header = json.loads(f.read(n))
-    except (OSError, struct.error, ValueError):
-        return {}
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}

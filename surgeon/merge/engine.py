@@ -234,6 +234,7 @@ def _merge_jobs(
     if method.random:
         generators = tuple(torch.Generator().manual_seed(_seed(int(params["seed"]), i, first.relative)) for i in range(len(pairs)))
     ctx = TensorContext(first.relative, weight, density, (), generators)
+    guard = _FiniteGuard(name, sources, shared)
     jobs: list[Job] = []
     if method.trims:
         numel = math.prod(shape) if shared is None else shared * math.prod(shape[1:])
@@ -252,15 +253,46 @@ def _merge_jobs(
             ]
 
         def combine(x: torch.Tensor) -> torch.Tensor:
+            guard.add(x)
             return method.combine(x[0], list(x[1:]), replace(ctx, thresholds=select.values or ()))
 
-        jobs.append(Job(sources, shape, combine, out=(writer, name), stop=shared))
+        jobs.append(Job(sources, shape, combine, out=(writer, name), stop=shared, done=guard.check))
     else:
         dtypes = {ckpt.tensors[n].dtype for ckpt, n in sources}
         fused = method.fused if method.fused and len(pairs) == 1 and len(dtypes) == 1 and dtypes <= FUSED_DTYPES else None
         fn = fused or method.combine
-        jobs.append(Job(sources, shape, lambda x: fn(x[0], list(x[1:]), ctx), out=(writer, name), stop=shared, fp32=fused is None))
+        jobs.append(Job(sources, shape, lambda x: fn(guard.add(x)[0], list(x[1:]), ctx), out=(writer, name), stop=shared,
+                        fp32=fused is None, done=guard.check))  # fmt: skip
     if shared is not None and shared < shape[0]:  # the VLM's extra rows: unchanged
         jobs.append(Job([(vlm, name)], shape, lambda x: x[0], out=(writer, name), start=shared, fp32=False))
-    jobs[-1].done = done
+    last = jobs[-1].done
+    jobs[-1].done = done if last is None else (lambda: (last(), done()))  # type: ignore[func-returns-value]
     return jobs
+
+
+class _FiniteGuard:
+    """Sums the input tiles of a merged tensor as they stream by (one reduction over rows already
+    in cache; a NaN or Inf anywhere makes the sum non-finite, even where the method would drop that
+    entry) and, when it is, names the input that holds non-finite values."""
+
+    def __init__(self, name: str, sources: list[tuple[Checkpoint, str]], rows: int | None) -> None:
+        self.name, self.sources, self.rows = name, sources, rows
+        self.total = torch.zeros((), dtype=torch.float64)
+
+    def add(self, tiles: torch.Tensor) -> torch.Tensor:
+        self.total += torch.sum(tiles, dtype=torch.float64)
+        return tiles
+
+    def check(self) -> None:
+        if bool(torch.isfinite(self.total)):
+            return
+        from surgeon.errors import CheckpointError
+
+        for ckpt, name in self.sources:  # only now, on failure: read the inputs to say which one
+            t = ckpt.read(name, rows=self.rows)
+            if not bool(torch.isfinite(t.float()).all()):
+                raise CheckpointError(ckpt.source, f"tensor {name} holds NaN or Inf values", _DAMAGED)
+        raise CheckpointError(self.sources[0][0].source, f"tensor {self.name} sums to Inf (values near the dtype's limit)", _DAMAGED)
+
+
+_DAMAGED = "the checkpoint is damaged or was saved after a diverged run: use an intact copy"
