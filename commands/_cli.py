@@ -5,7 +5,7 @@ raised                                     exit    printed on stderr
 =========================================  ======  ====================================================
 ``SurgeonError`` (the library's errors)    1       ``Error: <problem>; <what to do>``
 ``OSError`` (disk full, permissions)       1       ``Error: <strerror>: <file>; …``
-``KeyboardInterrupt``                      130     ``Error: interrupted; no output was written``
+``KeyboardInterrupt`` / SIGTERM            130/143 ``Error: interrupted; no output was written`` (or what is kept)
 anything else                              1       ``Error: unexpected <Type>: <message>; …``
 click usage errors                         2       click's own message
 =========================================  ======  ====================================================
@@ -15,8 +15,10 @@ click usage errors                         2       click's own message
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -45,20 +47,48 @@ class SurgeonGroup(click.Group):
     """A click group that turns exceptions into ``Error: …`` lines and exit codes."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        with _sigterm_as_interrupt():
+            return self._invoke(ctx)
+
+    def _invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             if debug_enabled():
                 raise
-            click.echo("Error: interrupted; no output was written", err=True)
-            sys.exit(130)
+            detail = getattr(exc, "detail", None) or "no output was written"
+            click.echo(f"Error: interrupted; {detail}", err=True)
+            sys.exit(128 + getattr(exc, "signum", 2))
         except Exception as exc:  # noqa: BLE001 — this is the one place errors are translated
             if debug_enabled():
                 raise
             click.echo(f"Error: {error_line(exc)}", err=True)
             sys.exit(1)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``timeout``, Slurm preemption, ``docker stop``) stops a command the way Ctrl-C
+    does: the same clean-up (no temporary folder left), the same message, exit 143."""
+    import signal
+    import threading
+
+    from surgeon.errors import Interrupted
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def example(*lines: str) -> str:

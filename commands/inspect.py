@@ -36,7 +36,7 @@ def command(checkpoint: str, revision: str | None, as_json: bool) -> None:
     facts.add_column()
     rows = [
         ("checkpoint", report.source),
-        ("architecture", f"{report.architecture} ({report.model_type}), {kind}"),
+        ("architecture", f"{report.architecture} ({report.model_type}), {kind}" if report.architecture else f"unknown (no config.json), {kind}"),
         ("language model", f"{report.lm_prefix}layers.* ({report.num_layers} layers), head: {report.lm_head or 'tied to embeddings'}"),
         ("hidden size", report.hidden_size),
         ("attention heads", f"{report.num_attention_heads} ({report.num_key_value_heads} KV heads, head dim {report.head_dim})"),
@@ -67,3 +67,5 @@ def command(checkpoint: str, revision: str | None, as_json: bool) -> None:
     for s in report.shards:
         shards.add_row(s["file"], str(s["tensors"]), human_bytes(s["bytes"]))
     out.print(shards)
+    for note in report.notes:
+        out.print(f"note: {note}", highlight=False)

@@ -128,7 +128,7 @@ def command(as_json: bool, dry_run: bool, num_processes: int | None, **options: 
 
         raise ConfigError("num_processes", "only sizes a --dry-run plan", "launch the processes with torchrun --nproc-per-node N")
     with _StepBar() as bar:
-        result = train(config, on_step=bar.update, on_status=lambda text: err.print(f"surgeon train: {text}"))
+        result = train(config, on_step=bar.update, on_status=lambda text: err.print(f"surgeon train: {text}", soft_wrap=True, highlight=False, markup=False))
     if not result.main_process:
         return
     push_written(result.output)

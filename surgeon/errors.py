@@ -54,6 +54,18 @@ class OutputExistsError(SurgeonError):
         )
 
 
+class OutputBusyError(SurgeonError):
+    """Another run is writing the same output right now."""
+
+    def __init__(self, path: str, owner: str = "") -> None:
+        self.path = path
+        who = f" (process {owner})" if owner.isdigit() else ""
+        super().__init__(
+            f"another surgeon run{who} is writing {path} right now",
+            "wait for it to finish, or choose another output",
+        )
+
+
 class ConfigError(SurgeonError):
     """An option value that cannot work. Speaks of the config field, not the flag."""
 
@@ -98,3 +110,13 @@ class HubError(SurgeonError):
     def __init__(self, problem: str, hint: str | None = None, status: int | None = None) -> None:
         self.status = status
         super().__init__(problem, hint)
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by a signal (SIGINT: Ctrl-C; SIGTERM: ``timeout``, Slurm preemption,
+    ``docker stop``). ``detail`` says what is left, e.g. the checkpoint ``--resume`` continues from."""
+
+    def __init__(self, signum: int = 2, detail: str | None = None) -> None:
+        self.signum = signum
+        self.detail = detail
+        super().__init__(detail or "interrupted")

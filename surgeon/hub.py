@@ -107,6 +107,9 @@ def _translate(exc: BaseException, what: str, writing: bool, endpoint: str | Non
                     f"{what} is not a local folder and is not in the Hub cache (HF_HUB_OFFLINE is set)",
                     "download it once while online, or pass a local folder",
                 )
+            answered = next((c for c in _chain(e) if isinstance(c, errors.HfHubHTTPError) and _status(c)), None)
+            if answered is not None:  # the server answered: say what it said, not that it is unreachable
+                return _http_error(what, _status(answered), _first_line(answered), writing)
             return HubError(
                 f"cannot reach the Hub to fetch {what}",
                 "check the network connection, or set HF_HUB_OFFLINE=1 to use cached files only",
@@ -130,6 +133,10 @@ def _translate(exc: BaseException, what: str, writing: bool, endpoint: str | Non
                 "check the network connection (and HF_ENDPOINT if set), then run the same command again",
             )
     return None
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else ""
 
 
 def _status(e: BaseException) -> int | None:

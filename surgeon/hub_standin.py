@@ -1,7 +1,8 @@
-"""A local stand-in for the Hugging Face Hub's upload API, served on loopback.
+"""A local stand-in for the Hugging Face Hub's upload and download API, served on loopback.
 
-It answers the requests the real ``huggingface_hub`` client makes to publish a folder, so that
-``surgeon push`` can be exercised end to end without the internet::
+It answers the requests the real ``huggingface_hub`` client makes to publish a folder and to
+download from it, so that ``surgeon push`` and every command that takes a repo id can be exercised
+end to end without the internet::
 
     with HubStandIn() as hub:                     # http://127.0.0.1:<free port>
         # HF_ENDPOINT=hub.url HF_HUB_DISABLE_XET=1 (or surgeon.hub.push_folder(..., endpoint=hub.url))
@@ -16,7 +17,8 @@ Endpoints (model, dataset and space repos alike): ``POST /api/repos/create``,
 ``POST /api/{type}s/{repo}/preupload/{rev}``, ``POST /{repo}.git/info/lfs/objects/batch`` with
 ``PUT /lfs-upload/{oid}`` (basic transfer, sha256 checked), ``POST /api/{type}s/{repo}/commit/{rev}``
 (NDJSON), ``GET /api/{type}s/{repo}[/revision/{rev}]``, ``GET /api/{type}s/{repo}/refs``,
-``GET /api/whoami-v2`` and ``GET /api/agent-harnesses`` (the client's telemetry registry). Xet
+``GET /api/{type}s/{repo}/tree/{rev}[/{path}]``, ``GET``/``HEAD /[{type}s/]{repo}/resolve/{rev}/{path}``
+(a branch or a commit), ``GET /api/whoami-v2`` and ``GET /api/agent-harnesses`` (the client's telemetry registry). Xet
 storage is not served: clients set ``HF_HUB_DISABLE_XET=1`` (``surgeon.hub.push_folder`` does so
 itself for an explicit or loopback endpoint).
 
@@ -53,6 +55,7 @@ LFS_MIN_SIZE = 10 * 10**6
 BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _REPO_TYPES = ("models", "datasets", "spaces")
+_RESOLVE = r"/((?P<t>datasets|spaces)/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)"
 _ERROR_HEADERS = {
     401: {"X-Error-Message": "Invalid credentials in Authorization header"},
     403: {"X-Error-Message": "You don't have the rights to write to this repo"},
@@ -95,6 +98,7 @@ class Repo:
     branches: dict[str, dict[str, bytes]] = field(default_factory=lambda: {"main": {}})
     heads: dict[str, str] = field(default_factory=dict)
     commits: list[Commit] = field(default_factory=list)
+    snapshots: dict[str, dict[str, bytes]] = field(default_factory=dict)  # commit oid -> files then
 
 
 def validate_card_yaml(content: str) -> list[str]:
@@ -195,9 +199,12 @@ class HubStandIn:
             ("POST", r"/api/(?P<t>\w+)/(?P<repo>[^/]+/[^/]+)/preupload/(?P<rev>.+)", "preupload", self._preupload),
             ("POST", r"/api/(?P<t>\w+)/(?P<repo>[^/]+/[^/]+)/commit/(?P<rev>.+)", "commit", self._commit),
             ("GET", r"/api/(?P<t>\w+)/(?P<repo>[^/]+/[^/]+)/refs", "refs", self._refs),
+            ("GET", r"/api/(?P<t>\w+)/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)(/(?P<path>.+))?", "tree", self._tree),
             ("GET", r"/api/(?P<t>\w+)/(?P<repo>[^/]+/[^/]+)(/revision/(?P<rev>.+))?", "info", self._info),
             ("POST", r"/((?P<t>datasets|spaces)/)?(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch", "lfs-batch", self._lfs_batch),
             ("PUT", r"/lfs-upload/(?P<oid>[0-9a-f]{64})", "lfs-upload", self._lfs_upload),
+            ("GET", _RESOLVE, "resolve", self._resolve),
+            ("HEAD", _RESOLVE, "resolve", self._resolve),
         ]
         for method, pattern, name, fn in routes:
             m = re.fullmatch(pattern, req.path)
@@ -207,6 +214,8 @@ class HubStandIn:
                     status = self._failure[0]
                     return _json(status, {"error": f"stand-in answers {status}"}, _ERROR_HEADERS.get(status, {}))
                 args = {k: unquote(v) for k, v in m.groupdict().items() if v is not None}
+                if name == "resolve":
+                    args["t"] = args.pop("t", None) or "models"
                 if "t" in args or name == "lfs-batch":
                     args["t"] = args.get("t", "models")
                     if args["t"] not in _REPO_TYPES:
@@ -273,11 +282,17 @@ class HubStandIn:
         return _json(200, {"standardEnvVars": [], "harnesses": {}})
 
     def _revision(self, r: Repo | None, rev: str) -> tuple[dict[str, bytes] | None, tuple[int, dict[str, str], bytes] | None]:
+        """The files of a branch (writable) or of a commit (a snapshot), or the Hub's 404."""
         if r is None:
             return None, _json(404, {"error": "Repository not found"}, _ERROR_HEADERS[404])
-        if rev not in r.branches:
-            return None, _json(404, {"error": "Revision not found"}, {"X-Error-Code": "RevisionNotFound"})
-        return r.branches[rev], None
+        if rev in r.branches:
+            return r.branches[rev], None
+        if rev in r.snapshots:
+            return r.snapshots[rev], None
+        return None, _json(404, {"error": "Revision not found"}, {"X-Error-Code": "RevisionNotFound", "X-Error-Message": "Invalid rev id"})
+
+    def _sha(self, r: Repo, rev: str) -> str:
+        return r.heads.get(rev, rev)
 
     def _preupload(self, req: Request, t: str, repo: str, rev: str) -> tuple[int, dict[str, str], bytes]:
         if not self._authorized(req):
@@ -352,6 +367,7 @@ class HubStandIn:
         files.update(changes)
         oid = secrets.token_hex(20)
         r.heads[rev] = oid
+        r.snapshots[oid] = dict(files)
         r.commits.append(Commit(oid, rev, header.get("summary", ""), header.get("description", ""), sorted(changes) + deleted))
         prefix = "" if t == "models" else f"{t}/"
         return _json(200, {"success": True, "commitOid": oid, "commitUrl": f"{self.url}/{prefix}{repo}/commit/{oid}", "pullRequestUrl": None})
@@ -365,7 +381,56 @@ class HubStandIn:
         if r.private and not self._authorized(req):
             return _json(401, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
         siblings = [{"rfilename": name, "size": len(data)} for name, data in sorted(files.items())]
-        return _json(200, {"id": r.repo_id, "modelId": r.repo_id, "sha": r.heads[rev], "private": r.private, "siblings": siblings, "tags": []})
+        return _json(200, {"id": r.repo_id, "modelId": r.repo_id, "sha": self._sha(r, rev), "private": r.private, "siblings": siblings, "tags": []})
+
+    def _tree(self, req: Request, t: str, repo: str, rev: str, path: str = "") -> tuple[int, dict[str, str], bytes]:
+        """The files (and, unless ``recursive``, the folders) under ``path`` at ``rev``."""
+        r = self._repo(t, repo)
+        files, error = self._revision(r, rev)
+        if error:
+            return error
+        assert r is not None and files is not None
+        if r.private and not self._authorized(req):
+            return _json(401, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+        recursive = req.query.get("recursive", ["false"])[0].lower() in ("1", "true")
+        prefix = path.strip("/") + "/" if path.strip("/") else ""
+        entries, folders = [], set()
+        for name, data in sorted(files.items()):
+            if not name.startswith(prefix):
+                continue
+            rest = name[len(prefix) :]
+            if "/" in rest and not recursive:
+                folders.add(prefix + rest.split("/")[0])
+                continue
+            entry = {"type": "file", "oid": git_blob_oid(data), "size": len(data), "path": name}
+            if self._lfs(name, data):
+                entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+            entries.append(entry)
+        entries += [{"type": "directory", "oid": git_blob_oid(f.encode()), "size": 0, "path": f} for f in sorted(folders)]
+        status, headers, body = 200, {"Content-Type": "application/json"}, json.dumps(entries).encode()
+        return status, headers, body
+
+    @staticmethod
+    def _lfs(path: str, data: bytes) -> bool:
+        return b"\0" in data[:1024] or len(data) >= LFS_MIN_SIZE or any(fnmatch(path, p) for p in LFS_PATTERNS)
+
+    def _resolve(self, req: Request, t: str, repo: str, rev: str, path: str) -> tuple[int, dict[str, str], bytes]:
+        """A file download (GET, or HEAD for its metadata), with the headers the client reads:
+        the commit, the ETag (git blob id; sha256 and size as X-Linked-* for LFS files)."""
+        r = self._repo(t, repo)
+        files, error = self._revision(r, rev)
+        if error:
+            return error
+        assert r is not None and files is not None
+        if r.private and not self._authorized(req):
+            return _json(401, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+        if path not in files:
+            return _json(404, {"error": f"Entry not found: {path}"}, {"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found"})
+        data = files[path]
+        headers = {"Content-Type": "application/octet-stream", "X-Repo-Commit": self._sha(r, rev), "ETag": f'"{git_blob_oid(data)}"'}
+        if self._lfs(path, data):
+            headers |= {"X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Linked-Size": str(len(data))}
+        return 200, headers, data
 
     def _refs(self, req: Request, t: str, repo: str) -> tuple[int, dict[str, str], bytes]:
         r = self._repo(t, repo)
@@ -410,9 +475,10 @@ def _handler(standin: HubStandIn) -> type[BaseHTTPRequestHandler]:
                     self.send_header(k, v)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD":
+                self.wfile.write(body)
 
-        do_GET = do_POST = do_PUT = do_DELETE = _serve
+        do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _serve
 
     return Handler
 

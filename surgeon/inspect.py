@@ -30,6 +30,7 @@ class ModelReport:
     placeholder_tokens: dict[str, int]
     shards: list[dict] = field(default_factory=list)
     params: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,6 +68,7 @@ def inspect_checkpoint(ckpt: Checkpoint) -> ModelReport:
         placeholder_tokens=placeholder_token_ids(cfg),
         shards=_shards(ckpt),
         params=count_params(ckpt, layout),
+        notes=[] if cfg else ["config.json is missing: the architecture is unknown; layers, parts and sizes come from the tensor names and shapes"],
     )
 
 

@@ -15,6 +15,7 @@ tensor, not one shard. ``write_rows`` writes a tensor block by block (peak memor
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -28,7 +29,7 @@ from typing import BinaryIO
 
 import torch
 
-from surgeon.errors import ConfigError, OutputExistsError
+from surgeon.errors import ConfigError, OutputBusyError, OutputExistsError
 from surgeon.safetensors_io import DTYPE_CODES, DTYPES, header_bytes, tensor_bytes
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
@@ -73,26 +74,91 @@ def check_apart(path: str | Path, inputs: Iterable[str | Path | None]) -> None:
             raise ConfigError("output", f"{path} {relation} the input {given}", "choose an output outside the inputs")
 
 
+_HELD: dict[str, tuple[int, int]] = {}  # lock path -> (fd, depth): locks this process holds
+_log = logging.getLogger("surgeon.output")
+
+
+@contextmanager
+def claim(path: str | Path) -> Iterator[None]:
+    """Hold the exclusive claim on output ``path`` for the duration: an advisory lock on the
+    hidden file ``.<name>.surgeon-lock`` beside it (released by the system when the process ends,
+    however it ends). A second run writing the same output fails at once with OutputBusyError;
+    the same process may claim it again (nested). Temporary folders of earlier runs for this
+    output, whose owners are gone since they no longer hold the claim, are removed (and logged)."""
+    import fcntl
+
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    lock = str(final.parent.resolve() / f".{final.name}.surgeon-lock")
+    if lock in _HELD:
+        fd, depth = _HELD[lock]
+        _HELD[lock] = (fd, depth + 1)
+        try:
+            yield
+        finally:
+            _HELD[lock] = (fd, _HELD[lock][1] - 1)
+        return
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise OutputBusyError(str(path), owner) from None
+        try:  # the file may have been removed and made anew while we waited: lock the current one
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD[lock] = (fd, 1)
+    try:
+        _remove_stale(final)
+        yield
+    finally:
+        _HELD.pop(lock, None)
+        try:
+            os.unlink(lock)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _remove_stale(final: Path) -> None:
+    """Remove the temporary (and superseded) folders that killed runs left for ``final``."""
+    for stale in sorted(final.parent.glob(f".{final.name}.surgeon-*")):
+        if stale.name.endswith(".surgeon-lock") or not stale.is_dir():
+            continue
+        size = sum(f.stat().st_size for f in stale.rglob("*") if f.is_file())
+        shutil.rmtree(stale, ignore_errors=True)
+        _log.warning(f"removed {stale.name} ({size / 1e6:.1f} MB), left in {final.parent} by an interrupted run for {final.name}")
+
+
 @contextmanager
 def output_folder(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder; rename it to ``path`` only when the block succeeds."""
+    """Yield a temporary sibling folder; rename it to ``path`` only when the block succeeds. The
+    output is claimed (``claim``) for the whole block, so no other run can write it meanwhile."""
     final = Path(path)
-    check_output(final, overwrite)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.surgeon-tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        old = final.parent / f".{final.name}.surgeon-old-{secrets.token_hex(4)}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
+    with claim(final):
+        check_output(final, overwrite)
+        tmp = final.parent / f".{final.name}.surgeon-tmp-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if final.exists():
+            old = final.parent / f".{final.name}.surgeon-old-{secrets.token_hex(4)}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
 
 
 @dataclass(frozen=True)

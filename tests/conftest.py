@@ -93,14 +93,16 @@ def llm(tiny_models) -> Path:
 
 @pytest.fixture
 def hub_standin(monkeypatch):
-    """A local stand-in of the Hub's upload API (``surgeon.hub_standin``) that the real client
-    talks to: HF_ENDPOINT points at it, offline mode is off, Xet is off, no token is set."""
+    """A local stand-in of the Hub's API (``surgeon.hub_standin``) that the real client talks to,
+    for uploads and downloads: HF_ENDPOINT points at it, offline mode is off, Xet is off, no token
+    is set."""
     from huggingface_hub import constants
 
     from surgeon.hub_standin import HubStandIn
 
     with HubStandIn() as standin:
-        for name, value in (("ENDPOINT", standin.url), ("HF_HUB_OFFLINE", False), ("HF_HUB_DISABLE_XET", True)):
+        template = standin.url + "/{repo_id}/resolve/{revision}/{filename}"  # downloads: computed from the endpoint at import
+        for name, value in (("ENDPOINT", standin.url), ("HUGGINGFACE_CO_URL_TEMPLATE", template), ("HF_HUB_OFFLINE", False), ("HF_HUB_DISABLE_XET", True)):
             monkeypatch.setattr(constants, name, value)
         for name, value in (("HF_ENDPOINT", standin.url), ("HF_HUB_OFFLINE", "0"), ("HF_HUB_DISABLE_XET", "1")):
             monkeypatch.setenv(name, value)

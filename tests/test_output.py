@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -126,7 +127,59 @@ def test_killed_run_leaves_no_complete_looking_folder(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
     assert proc.returncode == -signal.SIGKILL
     assert not (tmp_path / "out").exists()
-    assert all(p.name.startswith(".out.surgeon-tmp-") for p in tmp_path.iterdir())
+    assert all(p.name.startswith((".out.surgeon-tmp-", ".out.surgeon-lock")) for p in tmp_path.iterdir())
+
+
+def test_a_later_run_removes_what_a_killed_run_left_and_says_so(tmp_path, caplog):
+    """kill -9 mid-write leaves a hidden temp folder (a partial shard); the next run for the same
+    output removes it (its owner is gone: it no longer holds the output's claim) and logs it."""
+    script = textwrap.dedent(
+        f"""
+        import os, signal, torch
+        from surgeon.output import ShardedWriter, TensorSpec, output_folder
+        with output_folder({str(tmp_path / "out")!r}) as tmp:
+            with ShardedWriter(tmp, [TensorSpec("a", "F32", (100000,))], shard_size=10**9) as w:
+                os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True).returncode == -signal.SIGKILL
+    [stale] = [p for p in tmp_path.iterdir() if p.name.startswith(".out.surgeon-tmp-")]
+    with caplog.at_level("WARNING", logger="surgeon"):
+        with output_folder(tmp_path / "out") as tmp:
+            (tmp / "x").write_text("1")
+    assert not stale.exists() and (tmp_path / "out" / "x").exists()
+    assert f"removed {stale.name}" in caplog.text and "interrupted run" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_second_writer_of_the_same_output_fails_at_once_and_a_live_temp_is_untouched(tmp_path):
+    from surgeon.errors import OutputBusyError
+
+    ready = tmp_path / "ready"
+    script = textwrap.dedent(
+        f"""
+        import pathlib, time
+        from surgeon.output import output_folder
+        with output_folder({str(tmp_path / "out")!r}) as tmp:
+            (tmp / "partial").write_text("working")
+            pathlib.Path({str(ready)!r}).write_text("1")
+            time.sleep(60)
+        """
+    )
+    holder = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        for _ in range(600):
+            if ready.exists():
+                break
+            time.sleep(0.05)
+        [live] = [p for p in tmp_path.iterdir() if p.name.startswith(".out.surgeon-tmp-")]
+        with pytest.raises(OutputBusyError, match=rf"another surgeon run \(process {holder.pid}\) is writing .*out right now"):
+            with output_folder(tmp_path / "out"):
+                pass
+        assert (live / "partial").read_text() == "working"  # the live run's temp folder is left alone
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_output_that_is_a_file_is_refused(tmp_path):

@@ -222,3 +222,53 @@ def test_cli_iada_flag(cli, tiny_models, data, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "a" / "surgeon.json").read_text())["stats"]["surgeon_modules"] == ["iada"]
     assert "data: 12 of 12 samples used" in result.stderr
+
+
+DAMAGE = {
+    "garbage trainable": ("trainable.safetensors", lambda p: p.write_bytes(b"not a safetensors file at all")),
+    "truncated trainable": ("trainable.safetensors", lambda p: p.write_bytes(p.read_bytes()[:-100])),
+    "malformed state": ("state.json", lambda p: p.write_text("{not json")),
+    "missing state field": ("state.json", lambda p: p.write_text(json.dumps({k: v for k, v in json.loads(p.read_text()).items() if k != "scheduler"}))),
+    "garbage rng": ("rng.safetensors", lambda p: p.write_bytes(b"\x08" + b"\0" * 7 + b"garbage!")),
+    "missing optimizer": ("optimizer.safetensors", lambda p: p.unlink()),
+}
+
+
+@pytest.fixture(scope="module")
+def stopped_run(vlm, data, tmp_path_factory):
+    """An uninterrupted 6-step run, and the same run stopped after step 5 (checkpoints 2 and 4)."""
+    root = tmp_path_factory.mktemp("stopped")
+    base = dict(model=str(vlm), data=str(data), batch_size=2, seed=0, warmup_ratio=0.0, max_steps=6, lr=1e-3, full=True)
+    train(TrainConfig(**base, output=str(root / "whole")))
+
+    def stop(metrics):
+        if metrics["step"] == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**base, output=str(root / "cut"), save_steps=2), on_step=stop)
+    return root, base
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_checkpoint_is_named_and_resume_falls_back_to_the_previous_one(cli, stopped_run, tmp_path, damage):
+    import shutil
+
+    root, base = stopped_run
+    shutil.copytree(root / "cut-checkpoints", tmp_path / "cut-checkpoints")
+    name, spoil = DAMAGE[damage]
+    spoil(tmp_path / "cut-checkpoints" / "checkpoint-4" / name)
+    args = ["train", base["model"], "--data", base["data"], "-o", tmp_path / "cut", "--batch-size", "2", "--warmup-ratio", "0",
+            "--max-steps", "6", "--lr", "1e-3", "--full", "--save-steps", "2", "--resume"]  # fmt: skip
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    assert f"checkpoint-4 is damaged ({name}" in " ".join(result.stderr.split()) and "resuming from checkpoint-2" in result.stderr
+    a, b = (load_file(str(d / "model.safetensors")) for d in (root / "whole", tmp_path / "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["step"] for m in _metrics(tmp_path / "cut")] == [1, 2, 3, 4, 5, 6]
+
+    shutil.rmtree(tmp_path / "cut")  # now with no intact checkpoint left to fall back to
+    shutil.copytree(root / "cut-checkpoints", tmp_path / "cut-checkpoints", dirs_exist_ok=True)
+    shutil.rmtree(tmp_path / "cut-checkpoints" / "checkpoint-2")
+    spoil(tmp_path / "cut-checkpoints" / "checkpoint-4" / name)
+    assert_one_line_error(cli(*args), "checkpoint-4: is damaged", name, "start over with --overwrite")

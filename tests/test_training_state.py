@@ -8,7 +8,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from surgeon.errors import ConfigError
 from surgeon.training.order import SampleOrder
-from surgeon.training.state import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
+from surgeon.training.state import Progress, latest_intact, load_checkpoint, save_checkpoint
 
 
 def test_one_process_with_accumulation_sees_the_micro_batches_of_two_processes():
@@ -56,7 +56,7 @@ def test_checkpoint_round_trip_continues_exactly(tmp_path):
     expected = [p.detach().clone() for p in params]
 
     params2, opt2, sched2 = fresh()
-    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-3"
+    assert latest_intact(tmp_path) == (tmp_path / "checkpoint-3", [])
     step = load_checkpoint(tmp_path / "checkpoint-3", "abc", {"a": params2[0], "b": params2[1]}, opt2, sched2)
     assert step == 3
     _run(4, params2, opt2, sched2)

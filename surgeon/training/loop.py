@@ -55,8 +55,39 @@ def checkpoint_root(output: str | Path) -> Path:
 
 
 def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: Callable[[str], None] | None = None) -> TrainResult:
-    """Run ``config`` to the end and write its output folder; ``on_step`` receives each step's metrics."""
+    """Run ``config`` to the end and write its output folder; ``on_step`` receives each step's metrics.
+
+    The main process claims the output for the whole run (a second run writing it fails at once).
+    Stopped by Ctrl-C or SIGTERM, it raises ``Interrupted`` saying which checkpoint is kept."""
+    import contextlib
+
     from accelerate import PartialState
+
+    from surgeon.errors import ConfigError, Interrupted
+    from surgeon.output import claim
+    from surgeon.training.parallel import deepspeed_requested, return_freed_memory
+    from surgeon.training.state import latest_intact
+
+    config.require_io()
+    if deepspeed_requested():
+        raise ConfigError("distributed", "surgeon train does not run under DeepSpeed", "shard with --fsdp (FSDP2) instead")
+    # cpu=True on machines without CUDA, so that torchrun/accelerate launch gives a gloo process group
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        return_freed_memory()
+    state = PartialState(cpu=cpu)
+    try:
+        with claim(config.output) if state.is_main_process else contextlib.nullcontext():  # type: ignore[arg-type]
+            return _train(config, state, cpu, on_step, on_status)
+    except KeyboardInterrupt as exc:
+        latest = latest_intact(checkpoint_root(config.output))[0]  # type: ignore[arg-type]
+        kept = f"{latest} is kept; run the same command with --resume to continue from it" if latest else "no output was written"
+        raise Interrupted(getattr(exc, "signum", 2), kept) from None
+
+
+def _train(
+    config: TrainConfig, state: Any, cpu: bool, on_step: StepCallback | None, on_status: Callable[[str], None] | None
+) -> TrainResult:
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
@@ -69,17 +100,10 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
     from surgeon.training.config import resolve_precision
     from surgeon.training.model import trainable
     from surgeon.training.order import SampleOrder
-    from surgeon.training.parallel import Replicated, Sharded, deepspeed_requested, fsdp_requested, return_freed_memory
-    from surgeon.training.state import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
+    from surgeon.training.parallel import Replicated, Sharded, fsdp_requested
+    from surgeon.errors import CheckpointError
+    from surgeon.training.state import Progress, latest_intact, load_checkpoint, remove_stale, save_checkpoint
 
-    config.require_io()
-    if deepspeed_requested():
-        raise ConfigError("distributed", "surgeon train does not run under DeepSpeed", "shard with --fsdp (FSDP2) instead")
-    # cpu=True on machines without CUDA, so that torchrun/accelerate launch gives a gloo process group
-    cpu = not torch.cuda.is_available()
-    if cpu:
-        return_freed_memory()
-    state = PartialState(cpu=cpu)
     status = on_status if (on_status is not None and state.is_main_process) else (lambda text: None)
     precision = resolve_precision(config, not cpu and torch.cuda.is_bf16_supported())
     sharded = fsdp_requested(config.fsdp) and state.num_processes > 1
@@ -87,8 +111,16 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
         status("one process: --fsdp has nothing to shard over, so this run trains unsharded")
     check_output(config.output, config.overwrite, [config.model, config.data, config.prior, config.image_lora])  # type: ignore[arg-type]
     ckpt_root = checkpoint_root(config.output)  # type: ignore[arg-type]
-    if config.resume and latest_checkpoint(ckpt_root) is None:
-        raise ConfigError("resume", f"no checkpoint in {ckpt_root}", "run without --resume, or check --output")
+    resume_from = None
+    if config.resume:
+        resume_from, damaged = latest_intact(ckpt_root)
+        if resume_from is None and not damaged:
+            raise ConfigError("resume", f"no checkpoint in {ckpt_root}", "run without --resume, or check --output")
+        if resume_from is None:
+            path, problem = damaged[0]
+            raise CheckpointError(str(path), f"is damaged: {problem}", "no intact checkpoint is left to resume from: start over with --overwrite")
+        for path, problem in damaged:
+            status(f"{path.name} is damaged ({problem}); resuming from {resume_from.name} instead")
     if not config.resume and ckpt_root.exists():  # without a checkpoint in it: metrics of a run that stopped early
         if not config.overwrite and any(ckpt_root.glob("checkpoint-*")):
             raise ConfigError(
@@ -97,6 +129,8 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
         state.wait_for_everyone()
         if state.is_main_process:
             shutil.rmtree(ckpt_root, ignore_errors=True)
+    if state.is_main_process and ckpt_root.exists():
+        remove_stale(ckpt_root)  # temporary checkpoint folders of a killed run (this run holds the output's claim)
     state.wait_for_everyone()
     set_seed(config.seed)
     checkpoint = setup.check_inputs(config)
@@ -138,9 +172,8 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
 
     start = 0
     if config.resume:
-        latest = latest_checkpoint(ckpt_root)
-        start = load_checkpoint(latest, fingerprint, run.trainable, optimizer, scheduler, engine)  # type: ignore[arg-type]
-        status(f"resumed from {latest} at step {start}")
+        start = load_checkpoint(resume_from, fingerprint, run.trainable, optimizer, scheduler, engine)  # type: ignore[arg-type]
+        status(f"resumed from {resume_from} at step {start}")
 
     log = _MetricsLog(ckpt_root / "metrics.jsonl", start) if engine.is_main else None
     metrics: dict[str, Any] = {}

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from surgeon.errors import ConfigError
+from surgeon.errors import CheckpointError, ConfigError
 from surgeon.output import output_folder
 from surgeon.safetensors_io import write_file
 from surgeon.shards import local
@@ -117,13 +117,71 @@ def _write_state(
     (tmp / STATE_FILE).write_text(json.dumps(state))
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The complete checkpoint with the highest step under ``root`` (``checkpoint-<step>``)."""
-    found = []
-    for p in Path(root).glob("checkpoint-*"):
-        if (p / STATE_FILE).exists() and p.name.split("-")[-1].isdigit():
-            found.append((int(p.name.split("-")[-1]), p))
-    return max(found)[1] if found else None
+def remove_stale(root: Path) -> None:
+    """Remove the temporary checkpoint folders a killed run left under ``root`` (call it while
+    holding the run's output claim, so that no live run is writing them)."""
+    import logging
+
+    for stale in sorted(Path(root).glob(".checkpoint-*.surgeon-*")):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+            logging.getLogger("surgeon.training").warning(f"removed {stale.name}, left in {root} by an interrupted run")
+
+
+_STATE_FIELDS = {
+    "step": int, "fingerprint": str, "param_groups": list, "optimizer_scalars": dict, "scheduler": dict,
+    "python_rng": list, "numpy_rng": list,
+}  # fmt: skip
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder (``"rng.safetensors: is truncated …"``), or None when
+    it is intact: state.json readable with every field, and every tensor file it needs (each
+    rank's for a sharded one) present with a valid header."""
+    from surgeon.safetensors_io import FormatError, read_header
+
+    folder = Path(folder)
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+    except FileNotFoundError:
+        return f"{STATE_FILE}: missing"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"{STATE_FILE}: not valid JSON ({' '.join(str(e).split())[:80]})"
+    if not isinstance(state, dict):
+        return f"{STATE_FILE}: not a JSON object"
+    for key, kind in _STATE_FIELDS.items():
+        if not isinstance(state.get(key), kind) or (kind is int and isinstance(state.get(key), bool)):
+            return f"{STATE_FILE}: field {key!r} is missing or not a {kind.__name__}"
+    ranks = state.get("world_size", 1) if state.get("sharded") else None
+    suffixes = [f"-rank{r:05d}" for r in range(int(ranks))] if ranks else [""]
+    for stem in ("trainable", "optimizer", "rng"):
+        for suffix in suffixes:
+            name = f"{stem}{suffix}.safetensors"
+            if not (folder / name).is_file():
+                return f"{name}: missing"
+            try:
+                read_header(folder / name)
+            except FormatError as e:
+                return f"{name}: {e}"
+            except OSError as e:
+                return f"{name}: {e.strerror or e}"
+    return None
+
+
+def latest_intact(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The intact checkpoint with the highest step under ``root``, and the damaged ones above it
+    (newest first) with what is wrong with each."""
+    found = sorted(
+        ((int(p.name.split("-")[-1]), p) for p in Path(root).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+        reverse=True,
+    )
+    damaged = []
+    for _, path in found:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, damaged
+        damaged.append((path, problem))
+    return None, damaged
 
 
 def load_checkpoint(
@@ -141,6 +199,11 @@ def load_checkpoint(
     """
     from safetensors.torch import load_file
 
+    problem = checkpoint_problem(folder)
+    if problem is not None:
+        raise CheckpointError(
+            str(folder), f"is damaged: {problem}", "resume from an earlier checkpoint (move this one away), or start over with --overwrite"
+        )
     state = json.loads((folder / STATE_FILE).read_text())
     if state["fingerprint"] != fingerprint:
         raise ConfigError(
