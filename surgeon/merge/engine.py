@@ -280,7 +280,7 @@ class _FiniteGuard:
         self.total = torch.zeros((), dtype=torch.float64)
 
     def add(self, tiles: torch.Tensor) -> torch.Tensor:
-        self.total += torch.sum(tiles, dtype=torch.float64)
+        self.total += torch.sum(tiles).double()  # in the tiles' own dtype: the fast, vectorised reduction
         return tiles
 
     def check(self) -> None:
