@@ -37,13 +37,15 @@ def command(checkpoint: str, revision: str | None, as_json: bool) -> None:
     rows = [
         ("checkpoint", report.source),
         ("architecture", f"{report.architecture} ({report.model_type}), {kind}" if report.architecture else f"unknown (no config.json), {kind}"),
-        ("language model", f"{report.lm_prefix}layers.* ({report.num_layers} layers), head: {report.lm_head or 'tied to embeddings'}"),
+        ("language model", f"{report.lm_prefix}{report.layer_word}.* ({report.num_layers} layers), head: {report.lm_head or 'tied to embeddings'}"),
         ("hidden size", report.hidden_size),
         ("attention heads", f"{report.num_attention_heads} ({report.num_key_value_heads} KV heads, head dim {report.head_dim})"),
         ("vocab size", report.vocab_size),
         ("tied embeddings", "yes" if report.tied_embeddings else "no"),
         ("dtype", report.dtype if report.quantization is None else f"{report.dtype}, quantized ({report.quantization})"),
     ]
+    if report.cross_attention_layers:
+        rows.append(("cross-attention", f"layers {', '.join(map(str, report.cross_attention_layers))} (image-only; not counted above)"))
     if report.placeholder_tokens:
         rows.append(("placeholder tokens", ", ".join(f"{k}={v}" for k, v in report.placeholder_tokens.items())))
     for key, value in rows:

@@ -27,8 +27,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from typing import Any
+
 from surgeon.checkpoint import Checkpoint
 from surgeon.errors import AlignmentError, CheckpointError
+from surgeon.experts import expert_view
 from surgeon.families import Selection, family, select
 from surgeon.layout import Layout, detect_layout
 
@@ -72,11 +75,27 @@ class Alignment:
     vision: tuple[str, ...]
     other: tuple[str, ...]
     notes: tuple[str, ...]
+    llm: Any = None  # where to read the LLM's side of the pairs (a ``surgeon.experts.View`` when some are assembled)
 
     def select(self, selection: Selection) -> list[Pair]:
-        """The pairs ``selection`` accepts; SelectionError / ConfigError as ``families.select``."""
+        """The pairs ``selection`` accepts; SelectionError / ConfigError as ``families.select``.
+
+        AlignmentError when a selected family keeps tensors unpaired on both sides (the layouts
+        differ in a way surgeon cannot bridge: pairing only the rest would leave most of that
+        family out, silently)."""
         by_rel = {p.relative: p for p in self.pairs}
         chosen = select(list(by_rel), selection, self.vlm_layout.num_layers)
+        vlm_left = [self.vlm_layout.lm_relative(n) or n for n in self.unmatched_lm]
+        llm_left = [self.llm_layout.lm_relative(n) or n for n in self.llm_only]
+        for fam in sorted({family(r) for r in vlm_left} & {family(r) for r in llm_left}):
+            ours = [r for r in vlm_left if family(r) == fam and selection.accepts(r)]
+            theirs = [r for r in llm_left if family(r) == fam and selection.accepts(r)]
+            if ours and theirs:
+                raise AlignmentError(
+                    f"{len(ours)} selected {fam} tensor(s) of the VLM and {len(theirs)} of the reasoning model have no counterpart",
+                    [f"VLM {ours[0]}", f"LLM {theirs[0]}"],
+                    "the two checkpoints store this part in layouts surgeon cannot pair; narrow --modules to leave it out",
+                )
         return [by_rel[r] for r in chosen]
 
     def counts(self, selected: Sequence[Pair] | None = None) -> dict[str, int]:
@@ -132,13 +151,16 @@ def align(vlm: Checkpoint, llm: Checkpoint) -> Alignment:
         llm_only_extra.append(lrel.pop(HEAD))
         notes.append(f"{vlm.source} ties its head to its embeddings, so {llm.source}'s separate lm_head.weight is not used")
 
+    view, added, consumed, expert_notes = expert_view(vrel, lrel, vlm, llm)
+    lrel.update(added)
+    notes += expert_notes
     pairs: list[Pair] = []
     mismatched: list[str] = []
     for rel, vname in vrel.items():
         lname = lrel.get(rel)
         if lname is None:
             continue
-        vs, ls = vlm.tensors[vname].shape, llm.tensors[lname].shape
+        vs, ls = vlm.tensors[vname].shape, view.tensors[lname].shape
         if vs == ls:
             pairs.append(Pair(rel, vname, lname, vs))
         elif family(rel) in ("embed", "head") and len(vs) == len(ls) >= 1 and vs[1:] == ls[1:]:
@@ -166,14 +188,16 @@ def align(vlm: Checkpoint, llm: Checkpoint) -> Alignment:
             "the reasoning model must share the VLM's language-model architecture (e.g. Qwen2.5-VL-7B with a Qwen2.5-7B derivative)",
         )
     paired_l = {p.llm_name for p in pairs}
+    used = consumed  # LLM tensors read through the view, under the VLM's expert layout
     roles = {n: vlay.role(n) for n in vlm.tensors}
     return Alignment(
         vlm_layout=vlay,
         llm_layout=llay,
         pairs=tuple(pairs),
         unmatched_lm=tuple(v for r, v in vrel.items() if r not in lrel),
-        llm_only=tuple([n for r, n in lrel.items() if r not in vrel and n not in paired_l] + llm_only_extra),
+        llm_only=tuple([n for r, n in lrel.items() if r not in vrel and n not in paired_l and n not in used] + llm_only_extra),
         vision=tuple(n for n, r in roles.items() if r in ("vision", "projector")),
         other=tuple(n for n, r in roles.items() if r == "other"),
         notes=tuple(notes),
+        llm=view,
     )

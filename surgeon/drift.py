@@ -169,30 +169,58 @@ class Drift:
         through the same names, whatever the on-disk layout of the VLM it was made from. Each rank
         reads only the rows of Δ that its shard of the parameter holds.
         ``normalize``: Δ ← Δ·‖θ_VLM‖/max(‖Δ‖, eps) (the reference default; it changes only the
-        ``absolute`` scale). Every prior tensor must find its parameter, with the same shape.
+        ``absolute`` scale). Every prior tensor must find its parameter, with the same shape, or
+        (mixture-of-experts weights) the fused expert parameter it is part of: fused experts stored
+        in the released orientation are transposed, and per-expert Δ of a model that fuses its
+        experts in memory are stacked like the parameter (normalised as one tensor then).
         """
         from surgeon.prior import open_prior
 
+        frozen: set[str] = set()  # buffers the prior may cover (router biases): nothing to bias there
         if isinstance(parameters, torch.nn.Module):
             from surgeon.training.model import lm_parameters
 
-            parameters = dict(lm_parameters(parameters))
+            model = parameters
+            parameters = dict(lm_parameters(model))
+            frozen = {n for n, _ in lm_parameters(model, buffers=True)} - set(parameters)
+        from surgeon.experts import fused_groups
+
         targets = []
         with open_prior(prior) as p:
-            missing = [p.relative(n) for n in p.names if p.relative(n) not in parameters]
+            by_rel = {p.relative(n): n for n in p.names}
+            fused = fused_groups([r for r in by_rel if r not in parameters], parameters)
+            covered = {r for experts in fused.values() for rels in experts.values() for r in rels}
+            missing = [r for r in by_rel if r not in parameters and r not in covered and r not in frozen]
             if missing:
                 raise ConfigError(
                     "prior",
                     f"{len(missing)} of the prior's {len(p.names)} tensors have no parameter in the model, e.g. {missing[0]}",
                     "use a prior computed for this model's language model",
                 )
+            for rel, experts in fused.items():  # per-expert Δ, fused like the parameter ([E, 2f, d] / [E, d, f])
+                param = parameters[rel]
+                start, stop = row_range(param)
+                rows = [torch.cat([p.read_rows(by_rel[r], 0, p.shape(by_rel[r])[0]) for r in experts[e]]) for e in range(start, stop)]
+                delta = torch.stack(rows) if rows else torch.empty((0, *param.shape[1:]))
+                if tuple(delta.shape[1:]) != tuple(param.shape[1:]) or len(experts) != param.shape[0]:
+                    raise ConfigError("prior", f"Δ for the experts of {rel} has shape {tuple(delta.shape[1:])}, the parameter {tuple(param.shape)}")
+                norm = sum(p.vlm_norm(by_rel[r]) ** 2 for rels in experts.values() for r in rels) ** 0.5
+                targets.append((rel, param, delta.to(local(param).device), norm if normalize else None))
             for name in p.names:
                 rel = p.relative(name)
+                if rel in covered or rel in frozen:
+                    continue
                 param = parameters[rel]
-                if tuple(p.shape(name)) != tuple(param.shape):
-                    raise ConfigError("prior", f"Δ for {rel} has shape {p.shape(name)}, the parameter {tuple(param.shape)}")
+                stored, want = tuple(p.shape(name)), tuple(param.shape)
+                # fused MoE experts saved as [E, d, 2f] / [E, f, d] train as [E, 2f, d] / [E, d, f]
+                swapped = stored != want and len(stored) == 3 and (stored[0], stored[2], stored[1]) == want
+                if stored != want and not swapped:
+                    raise ConfigError("prior", f"Δ for {rel} has shape {stored}, the parameter {want}")
                 start, stop = row_range(param)
-                delta = p.read_rows(name, start, stop).to(local(param).device)
+                delta = p.read_rows(name, start, stop)
+                if swapped:
+                    delta = delta.transpose(1, 2).contiguous()
+                delta = delta.to(local(param).device)
                 targets.append((rel, param, delta, p.vlm_norm(name) if normalize else None))
         return cls(targets, alpha=alpha, scale=scale)
 

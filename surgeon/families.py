@@ -7,14 +7,17 @@ family:
 ==============  =======================================================================================
 family          tensors
 ==============  =======================================================================================
-``attn``        ``layers.N.self_attn.*`` (q/k/v/o projections and their biases), except norms
+``attn``        a layer's token mixer, whatever its kind: ``layers.N.self_attn.*`` (q/k/v/o projections
+                and biases), short convolutions (``conv.*``, LFM2), linear attention, state-space
+                mixers (``mamba``, ``mixer``, ``ssm`` …); norms excepted
 ``mlp``         ``layers.N.mlp.*`` (gate/up/down projections; MoE experts and routers), except norms
 ``norm``        per-layer norms: ``input_layernorm``, ``post_attention_layernorm``,
                 ``pre/post_feedforward_layernorm``, ``self_attn.q_norm`` / ``k_norm`` …
 ``final_norm``  the norm after the last decoder layer (``norm.weight``)
 ``embed``       ``embed_tokens.weight``
 ``head``        ``lm_head.weight`` (only when stored: a tied head is its embeddings)
-``other``       anything else in the language model
+``other``       anything else in the language model (e.g. Llama-3.2-Vision's cross-attention layers,
+                ``cross_layers.N.*``, which text LLMs do not have)
 ==============  =======================================================================================
 
 The reference DRIFT code's ``norm`` preset covers input/post-attention norms only and its ``full``
@@ -41,7 +44,10 @@ from surgeon.layout import layer_index
 FAMILIES = ("attn", "mlp", "norm", "final_norm", "embed", "head", "other")
 PRESETS = ("attn", "mlp", "norm", "final_norm", "embed", "head", "full")
 DEFAULT_MODULES = ("attn", "mlp")
-_ATTN = {"self_attn", "attention", "attn", "self_attention"}
+_ATTN = {
+    "self_attn", "attention", "attn", "self_attention", "conv", "short_conv", "mixer", "token_mixer", "linear_attn",
+    "linear_attention", "mamba", "ssm", "time_mix", "time_mixer",
+}  # fmt: skip
 _MLP = {"mlp", "feed_forward", "block_sparse_moe", "ffn", "moe"}
 _EMBED = {"embed_tokens.weight", "tok_embeddings.weight", "wte.weight"}
 
@@ -53,6 +59,8 @@ def family(relative: str) -> str:
     if relative in _EMBED:
         return "embed"
     modules = relative.split(".")[:-1]  # drop weight / bias
+    if relative.startswith("cross_layers."):
+        return "other"
     if layer_index(relative) is None:
         return "final_norm" if modules and "norm" in modules[-1] else "other"
     inner = modules[2:]  # after "layers.N"

@@ -180,18 +180,21 @@ def plan_iada(
 
 
 def _text_dims(model_config: dict) -> tuple[object, object, list[int]]:
-    """(decoder layers, hidden size, visual token ids), with transformers' defaults filled in
-    (LLaVA-style config.json files often omit the text model's default sizes)."""
+    """(decoder layers that every input runs through, hidden size, visual token ids), with
+    transformers' defaults filled in (LLaVA-style config.json files often omit the text model's
+    default sizes). Cross-attention layers (Llama-3.2-Vision) do not count: text-only inputs skip them."""
     from transformers import AutoConfig
 
     try:
         resolved = AutoConfig.for_model(**model_config)
         text = modeling.text_config_of(resolved)
-        return text.num_hidden_layers, text.hidden_size, modeling.visual_token_ids(resolved)
+        cross = len(getattr(text, "cross_attention_layers", None) or ())
+        return text.num_hidden_layers - cross, text.hidden_size, modeling.visual_token_ids(resolved)
     except Exception:  # noqa: BLE001 - an unknown model_type or a config transformers rejects: read the JSON
         layers = config_value(model_config, "num_hidden_layers", "n_layer", "num_layers")
+        cross = config_value(model_config, "cross_attention_layers") or []
         hidden = config_value(model_config, "hidden_size", "n_embd", "d_model")
-        return layers, hidden, sorted(placeholder_token_ids(model_config).values())
+        return (layers - len(cross)) if isinstance(layers, int) else layers, hidden, sorted(placeholder_token_ids(model_config).values())
 
 
 def iada_settings(config: IadaConfig, boundaries: list[int], hidden_size: int) -> dict:

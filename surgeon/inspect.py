@@ -31,6 +31,8 @@ class ModelReport:
     shards: list[dict] = field(default_factory=list)
     params: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    layer_word: str = "layers"
+    cross_attention_layers: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,6 +71,8 @@ def inspect_checkpoint(ckpt: Checkpoint) -> ModelReport:
         shards=_shards(ckpt),
         params=count_params(ckpt, layout),
         notes=[] if cfg else ["config.json is missing: the architecture is unknown; layers, parts and sizes come from the tensor names and shapes"],
+        layer_word=layout.layer_word,
+        cross_attention_layers=list(layout.cross_layers),
     )
 
 

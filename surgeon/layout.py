@@ -15,9 +15,10 @@ InternVL (remote code) ``language_model.model.``        ``vision_model.``       
 text LLMs              ``model.``                       –                            –
 =====================  ===============================  ===========================  =============================
 
-The projector and vision prefixes are a short table; the language model's prefix is discovered:
-it is the prefix of the decoder-layer tensors (``<prefix>layers.<N>.``) outside vision and
-projector, so new wrappers around a known decoder need no new table entry.
+The projector and vision prefixes are a short table backed by name patterns for other towers; the
+language model's prefix is discovered by structure (``detect_layout``): the prefix of numbered
+decoder layers that owns the token embeddings, so new wrappers around a known decoder need no new
+table entry.
 """
 
 from __future__ import annotations
@@ -56,8 +57,14 @@ VISION_PREFIXES = (
     "model.vision_model.",
     "vision_model.",
 )
-_VISION_WORD = re.compile(r"(^|\.)(vision\w*|visual\w*|image_encoder)\.")
-_LAYER = re.compile(r"^((?:[A-Za-z_]\w*\.)*?)layers\.(\d+)\.")
+# A path component that names a non-language tower (vision, video, audio), wherever it sits.
+_VISION_WORD = re.compile(
+    r"(^|\.)(vision\w*|visual\w*|image_encoder|image_tower|video_tower|image_embed|img_processor|vit|siglip\w*|"
+    r"audio\w*|speech\w*|embed_tokens_extend)\."
+)
+# Outside the language model, the parts of a VLM that map tower features into it.
+_PROJECTOR_WORD = re.compile(r"(^|\.)(\w*projector\w*|merger|aligner|connector|mlp_AR|mlp1|perceive|resampler|image_newline|adapter)(\.|$)")
+_LAYER = re.compile(r"^((?:[A-Za-z_]\w*\.)*?)(layers|blocks)\.(\d+)\.")
 _TEXT_CONFIG_KEYS = ("text_config", "llm_config", "language_config")
 
 
@@ -65,15 +72,24 @@ _TEXT_CONFIG_KEYS = ("text_config", "llm_config", "language_config")
 class Layout:
     """The placement of a checkpoint's tensors.
 
-    ``lm_prefix`` + ``"layers.N."`` names decoder layer N; ``lm_prefix`` + ``"embed_tokens.weight"``
-    the embeddings. ``lm_head`` is the stored output projection, or None when tied to the
-    embeddings. ``lm_relative`` strips the prefix so that two models' names can be compared.
+    ``lm_prefix`` + ``"layers.N."`` (or ``"blocks.N."``: ``layer_word``) names decoder layer N;
+    ``lm_prefix`` + ``"embed_tokens.weight"`` the embeddings. ``lm_head`` is the stored output
+    projection, or None when tied to the embeddings. ``lm_relative`` strips the prefix so that two
+    models' names can be compared: decoder layers are always ``layers.N`` there, numbered over the
+    self-attention layers only when the decoder interleaves cross-attention layers
+    (``cross_layers``: Llama-3.2-Vision), whose tensors become ``cross_layers.N.…``.
+    ``num_layers`` counts the decoder layers a text-only input runs through.
+
+    In a VLM every tensor outside the language model is ``vision`` or ``projector`` (by name:
+    towers are vision, what maps their features into the language model is projector).
     """
 
     kind: Literal["vlm", "llm"]
     lm_prefix: str
     lm_head: str | None
     num_layers: int
+    layer_word: str = "layers"
+    cross_layers: tuple[int, ...] = ()
 
     def role(self, name: str) -> Role:
         if name.startswith(PROJECTOR_PREFIXES):
@@ -82,6 +98,8 @@ class Layout:
             return "vision"
         if name.startswith(self.lm_prefix) or name == self.lm_head:
             return "language_model"
+        if self.kind == "vlm":
+            return "projector" if _PROJECTOR_WORD.search(name) else "vision"
         return "other"
 
     def lm_relative(self, name: str) -> str | None:
@@ -89,16 +107,30 @@ class Layout:
         the output head -> ``lm_head.weight``; anything outside the language model -> None."""
         if name == self.lm_head:
             return "lm_head.weight"
-        if self.role(name) == "language_model":
-            return name[len(self.lm_prefix) :]
-        return None
+        if self.role(name) != "language_model":
+            return None
+        rest = name[len(self.lm_prefix) :]
+        m = re.match(rf"{self.layer_word}\.(\d+)\.", rest)
+        if not m:
+            return rest
+        i = int(m.group(1))
+        tail = rest[m.end() :]
+        if i in self.cross_layers:
+            return f"cross_layers.{i}.{tail}"
+        return f"layers.{i - sum(1 for c in self.cross_layers if c < i)}.{tail}"
 
     def lm_name(self, relative: str) -> str:
         """The inverse of ``lm_relative`` (``lm_head.weight`` maps to the stored head, or the
         conventional top-level name when the head is tied and not stored)."""
         if relative == "lm_head.weight":
             return self.lm_head or "lm_head.weight"
-        return self.lm_prefix + relative
+        m = re.match(r"(layers|cross_layers)\.(\d+)\.", relative)
+        if not m:
+            return self.lm_prefix + relative
+        i = int(m.group(2))
+        if m.group(1) == "layers" and self.cross_layers:
+            i = [j for j in range(i + len(self.cross_layers) + 1) if j not in self.cross_layers][i]
+        return f"{self.lm_prefix}{self.layer_word}.{i}.{relative[m.end():]}"
 
 
 def layer_index(relative: str) -> int | None:
@@ -108,9 +140,16 @@ def layer_index(relative: str) -> int | None:
 
 
 def detect_layout(names: list[str], config: dict, source: str = "checkpoint") -> Layout:
-    """Place a checkpoint's tensors. Raises LayoutError listing the prefixes found when it cannot."""
-    prefixes: Counter[str] = Counter()
-    layers: dict[str, set[int]] = {}
+    """Place a checkpoint's tensors. Raises LayoutError listing the prefixes found when it cannot.
+
+    The language model is found by structure, not by size: among the prefixes that hold numbered
+    decoder layers (``<prefix>layers.N.`` or ``<prefix>blocks.N.``) outside the towers, the one that
+    owns the token embeddings, then the one whose layer count matches the text config's
+    ``num_hidden_layers``; the most tensors only break remaining ties. (Video-LLaVA's CLIP towers
+    or HunYuan-VL's ViT hold more layer tensors than a short language model.)"""
+    present = set(names)
+    counts: Counter[tuple[str, str]] = Counter()
+    layers: dict[tuple[str, str], set[int]] = {}
     vision = 0
     for name in names:
         if name.startswith(PROJECTOR_PREFIXES) or name.startswith(VISION_PREFIXES) or _VISION_WORD.search(name):
@@ -118,22 +157,31 @@ def detect_layout(names: list[str], config: dict, source: str = "checkpoint") ->
             continue
         m = _LAYER.match(name)
         if m:
-            prefixes[m.group(1)] += 1
-            layers.setdefault(m.group(1), set()).add(int(m.group(2)))
-    if not prefixes:
+            key = (m.group(1), m.group(2))
+            counts[key] += 1
+            layers.setdefault(key, set()).add(int(m.group(3)))
+    if not counts:
         found = {".".join(n.split(".")[:2]) for n in names}
         raise LayoutError(
             source,
             "cannot find the language model's decoder layers (no '<prefix>layers.<N>.' tensors outside the vision tower)",
             found,
-            "surgeon supports Qwen2/2.5/3-VL, LLaVA(-Next/-OneVision), Idefics3/SmolVLM, Gemma3, InternVL and Qwen/Llama LLMs",
+            "surgeon supports the VLM families in its README's family table and Qwen/Llama-style LLMs",
         )
-    lm_prefix = prefixes.most_common(1)[0][0]
+    expected = config_value(config, "num_hidden_layers", "n_layer", "num_layers")
+
+    def rank(key: tuple[str, str]) -> tuple[bool, bool, int]:
+        prefix = key[0]
+        owns_embed = any(prefix + e in present for e in ("embed_tokens.weight", "tok_embeddings.weight", "wte.weight"))
+        return owns_embed, isinstance(expected, int) and len(layers[key]) == expected, counts[key]
+
+    lm_prefix, word = max(counts, key=rank)
+    cross = sorted({int(m.group(1)) for n in names if (m := re.match(rf"{re.escape(lm_prefix + word)}\.(\d+)\.cross_attn", n))})
     container = lm_prefix[: -len("model.")] if lm_prefix.endswith("model.") else lm_prefix
-    present = set(names)
     heads = [n for n in (container + "lm_head.weight", "lm_head.weight", container + "output.weight") if n in present]
     kind: Literal["vlm", "llm"] = "vlm" if vision or _is_vlm_config(config) else "llm"
-    return Layout(kind, lm_prefix, heads[0] if heads else None, len(layers[lm_prefix]))
+    num = len(layers[(lm_prefix, word)]) - len(cross)
+    return Layout(kind, lm_prefix, heads[0] if heads else None, num, word, tuple(cross))
 
 
 def _is_vlm_config(config: dict) -> bool:
@@ -158,12 +206,14 @@ def config_value(config: dict, *keys: str, default: object = None) -> object:
 
 
 def placeholder_token_ids(config: dict) -> dict[str, int]:
-    """Image and video placeholder token ids from a VLM config (``{"image": id, "video": id}``)."""
+    """Image and video placeholder token ids from a VLM config (``{"image": id, "video": id}``), at
+    its top level or in its ``vision_config`` (Phi-4-multimodal)."""
     out = {}
     for kind in ("image", "video"):
-        for key in (f"{kind}_token_id", f"{kind}_token_index"):
-            if isinstance(config.get(key), int):
-                out[kind] = config[key]
+        for cfg in (config, config.get("vision_config") or {}):
+            found = [cfg[k] for k in (f"{kind}_token_id", f"{kind}_token_index") if isinstance(cfg.get(k), int)]
+            if found:
+                out[kind] = found[0]
                 break
     return out
 

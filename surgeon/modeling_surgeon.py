@@ -96,13 +96,22 @@ def decoder_of(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
     )
 
 
+def running_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers a text-only input runs through, in order: all of them, except the
+    cross-attention layers that Llama-3.2-Vision (mllama) skips when there is no image."""
+    _, layers = decoder_of(model)
+    cross = set(getattr(text_config_of(model.config), "cross_attention_layers", None) or ())
+    return [layer for i, layer in enumerate(layers) if i not in cross]
+
+
 def visual_token_ids(config: Any) -> list[int]:
-    """Image and video placeholder token ids of a (VLM) config; empty for text models."""
+    """Image and video placeholder token ids of a (VLM) config (at its top level, or in its
+    vision config as Phi-4-multimodal keeps them); empty for text models."""
     ids = []
     for kind in ("image", "video"):
-        for key in (f"{kind}_token_id", f"{kind}_token_index"):
-            value = getattr(config, key, None)
-            if isinstance(value, int):
+        for cfg in (config, getattr(config, "vision_config", None)):
+            value = next((getattr(cfg, k, None) for k in (f"{kind}_token_id", f"{kind}_token_index") if isinstance(getattr(cfg, k, None), int)), None)
+            if value is not None:
                 ids.append(value)
                 break
     return ids
@@ -306,7 +315,8 @@ class IadaModule(nn.Module):
 
     # ------------------------------------------------------------------ hooks
     def attach(self, model: nn.Module) -> list[Any]:
-        decoder, layers = decoder_of(model)
+        decoder, _ = decoder_of(model)
+        layers = running_layers(model)  # boundaries count the layers every input runs through
         last = self.settings["boundaries"][-1]
         if last > len(layers):
             raise SurgeonModelingError(

@@ -28,6 +28,7 @@ from contextlib import ExitStack
 from functools import partial
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -109,7 +110,7 @@ def compute_prior(config: PriorConfig, progress: Progress | None = None) -> Prio
         al = align(vlm, reasoning)
         _check_roles(al, config)
         pairs = al.select(config.selection)
-        base_pairs = _base_pairs(vlm, base, pairs) if base else {}
+        base_pairs, base_view = _base_pairs(vlm, base, pairs) if base else ({}, None)
         out_dtype = dtype or vlm.dtype
         with output_folder(config.output, config.overwrite) as tmp:
             specs = [TensorSpec(p.vlm_name, out_dtype, p.shape) for p in pairs]
@@ -117,7 +118,7 @@ def compute_prior(config: PriorConfig, progress: Progress | None = None) -> Prio
             stats: dict[str, dict] = {}
             grouped: list[tuple[int | None, str, Distance]] = []
             with ShardedWriter(tmp, specs, config.shard_size) as writer, BlockStream() as stream:
-                plans = [_DeltaPlan(writer, vlm, reasoning, p, base, base_pairs.get(p.relative)) for p in pairs]
+                plans = [_DeltaPlan(writer, vlm, al.llm, p, base_view, base_pairs.get(p.relative)) for p in pairs]
                 tick("prior", 0, len(plans))
                 stream.run([job for i, plan in enumerate(plans, 1) for job in plan.jobs(partial(tick, "prior", i, len(plans)))])
             for plan in plans:
@@ -165,8 +166,9 @@ def _check_roles(al: Alignment, config: PriorConfig) -> None:
         )
 
 
-def _base_pairs(vlm: Checkpoint, base: Checkpoint, pairs: list[Pair]) -> dict[str, Pair]:
-    """Two-model mode: the base model's counterpart of every selected pair (all must exist)."""
+def _base_pairs(vlm: Checkpoint, base: Checkpoint, pairs: list[Pair]) -> tuple[dict[str, Pair], Any]:
+    """Two-model mode: the base model's counterpart of every selected pair (all must exist), and
+    where to read them (the base, or a view of it serving its experts in the VLM's layout)."""
     bal = align(vlm, base)
     by_rel = {p.relative: p for p in bal.pairs}
     missing = [p.relative for p in pairs if p.relative not in by_rel]
@@ -176,7 +178,7 @@ def _base_pairs(vlm: Checkpoint, base: Checkpoint, pairs: list[Pair]) -> dict[st
             missing,
             "give the base the reasoning model was trained from (same architecture), or narrow --modules",
         )
-    return {p.relative: by_rel[p.relative] for p in pairs}
+    return {p.relative: by_rel[p.relative] for p in pairs}, bal.llm
 
 
 def _base_notes(base_pairs: dict[str, Pair]) -> list[str]:

@@ -246,7 +246,7 @@ def _vlm_only(cls_name: str, cfg_name: str, text: dict, vision: dict, **top: Any
 
         ids = _token_ids(tok)
         cfg = getattr(transformers, cfg_name)(
-            text_config=_text(t, bos_token_id=None, **_eos(tok), **text), vision_config=vision, **{k: ids[v] for k, v in top.items()}
+            text_config=_text(t, **{"bos_token_id": None, **_eos(tok), **text}), vision_config=vision, **{k: ids[v] for k, v in top.items()}
         )
         return getattr(transformers, cls_name)(cfg), tok
 
@@ -283,6 +283,84 @@ LAYOUT_ONLY = {
     ),
 }  # fmt: skip
 
+def _model(cls_name: str, cfg_name: str, **fixed: Any) -> Callable[[Any, dict], tuple[Any, Any]]:
+    """A text LLM family, or a VLM whose config takes the text settings at its top level."""
+
+    def build(tok: Any, t: dict) -> tuple[Any, Any]:
+        import transformers
+
+        cfg = getattr(transformers, cfg_name)(**_text(t, **{**_eos(tok), "bos_token_id": None, **fixed}))
+        return getattr(transformers, cls_name)(cfg), tok
+
+    return build
+
+
+_MOE = dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1)
+_MLA = dict(
+    model_type="deepseek_v3", moe_intermediate_size=16, first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2,
+    n_shared_experts=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1,
+    topk_group=1, num_key_value_heads=4,
+)  # fmt: skip
+_LFM2 = dict(layer_types=["conv", "full_attention", "conv", "full_attention"])
+_SMALL_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+# More VLM families, for their layouts (tests pair each with the text LLM named in TEXT_PARTNER).
+MORE = {
+    "qwen3_moe": _model("Qwen3MoeForCausalLM", "Qwen3MoeConfig", **_MOE),
+    "lfm2": _model("Lfm2ForCausalLM", "Lfm2Config", **_LFM2),
+    "ernie4_5": _model("Ernie4_5ForCausalLM", "Ernie4_5Config", head_dim=16),
+    "hunyuan_dense": _model("HunYuanDenseV1ForCausalLM", "HunYuanDenseV1Config", head_dim=16),
+    "phi3": _model("Phi3ForCausalLM", "Phi3Config"),
+    "deepseek_v3": _model("DeepseekV3ForCausalLM", "DeepseekV3Config", **{k: v for k, v in _MLA.items() if k != "model_type"}),
+    "qwen3_vl_moe": _vlm_only(
+        "Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeConfig",
+        {**_MOE, "rope_scaling": {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True}},
+        dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=TEXT["hidden_size"], patch_size=16,
+             spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[0, 1], num_position_embeddings=64),
+        image_token_id="image", video_token_id="video",
+    ),
+    "video_llava": _vlm_only(
+        "VideoLlavaForConditionalGeneration", "VideoLlavaConfig", {"model_type": "llama"}, {**_CLIP, "num_hidden_layers": 4},
+        image_token_index="llava_image", video_token_index="video",
+    ),
+    "mllama": _vlm_only(
+        "MllamaForConditionalGeneration", "MllamaConfig", {"cross_attention_layers": [1], "num_hidden_layers": 5, "bos_token_id": 0},
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=2, image_size=28,
+             patch_size=14, vision_output_dim=64, intermediate_layers_indices=[0]),
+        image_token_index="llava_image",
+    ),
+    "lfm2_vl": _vlm_only("Lfm2VlForConditionalGeneration", "Lfm2VlConfig", _LFM2, _SMALL_VISION, image_token_id="llava_image"),
+    "deepseek_vl": _vlm_only(
+        "DeepseekVLForConditionalGeneration", "DeepseekVLConfig", {"model_type": "llama"},
+        dict(_SMALL_VISION, image_size=28, patch_size=14), image_token_id="llava_image",
+    ),
+    "paddleocr_vl": _vlm_only(
+        "PaddleOCRVLForConditionalGeneration", "PaddleOCRVLConfig",
+        {"head_dim": 16, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0, "mrope_section": [2, 3, 3]}},
+        dict(_SMALL_VISION, image_size=28, patch_size=14),
+        image_token_id="image",
+    ),
+    "hunyuan_vl": _vlm_only(
+        "HunYuanVLForConditionalGeneration", "HunYuanVLConfig",
+        {"head_dim": 16, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2, 2]}},
+        _SMALL_VISION, image_token_id="image",
+    ),
+    "kimi_k25": _vlm_only("Kimi_K25ForConditionalGeneration", "Kimi_K25Config", _MLA, _SMALL_VISION, image_token_id="image"),
+}  # fmt: skip
+
+
+def _phi4(tok: Any, t: dict) -> tuple[Any, Any]:
+    import transformers
+
+    cfg = transformers.Phi4MultimodalConfig(
+        **_text(t, **{**_eos(tok), "bos_token_id": None}),
+        vision_config=dict(_SMALL_VISION, num_hidden_layers=6, image_size=28, patch_size=14),
+        audio_config=dict(hidden_size=32, intermediate_size=64, num_blocks=1, num_attention_heads=2, nemo_conv_channels=32),
+    )
+    return transformers.Phi4MultimodalForCausalLM(cfg), tok
+
+
+MORE["phi4_multimodal"] = _phi4
+
 FAMILIES: dict[str, tuple[Callable[[Any, dict], tuple[Any, Any]], str]] = {
     "qwen2": (_qwen2, "<|image_pad|>"),
     "qwen3": (_qwen3, "<|image_pad|>"),
@@ -292,9 +370,22 @@ FAMILIES: dict[str, tuple[Callable[[Any, dict], tuple[Any, Any]], str]] = {
     "llava": (_llava, "<image>"),
     "idefics3": (_idefics3, "<image>"),
     **{name: (fn, "<image>") for name, fn in LAYOUT_ONLY.items()},
+    **{name: (fn, "<image>") for name, fn in MORE.items()},
 }
-# The text LLM family whose language model matches each VLM family's.
+# The text LLM family whose language model matches each VLM family's (with the text settings the
+# VLM family needs on both sides; a VLM built with them pairs with that LLM).
 TEXT_PARTNER = {"qwen2_5_vl": "qwen2", "qwen3_vl": "qwen3", "llava": "qwen2", "idefics3": "llama"}
+PARTNERS: dict[str, tuple[str, dict]] = {
+    "qwen3_vl_moe": ("qwen3_moe", {}),
+    "video_llava": ("llama", {"num_hidden_layers": 1}),
+    "mllama": ("llama", {}),
+    "lfm2_vl": ("lfm2", {}),
+    "deepseek_vl": ("llama", {}),
+    "paddleocr_vl": ("ernie4_5", {}),
+    "hunyuan_vl": ("hunyuan_dense", {}),
+    "phi4_multimodal": ("phi3", {}),
+    "kimi_k25": ("deepseek_v3", {}),
+}
 
 
 def build(family: str, out: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32, **text: Any) -> Path:

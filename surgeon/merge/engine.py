@@ -174,7 +174,8 @@ def _write(
                     jobs.append(Copy(writer, name, vlm.handle(info.file), info.start))
                 else:
                     merged += 1
-                    jobs += _merge_jobs(writer, method, params, vlm, models, pairs, partial(tick, "merge", merged, len(plan)))
+                    views = [al.llm for al in alignments]  # the reasoning models, experts in the VLM's layout
+                    jobs += _merge_jobs(writer, method, params, vlm, views, pairs, partial(tick, "merge", merged, len(plan)))
             tick("merge", 0, len(plan))
             stream.run(jobs)
             nbytes = writer.total_size

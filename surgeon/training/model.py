@@ -40,14 +40,28 @@ def language_model(model: torch.nn.Module) -> torch.nn.Module:
     return decoder
 
 
-def lm_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
+def lm_parameters(model: torch.nn.Module, buffers: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """The language model's parameters under their LM-relative names (``layers.3.mlp.up_proj.weight``,
-    ``embed_tokens.weight``, ``norm.weight``, ``lm_head.weight``), the names priors use."""
+    ``embed_tokens.weight``, ``norm.weight``, ``lm_head.weight``), the names priors use. As in
+    ``surgeon.layout.Layout``, decoder layers are numbered over the self-attention layers when the
+    decoder interleaves cross-attention layers (Llama-3.2-Vision), which become ``cross_layers.N``.
+    ``buffers``: also the persistent buffers (e.g. DeepSeek-V3's router correction bias), which
+    checkpoints store beside the weights."""
     decoder = language_model(model)
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cross = sorted(getattr(text, "cross_attention_layers", None) or ())
     seen: set[int] = set()
-    for name, p in decoder.named_parameters():
+    tensors = list(decoder.named_parameters())
+    if buffers:
+        persistent = {n for n, _ in decoder.state_dict().items()}
+        tensors += [(n, b) for n, b in decoder.named_buffers() if n in persistent]
+    for name, p in tensors:
         if not name.startswith("surgeon"):
             seen.add(id(p))
+            m = re.match(r"layers\.(\d+)\.", name)
+            if m and cross:
+                i = int(m.group(1))
+                name = f"cross_layers.{i}.{name[m.end():]}" if i in cross else f"layers.{i - sum(c < i for c in cross)}.{name[m.end():]}"
             yield name, p
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and id(head.weight) not in seen:

@@ -21,7 +21,7 @@ from surgeon.modules import (
 )
 from surgeon.provenance import file_hash
 from surgeon.training.config import Precision, TrainConfig
-from surgeon.training.model import apply_lora, lm_parameters, set_trainable, trainable
+from surgeon.training.model import apply_lora, set_trainable, trainable
 
 
 @dataclass
@@ -218,9 +218,7 @@ def drift_for(run: Run, config: TrainConfig) -> Any:
         return None
     from surgeon.drift import Drift
 
-    return Drift.from_prior(
-        dict(lm_parameters(run.model)), config.prior, alpha=config.drift_alpha, scale=config.drift_scale, normalize=config.drift_normalize
-    )
+    return Drift.from_prior(run.model, config.prior, alpha=config.drift_alpha, scale=config.drift_scale, normalize=config.drift_normalize)
 
 
 def check_memory(config: TrainConfig, ckpt: Any, processes: int, sharded: bool, precision: Precision, device: torch.device) -> None:
