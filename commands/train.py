@@ -19,7 +19,11 @@ from surgeon.commands._hub import push_to_hub_option, push_written
     ),
 )
 @click.argument("model")
-@click.option("--data", default=None, help="JSONL: TRL `messages` or ShareGPT/LLaMA-Factory style; image paths relative to it.")
+@click.option(
+    "--data", default=None,
+    help="JSONL/JSON, parquet, a save_to_disk folder or a Hub dataset id (org/name[:split]): TRL `messages` or "
+    "ShareGPT/LLaMA-Factory rows; images as paths (relative to the file) or as image bytes.",
+)
 @click.option("-o", "--output", default=None, help="Output folder (checkpoints go to OUTPUT-checkpoints/).")
 @click.option("--max-steps", type=int, default=None, help="Optimiser steps (default: --epochs over the data).")
 @click.option("--epochs", type=float, default=1.0, show_default=True)
@@ -81,6 +85,12 @@ from surgeon.commands._hub import push_to_hub_option, push_written
 @click.option("--image-lora-rank", type=int, default=8, show_default=True, help="Image-LoRA rank r.")
 @click.option("--image-lora-alpha", type=float, default=16.0, show_default=True, help="Image-LoRA α (scale α/r).")
 @click.option("--skip-bad-lines", is_flag=True, help="Skip and count malformed samples instead of stopping.")
+@click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader processes that read and encode samples (0: the training process).")
+@click.option("--log-steps", type=int, default=10, show_default=True, help="When stderr is not a terminal: a progress line every N steps.")
+@click.option(
+    "--report-to", type=click.Choice(["none", "tensorboard", "wandb"]), default="none", show_default=True,
+    help="Also log every step's metrics to TensorBoard (event files in OUTPUT/logs) or W&B.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (and its checkpoints).")
 @push_to_hub_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
@@ -127,7 +137,8 @@ def command(as_json: bool, dry_run: bool, num_processes: int | None, **options: 
         from surgeon.errors import ConfigError
 
         raise ConfigError("num_processes", "only sizes a --dry-run plan", "launch the processes with torchrun --nproc-per-node N")
-    with _StepBar() as bar:
+    _close_process_group_at_exit()
+    with _StepBar(config.log_steps) as bar:
         result = train(config, on_step=bar.update, on_status=lambda text: err.print(f"surgeon train: {text}", soft_wrap=True, highlight=False, markup=False))
     if not result.main_process:
         return
@@ -137,6 +148,21 @@ def command(as_json: bool, dry_run: bool, num_processes: int | None, **options: 
         return
     m = result.metrics
     out.print(f"trained {result.steps} step{'s' if result.steps != 1 else ''}: loss {m.get('loss', float('nan')):.4f}; wrote {result.output}")
+
+
+def _close_process_group_at_exit() -> None:
+    """A launched run leaves its process group to be closed at exit, after every rank is done."""
+    import atexit
+
+    atexit.unregister(_close_process_group)
+    atexit.register(_close_process_group)
+
+
+def _close_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _print_plan(config: object, processes: int, as_json: bool) -> None:
@@ -163,7 +189,13 @@ def _print_plan(config: object, processes: int, as_json: bool) -> None:
 
 
 class _StepBar:
-    """A rich progress bar on stderr showing loss, learning rate and tokens/s."""
+    """Progress on stderr: a rich bar (loss, learning rate, tokens/s) on a terminal; otherwise a
+    plain line every ``every`` steps and at the last one, for logs of long runs."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.started: float | None = None
+        self.first = 0
 
     def __enter__(self) -> _StepBar:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -177,13 +209,39 @@ class _StepBar:
         return self
 
     def update(self, metrics: dict) -> None:
+        import time
+
+        step, total = metrics["step"], metrics.get("total_steps")
+        now = time.monotonic()
+        if self.started is None:  # the first step seen (a resumed run starts later): ETA from here
+            self.started, self.first = now - (metrics["tokens"] / metrics["tokens_per_s"] if metrics.get("tokens_per_s") else 0.0), step - 1
+        if not err.is_terminal:
+            if step % self.every == 0 or step == total:
+                err.print(_line(metrics, now - self.started, step - self.first), soft_wrap=True, highlight=False, markup=False)
+            return
         info = f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}"
         if metrics.get("tokens_per_s"):
             info += f"  {metrics['tokens_per_s']:.0f} tok/s"
-        total = metrics.get("total_steps")
         if self.task is None:
             self.task = self.progress.add_task("train", total=total, info=info)
-        self.progress.update(self.task, completed=metrics["step"], total=total, info=info)
+        self.progress.update(self.task, completed=step, total=total, info=info)
 
     def __exit__(self, *exc: object) -> None:
         self.progress.__exit__(*exc)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _line(m: dict, elapsed: float, done: int) -> str:
+    """``step 3/6  loss 6.2719  L_p 6.3012  L_r 6.2503  λ 0.310  lr 1.00e-03  grad 2.16  1234 tok/s  elapsed 0:00:05  ETA 0:00:05``."""
+    total = m.get("total_steps") or m["step"]
+    eta = elapsed / max(done, 1) * (total - m["step"])
+    grad = f"{m['grad_norm']:.3g}" if m.get("grad_norm") is not None else "-"
+    rate = f"{m['tokens_per_s']:.0f}" if m.get("tokens_per_s") else "-"
+    return (
+        f"step {m['step']}/{total}  loss {m['loss']:.4f}  L_p {m['loss_perception']:.4f}  L_r {m['loss_reasoning']:.4f}"
+        f"  λ {m['lambda']:.3f}  lr {m['lr']:.2e}  grad {grad}  {rate} tok/s  elapsed {_clock(elapsed)}  ETA {_clock(eta)}"
+    )

@@ -21,3 +21,13 @@ def load_model(path: str | Path, **kwargs: Any) -> Any:
     from surgeon.modules import load_model as load
 
     return load(path, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    """``DriftCallback``, ``PerceptionLoss``, ``PerceptionCollator`` (``surgeon.integrations``), imported
+    on first use so that ``import surgeon`` stays light."""
+    if name in ("DriftCallback", "PerceptionLoss", "PerceptionCollator"):
+        from surgeon import integrations
+
+        return getattr(integrations, name)
+    raise AttributeError(f"module 'surgeon' has no attribute {name!r}")

@@ -447,8 +447,9 @@ _TEMPLATE_MARKS = ("<!-- Provide a quick summary of what the model is/does. -->"
 
 
 def is_template_card(text: str) -> bool:
-    """Whether a README.md is the library-written blank template rather than a user's card."""
-    return all(mark in text for mark in _TEMPLATE_MARKS)
+    """Whether a README.md is a library-written placeholder (peft's blank template, or the loading
+    note surgeon writes beside an adapter with modules) rather than a user's card."""
+    return all(mark in text for mark in _TEMPLATE_MARKS) or text.startswith("<!-- written by surgeon:")
 
 
 def read_surgeon_json(folder: str | Path) -> dict | None:

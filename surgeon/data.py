@@ -40,7 +40,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from surgeon.errors import ConfigError, DataError
 
@@ -65,9 +65,11 @@ SKIP_HINT = "fix or remove the line, or skip bad lines (--skip-bad-lines)"
 
 @dataclass(frozen=True)
 class ImagePart:
-    """An image inside a turn; ``path`` is resolved and exists."""
+    """An image inside a turn: a resolved, existing ``path``, or the image file's bytes (``data``,
+    from a dataset's image column; ``path`` is then its name, if any)."""
 
     path: Path
+    data: bytes | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,10 @@ class Sample:
     @property
     def images(self) -> list[Path]:
         return [path for turn in self.turns for path in turn.images]
+
+    @property
+    def image_parts(self) -> list[ImagePart]:
+        return [p for turn in self.turns for p in turn.parts if isinstance(p, ImagePart)]
 
     @property
     def where(self) -> str:
@@ -176,39 +182,85 @@ def load_samples(
     max_samples: int | None = None,
     stats: DataStats | None = None,
 ) -> list[Sample]:
-    """Read a JSONL (or JSON array) chat dataset into normalised samples.
+    """Read a chat dataset (any source ``surgeon.rows.open_rows`` reads) into normalised samples.
 
-    Raises DataError for a file that cannot be read or holds no usable sample, and for the first
+    Raises DataError for a source that cannot be read or holds no usable sample, and for the first
     bad line unless ``skip_bad``. ``max_samples`` stops after that many good samples. ``stats``,
-    when given, receives the counts (``read``, ``skipped``).
+    when given, receives the counts (``read``, ``skipped``). For large datasets prefer
+    ``scan_samples``, which keeps row numbers instead of samples.
     """
-    file = Path(path)
-    if not file.is_file():
-        problem = "no such file" if not file.exists() else "is not a file"
-        raise DataError(str(path), problem, "give the path of a .jsonl file")
+    scanned = scan_samples(path, perception_regex, skip_bad, max_samples, stats)
+    return [scanned.sample(i) for i in range(len(scanned))]
+
+
+@dataclass
+class ScannedData:
+    """The usable rows of a data source, found by ``scan_samples`` without reading any pixel.
+
+    ``rows``: the source (``surgeon.rows``); ``good``: indices of its usable rows; ``sample(i)``
+    parses the i-th usable row again (memory stays one sample whatever the dataset's size).
+    ``perception``: whether any assistant turn marks a perception span; ``images``: samples with
+    images."""
+
+    rows: Any
+    good: list[int]
+    stats: DataStats
+    pattern: re.Pattern | None
+    perception: bool = False
+    images: int = 0
+
+    def __len__(self) -> int:
+        return len(self.good)
+
+    def sample(self, i: int) -> Sample:
+        j = self.good[i]
+        return parse_record(self.rows.record(j), self.rows.base, self.pattern, self.rows.line(j), self.rows.source)
+
+
+def scan_samples(
+    path: str | Path,
+    perception_regex: str | None = None,
+    skip_bad: bool = False,
+    max_samples: int | None = None,
+    stats: DataStats | None = None,
+) -> ScannedData:
+    """One validation pass over a data source: every row is parsed and checked (format, roles,
+    image files exist, image counts, perception tags) but no image is opened. Raises DataError at
+    the first bad row, naming its line, unless ``skip_bad`` (then it is counted in ``stats``)."""
+    from surgeon.rows import MalformedLine, TooLongLine, open_rows
+
+    rows = open_rows(path)
     pattern = _compile(perception_regex)
-    base = file.parent.resolve()
     stats = stats if stats is not None else DataStats()
-    samples: list[Sample] = []
-    for line, record in _records(file):
-        if max_samples is not None and len(samples) >= max_samples:
+    scanned = ScannedData(rows, [], stats, pattern)
+    for j in range(len(rows)):
+        if max_samples is not None and len(scanned.good) >= max_samples:
             break
         stats.read += 1
+        line = rows.line(j)
         try:
-            if isinstance(record, BadSample):
-                raise record
-            samples.append(parse_record(record, base, pattern, line, str(path)))
+            try:
+                record = rows.record(j)
+            except TooLongLine as exc:
+                raise BadSample("line too long", str(exc)) from None
+            except MalformedLine as exc:
+                raise BadSample("malformed JSON", str(exc)) from None
+            sample = parse_record(record, rows.base, pattern, line, rows.source)
         except BadSample as bad:
             if not skip_bad:
-                raise DataError(f"{path}:{line}", str(bad), SKIP_HINT) from None
+                raise DataError(f"{rows.source}:{line}", str(bad), SKIP_HINT) from None
             stats.skip(bad.reason, line)
-    if not samples:
+            continue
+        scanned.good.append(j)
+        scanned.perception = scanned.perception or any(t.perception for t in sample.turns)
+        scanned.images += bool(sample.images)
+    if not scanned.good:
         detail = "holds no samples"
         if stats.read:
             detail = f"all {stats.read} samples are bad: {stats.describe_skipped()}"
         hint = "fix the lines named (`surgeon diagnose --help` describes the accepted formats)"
         raise DataError(str(path), detail, hint)
-    return samples
+    return scanned
 
 
 def _compile(perception_regex: str | None) -> re.Pattern | None:
@@ -219,59 +271,6 @@ def _compile(perception_regex: str | None) -> re.Pattern | None:
     except re.error as exc:
         problem = f"{perception_regex!r} is not a valid regular expression ({exc})"
         raise ConfigError("perception_regex", problem) from None
-
-
-MAX_LINE_BYTES = 8 * 2**20  # a JSONL line (one sample) longer than this is a bad line (surgeon's limit)
-MAX_ARRAY_BYTES = 2**30  # a JSON-array file is parsed whole: larger ones must be JSONL
-
-
-def _records(file: Path, max_line_bytes: int = MAX_LINE_BYTES):
-    """Yield ``(line, record or BadSample)``, reading one line at a time (never more than
-    ``max_line_bytes`` of one line: a longer line is a BadSample); a JSON array file is parsed
-    whole and numbers its items from 1."""
-    with open(file, "rb") as f:
-        start = f.read(4096)
-    head = start.decode("utf-8-sig", errors="ignore").lstrip()
-    if head.startswith("["):
-        size = file.stat().st_size
-        if size > MAX_ARRAY_BYTES:
-            raise DataError(str(file), f"is a {size / 2**30:.1f} GiB JSON array", "write it as JSONL, one sample a line")
-        try:
-            items = json.loads(file.read_text(encoding="utf-8-sig"))
-        except UnicodeDecodeError:
-            raise DataError(str(file), "is not UTF-8 text", "give a .jsonl file with one JSON object a line") from None
-        except json.JSONDecodeError as exc:
-            where = f"{file}:{exc.lineno}"
-            raise DataError(where, f"malformed JSON array ({exc.msg})", "fix the file") from None
-        yield from enumerate(items, 1)
-        return
-    with open(file, "rb") as f:
-        number = 0
-        while True:
-            raw = f.readline(max_line_bytes + 1)
-            if not raw:
-                return
-            number += 1
-            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
-                size = len(raw)
-                while (more := f.readline(1 << 20)) and not more.endswith(b"\n"):  # skip the rest of the line
-                    size += len(more)
-                size += len(more)
-                limit = f"{max_line_bytes / 2**20:.0f} MB"
-                yield number, BadSample("line too long", f"{size / 2**20:.1f} MB, over the limit of {limit} for one sample")
-                continue
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]  # a byte-order mark some editors write is not data
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise DataError(str(file), "is not UTF-8 text", "give a .jsonl file with one JSON object a line") from None
-            if not text.strip():
-                continue
-            try:
-                yield number, json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield number, BadSample("malformed JSON", exc.msg)
 
 
 def parse_record(
@@ -301,7 +300,7 @@ def parse_record(
                 value = next(queue, None)
                 if value is None:
                     continue  # reported below with the totals
-            parts.append(ImagePart(_resolve(value, base)))
+            parts.append(value if isinstance(value, ImagePart) else ImagePart(_resolve(value, base)))
         turns.append(_assistant(parts, pattern, n) if role == "assistant" else Turn(role, tuple(parts)))
     if used != len(listed):
         detail = f"{used} image placeholder(s) but {len(listed)} image(s) listed"
@@ -312,18 +311,40 @@ def parse_record(
     return Sample(tuple(turns), line, source, meta)
 
 
-def _image_list(record: dict) -> list[str]:
+def _image_list(record: dict) -> list[str | ImagePart]:
+    """The sample's listed images: paths, or ``{"bytes": …, "path": …}`` as a ``datasets`` Image
+    column holds them (the bytes win; the path alone is resolved like a path)."""
     for key in _IMAGE_KEYS:
         value = record.get(key)
         if value is None:
             continue
         items = value if isinstance(value, list) else [value]
-        # paths, or {"path": …} as a datasets Image column exports them
-        paths = [x.get("path") if isinstance(x, dict) else x for x in items]
-        if not all(isinstance(x, str) for x in paths):
-            raise BadSample("unknown format", f"'{key}' must be a path or a list of paths")
-        return paths
+        out: list[str | ImagePart] = []
+        for x in items:
+            image = _image_value(x)
+            if image is None:
+                raise BadSample("unknown format", f"'{key}' must hold image paths or images")
+            out.append(image)
+        return out
     return []
+
+
+def _image_value(x: object) -> str | ImagePart | None:
+    """A path, or the image itself: ``{"bytes": …, "path": …}`` as a ``datasets`` Image column holds
+    it undecoded (the bytes win), or a decoded PIL image; None for anything else."""
+    if isinstance(x, str):
+        return x
+    if isinstance(x, dict):
+        if isinstance(x.get("bytes"), (bytes, bytearray)) and x["bytes"]:
+            return ImagePart(Path(str(x.get("path") or "image")), bytes(x["bytes"]))
+        return x["path"] if isinstance(x.get("path"), str) else None
+    if hasattr(x, "save") and hasattr(x, "size") and hasattr(x, "mode"):  # a PIL image
+        import io
+
+        buffer = io.BytesIO()
+        x.save(buffer, format="PNG")  # type: ignore[attr-defined]
+        return ImagePart(Path("image.png"), buffer.getvalue())
+    return None
 
 
 def _role_and_content(message: object, n: int) -> tuple[Role, object]:
@@ -343,13 +364,13 @@ def _role_and_content(message: object, n: int) -> tuple[Role, object]:
     return role, content
 
 
-def _pieces(content: object, n: int) -> list[tuple[str, str | None]]:
+def _pieces(content: object, n: int) -> list[tuple[str, str | ImagePart | None]]:
     """``("text", str)`` and ``("image", inline path or None)`` pieces of one message's content;
     None means the image takes the next entry of the sample's ``images`` list."""
     if content is None:
         return []
     if isinstance(content, str):
-        out: list[tuple[str, str | None]] = []
+        out: list[tuple[str, str | ImagePart | None]] = []
         for k, text in enumerate(content.split(IMAGE_PLACEHOLDER)):
             if k:
                 out.append(("image", None))
@@ -363,7 +384,7 @@ def _pieces(content: object, n: int) -> list[tuple[str, str | None]]:
         if kind == "text":
             out.append(("text", str(part.get("text") or "")))
         elif kind == "image":
-            inline = next((part[k] for k in ("image", "path", "url") if isinstance(part.get(k), str)), None)
+            inline = next((_image_value(part[k]) for k in ("image", "path", "url") if part.get(k) is not None), None)
             out.append(("image", inline))
         elif kind == "video":
             detail = f"message {n} has a video; surgeon trains on images and text"

@@ -92,6 +92,8 @@ def _norms(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tenso
     """fp32 norms of plain tensors as one vector on ``device``."""
     if not tensors:
         return torch.zeros(0, device=device)
+    if any(t.dtype == torch.float64 for t in tensors):  # fp32 accumulation would narrow them
+        return torch.stack([torch.linalg.vector_norm(t).float().to(device) for t in tensors])
     return torch.stack([n.to(device) for n in torch._foreach_norm(list(tensors), 2, dtype=torch.float32)])
 
 
@@ -121,7 +123,8 @@ class Drift:
     ``delta`` has the parameter's shape, or, for a parameter sharded by FSDP2, the shape of this
     rank's rows of it (a whole Δ is cut to those rows here). ``norm_to``: scale Δ to this norm
     (the prior's normalisation Δ·‖θ_VLM‖/‖Δ‖), kept as a factor so that Δ stays as stored.
-    ``alpha == 0`` leaves every gradient bit-for-bit unchanged.
+    ``alpha == 0`` leaves every gradient bit-for-bit unchanged. Targets whose Δ is zero
+    everywhere are not biased (``zero`` lists them); ``names``/``params`` are the biased ones.
     """
 
     def __init__(
@@ -143,10 +146,19 @@ class Drift:
             norm_to.append(rest[0] if rest else None)
         if not self.params:
             raise ConfigError("prior", "no parameter of the model is biased by the prior", "check the prior's tensor selection")
+        sharded = [is_sharded(p) for p in self.params]
+        device = self.deltas[0].device
+        raw = global_sums(_norms(self.deltas, device) ** 2, sharded, self.params).sqrt()
+        # Δ = 0 (e.g. biases both models keep at zero): nothing to bend toward; counted, not biased
+        keep = [i for i, n in enumerate(raw.tolist()) if n > 0]
+        self.zero: list[str] = [self.names[i] for i in range(len(self.names)) if i not in set(keep)]
+        if not keep:
+            raise ConfigError("prior", f"every one of the prior's {len(self.names)} tensors is zero", "compute the prior from two different models")
+        self.names, self.params, self.deltas = [self.names[i] for i in keep], [self.params[i] for i in keep], [self.deltas[i] for i in keep]
+        norm_to, raw = [norm_to[i] for i in keep], raw[torch.tensor(keep, device=raw.device)]
         self._ids = {id(p): i for i, p in enumerate(self.params)}
-        self._sharded = [is_sharded(p) for p in self.params]
-        self.device = self.deltas[0].device
-        raw = global_sums(_norms(self.deltas, self.device) ** 2, self._sharded, self.params).sqrt()
+        self._sharded = [sharded[i] for i in keep]
+        self.device = device
         factors = [1.0 if want is None else float(want) / max(float(n), EPS) for want, n in zip(norm_to, raw.tolist())]
         self.factors = torch.tensor(factors, dtype=torch.float32, device=self.device)
         self.delta_norms = raw * self.factors  # ‖factor·Δ‖ over all ranks

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from surgeon.data import SKIP_HINT, BadSample, DataStats, Sample
+from surgeon.data import SKIP_HINT, BadSample, DataStats, ImagePart, Sample, ScannedData
 from surgeon.errors import DataError
 
 IGNORE_INDEX = -100
@@ -77,6 +77,7 @@ class Encoded:
     tokens: dict[str, torch.Tensor]
     vision: dict[str, torch.Tensor]
     line: int
+    skipped: str | None = None  # why a hollow stand-in replaces the sample (``LazyDataset``)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -229,7 +230,7 @@ class SampleEncoder:
         kwargs: dict[str, Any] = {"return_offsets_mapping": True, "return_tensors": "pt"}
         if self.has_images:
             bos = getattr(self.tokenizer, "bos_token", None)
-            images = [_open_image(p) for p in sample.images]
+            images = [_open_image(p) for p in sample.image_parts]
             try:
                 out = self.processor(
                     text=[text], images=images or None, return_text_replacement_offsets=True,
@@ -381,6 +382,57 @@ class EncodedDataset(torch.utils.data.Dataset):
         return self._cache[i] if self._cache else self.encoder.encode(self.samples[i])
 
 
+class LazyDataset(torch.utils.data.Dataset):
+    """The usable rows of a scanned data source (``surgeon.data.scan_samples``), parsed and encoded
+    when asked for (``dataset[i] -> Encoded``), so memory does not grow with the dataset and a
+    DataLoader's workers do the work. Nothing is cached.
+
+    A sample that encoding cannot use becomes a hollow stand-in (one padding token, nothing
+    supervised, no image; ``Encoded.skipped`` says why) so that batches keep their composition on
+    every process: a sample whose image tokens would be cut by ``max_length`` or that keeps no
+    supervised token, and, with ``skip_bad``, one whose image cannot be read or that the processor
+    refuses (without ``skip_bad`` these raise DataError naming the line, when reached). A hollow
+    sample trains nothing: losses are normalised by the supervised tokens of the whole step."""
+
+    def __init__(self, scanned: ScannedData, encoder: SampleEncoder, skip_bad: bool = False) -> None:
+        self.scanned = scanned
+        self.encoder = encoder
+        self.skip_bad = skip_bad
+        self.stats = scanned.stats
+
+    def __len__(self) -> int:
+        return len(self.scanned)
+
+    def __getitem__(self, i: int) -> Encoded:
+        sample = self.scanned.sample(i)
+        try:
+            return self.encoder.encode(sample)
+        except TooLong as skip:
+            return self.hollow(sample.line, f"{skip.reason} ({self.encoder.max_length})")
+        except BadSample as bad:
+            if not self.skip_bad:
+                raise DataError(sample.where, str(bad), SKIP_HINT) from None
+            return self.hollow(sample.line, bad.reason)
+
+    def hollow(self, line: int, reason: str) -> Encoded:
+        ids = torch.tensor([self.encoder.pad_token_id])
+        tokens = {
+            "input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, IGNORE_INDEX),
+            "perception_mask": torch.zeros_like(ids, dtype=torch.bool),
+        }  # fmt: skip
+        return Encoded(tokens, {}, line, skipped=reason)
+
+
+class CountingCollate:
+    """``collate_fn`` for a DataLoader over a LazyDataset: ``(batch, reasons of hollow samples)``."""
+
+    def __init__(self, encoder: SampleEncoder) -> None:
+        self.encoder = encoder
+
+    def __call__(self, items: Sequence[Encoded]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        return self.encoder.collate(items), [e.skipped for e in items if e.skipped]
+
+
 def _insert_after(
     text: str, spans: list[tuple[int, int]], inner: list[tuple[int, int]], insert: str
 ) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
@@ -396,14 +448,17 @@ def _insert_after(
     return "".join(pieces), moved, [(a + d, b + d) for (a, b), d in zip(inner, before)]
 
 
-def _open_image(path: Path) -> Any:
+def _open_image(part: ImagePart) -> Any:
+    """The image of a part (a file, or the bytes a dataset carries), as RGB."""
+    import io
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(part.data) if part.data is not None else part.path) as image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError) as exc:
-        raise BadSample("unreadable image", f"{path.name}: {' '.join(str(exc).split())}") from None
+        raise BadSample("unreadable image", f"{part.path.name}: {' '.join(str(exc).split())}") from None
 
 
 def _expansion(replacements: list[dict]) -> Callable[[int], int]:

@@ -82,10 +82,14 @@ def save_model(
     return Path(output)
 
 
+GENERATED_README = "<!-- written by surgeon: replaced by the model card `surgeon push` builds -->"
+
+
 def write_adapter_modules(model: Any, folder: Path) -> None:
     """Beside a peft adapter: the surgeon modules trained with it (``surgeon-modules.safetensors``,
     settings in ``surgeon-modules.json``), which ``load_model(folder)`` attaches to the base model
-    before the adapter."""
+    before the adapter; and a README.md that says so (plain ``PeftModel.from_pretrained`` loads the
+    adapter without them), in place of peft's blank template."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     params = {n.split(f"{modeling.MODULE_ATTR}.", 1)[1]: p for n, p in module_parameters(base).items()}
     if not params:
@@ -93,6 +97,14 @@ def write_adapter_modules(model: Any, folder: Path) -> None:
     write_file(folder / ADAPTER_MODULES, {k: p.detach().contiguous().cpu() for k, p in params.items()}, {"format": "pt"})
     sections = getattr(base.config, modeling.CONFIG_KEY, None) or {}
     (folder / ADAPTER_SETTINGS).write_text(json.dumps(sections, indent=2) + "\n")
+    kinds = " and ".join({"iada": "IADA blocks", "image_lora": "Image-LoRA adapters"}.get(k, k) for k in sections)
+    (folder / "README.md").write_text(
+        f"{GENERATED_README}\n# LoRA adapter with surgeon modules\n\n"
+        f"This folder holds a peft LoRA adapter and the {kinds} trained with it ({ADAPTER_MODULES}).\n"
+        "Load both with surgeon:\n\n```python\nimport surgeon\n\n"
+        'model = surgeon.load_model("PATH")   # the base model, its surgeon modules, then the adapter\n```\n\n'
+        f"`PeftModel.from_pretrained` alone loads the adapter but not the {kinds}: the model would compute something else.\n"
+    )
 
 
 def module_shard(kind: str) -> str:

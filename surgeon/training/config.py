@@ -11,7 +11,7 @@ from surgeon.errors import ConfigError
 
 # Fields that do not change what a run computes: excluded from the resume fingerprint. (Whether
 # the model is sharded is checked on resume from the checkpoint itself.)
-_NOT_FINGERPRINTED = {"output", "save_steps", "resume", "overwrite", "log_every", "fsdp", "gpu_memory"}
+_NOT_FINGERPRINTED = {"output", "save_steps", "resume", "overwrite", "fsdp", "gpu_memory", "num_workers", "log_steps", "report_to"}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -84,13 +84,15 @@ class TrainConfig:
     image_lora_rank: int = 8
     image_lora_alpha: float = 16.0
     skip_bad_lines: bool = False
-    log_every: int = 1
+    num_workers: int = 0  # DataLoader worker processes that encode samples (0: the training process)
+    log_steps: int = 10  # a plain progress line every N steps when stderr is not a terminal
+    report_to: str = "none"  # tensorboard, wandb or none (through Accelerate's trackers)
     overwrite: bool = False
 
     def __post_init__(self) -> None:
         positive = {
             "batch_size": self.batch_size, "grad_accum": self.grad_accum, "lora_rank": self.lora_rank,
-            "max_length": self.max_length, "image_lora_rank": self.image_lora_rank,
+            "max_length": self.max_length, "image_lora_rank": self.image_lora_rank, "log_steps": self.log_steps,
         }  # fmt: skip
         for field, value in positive.items():
             if value < 1:
@@ -120,6 +122,10 @@ class TrainConfig:
             raise ConfigError("warmup_ratio", f"must lie in [0, 1), got {self.warmup_ratio}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ConfigError("mixed_precision", f"unknown value {self.mixed_precision!r}", "choose auto, no, bf16 or fp16")
+        if self.num_workers < 0:
+            raise ConfigError("num_workers", f"must be ≥ 0, got {self.num_workers}")
+        if self.report_to not in ("none", "tensorboard", "wandb"):
+            raise ConfigError("report_to", f"unknown tracker {self.report_to!r}", "choose tensorboard, wandb or none")
         if self.param_dtype not in ("fp32", "bf16"):
             raise ConfigError("param_dtype", f"unknown value {self.param_dtype!r}", "choose fp32 or bf16")
         if self.fsdp and self.mixed_precision == "fp16":

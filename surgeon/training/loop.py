@@ -26,7 +26,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,10 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
     from surgeon.training.parallel import deepspeed_requested, return_freed_memory
     from surgeon.training.state import latest_intact
 
+    from surgeon.training.tracking import check_tracker
+
     config.require_io()
+    check_tracker(config.report_to)
     if deepspeed_requested():
         raise ConfigError("distributed", "surgeon train does not run under DeepSpeed", "shard with --fsdp (FSDP2) instead")
     # cpu=True on machines without CUDA, so that torchrun/accelerate launch gives a gloo process group
@@ -99,8 +102,10 @@ def _train(
     from surgeon.training import setup
     from surgeon.training.config import resolve_precision
     from surgeon.training.model import trainable
-    from surgeon.training.order import SampleOrder
+    from surgeon.encoding import CountingCollate
+    from surgeon.training.order import MicroBatches, SampleOrder
     from surgeon.training.parallel import Replicated, Sharded, fsdp_requested
+    from surgeon.training.tracking import numbers, open_tracker
     from surgeon.errors import CheckpointError
     from surgeon.training.state import Progress, latest_intact, load_checkpoint, remove_stale, save_checkpoint
 
@@ -139,8 +144,8 @@ def _train(
     run = setup.prepare(config, checkpoint, precision, sharded=sharded)
     data = run.dataset.stats
     status(
-        f"data: {data.used} of {data.read} samples used, {data.supervised_tokens:,} supervised tokens"
-        f" ({data.perception_tokens:,} perception); skipped: {data.describe_skipped()}"
+        f"data: {data.used} of {data.read} samples used (checked without reading images; each is encoded when"
+        f" its batch comes); skipped: {data.describe_skipped()}"
     )
     if "image_lora" in run.stats:
         il, flops = run.stats["image_lora"], run.stats["image_lora"]["flops"]
@@ -166,7 +171,8 @@ def _train(
     model, optimizer = engine.wrap(model, optimizer)
     drift = setup.drift_for(run, config)
     if drift is not None:
-        status(f"DRIFT biases {len(drift.params)} tensors ({drift.numel:,} parameters), {config.drift_scale}, α={config.drift_alpha}")
+        zero = f"; {len(drift.zero)} tensors with Δ = 0 are left alone" if drift.zero else ""
+        status(f"DRIFT biases {len(drift.params)} tensors ({drift.numel:,} parameters), {config.drift_scale}, α={config.drift_alpha}{zero}")
     dynamic = PerceptionGradients(params) if config.perception_weight == "dynamic" else None
     fingerprint = config.fingerprint() + run.data_fingerprint
 
@@ -176,13 +182,22 @@ def _train(
         status(f"resumed from {resume_from} at step {start}")
 
     log = _MetricsLog(ckpt_root / "metrics.jsonl", start) if engine.is_main else None
+    tracker = open_tracker(config.report_to, Path(config.output).name, ckpt_root / "logs", asdict(config)) if engine.is_main else None  # type: ignore[arg-type]
     metrics: dict[str, Any] = {}
+    seen = {"supervised_tokens": 0, "perception_tokens": 0, "hollow": 0}
+    loader = iter(
+        torch.utils.data.DataLoader(
+            run.dataset, batch_sampler=MicroBatches(order, rank, start, total), collate_fn=CountingCollate(run.dataset.encoder),
+            num_workers=config.num_workers,
+        )
+    )  # fmt: skip
     model.train()
     for step in range(start, total):
         started = time.perf_counter()
-        batches = [run.collate([run.dataset[i] for i in mb]) for mb in order.micro_batches(step, rank)]
-        counts = torch.tensor([list(count_span_tokens(b["labels"], b["perception_mask"])) for b in batches]).sum(0)
-        n_p, n_r = (int(x) for x in engine.all_reduce(counts.to(engine.device)))
+        fetched = [next(loader) for _ in range(config.grad_accum)]
+        batches = [batch for batch, _ in fetched]
+        counts = torch.tensor([[*count_span_tokens(b["labels"], b["perception_mask"]), len(h)] for b, h in fetched]).sum(0)
+        n_p, n_r, hollow = (int(x) for x in engine.all_reduce(counts.to(engine.device)))
         lam = config.fixed_lambda if config.fixed_lambda is not None else n_p / max(n_p + n_r, 1)
         sums = torch.zeros(3, device=engine.device)  # L_p, L_r, tokens seen (this rank)
         for j, batch in enumerate(batches):
@@ -231,26 +246,37 @@ def _train(
             "perception_tokens": n_p,
             "reasoning_tokens": n_r,
         }
+        if hollow:
+            metrics["skipped_samples"] = hollow  # too long for --max-length (or bad, with --skip-bad-lines): trained nothing
+        seen["supervised_tokens"] += n_p + n_r
+        seen["perception_tokens"] += n_p
+        seen["hollow"] += hollow
         if drift_stats is not None:
             metrics["drift_tensors"] = drift_stats.biased
             metrics["drift_coefficient"] = drift_stats.mean_coefficient
         if log is not None:
             log.write(metrics)
+        if tracker is not None:
+            tracker.log(numbers(metrics), step=step + 1)
         if on_step is not None and engine.is_main:
             on_step(metrics)
         if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < total:
             save_checkpoint(ckpt_root / f"checkpoint-{step + 1}", Progress(step + 1, fingerprint), run.trainable, optimizer, scheduler, engine)
             engine.barrier()
 
-    stats = {**run.stats, "steps": total, "world_size": world, "global_batch": order.global_batch, "final": metrics}
+    stats = {**run.stats, "steps": total, "world_size": world, "global_batch": order.global_batch, "final": metrics, "seen": seen}
     stats["precision"] = {"mixed": precision.mixed, "trained": precision.master, "frozen": precision.frozen}
     stats["sharded"] = engine.sharded
     if drift is not None:
-        stats["drift"] = {"tensors": len(drift.params), "parameters": drift.numel, "delta_bytes_per_process": drift.local_bytes}
+        stats["drift"] = {
+            "tensors": len(drift.params), "zero_delta": len(drift.zero), "parameters": drift.numel, "delta_bytes_per_process": drift.local_bytes,
+        }  # fmt: skip
     optimizer.zero_grad(set_to_none=True)
     optimizer.state.clear()  # the moments (and Δ, below) are not needed for the output: free them first
     del drift, dynamic
     final = setup.output_model(run, model, config, precision, engine)
+    if tracker is not None:
+        tracker.finish()
     if log is not None:
         log.close()
         setup.save_output(run, final, config, stats, ckpt_root / "metrics.jsonl")

@@ -129,7 +129,11 @@ def apply_lora(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_regex(model, targets), bias="none",
         modules_to_save=save,
     )  # fmt: skip
-    return get_peft_model(model, config)
+    import warnings
+
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -58,3 +58,18 @@ class SampleOrder:
         indices = self.global_indices(step)
         b = self.batch_size
         return [indices[(rank * self.grad_accum + j) * b : (rank * self.grad_accum + j + 1) * b] for j in range(self.grad_accum)]
+
+
+class MicroBatches(torch.utils.data.Sampler):
+    """A DataLoader's ``batch_sampler``: the micro-batches process ``rank`` runs for optimiser steps
+    ``start .. total - 1``, in order (``grad_accum`` of them per step)."""
+
+    def __init__(self, order: SampleOrder, rank: int, start: int, total: int) -> None:
+        self.order, self.rank, self.start, self.total = order, rank, start, total
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        for step in range(self.start, self.total):
+            yield from self.order.micro_batches(step, self.rank)
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start) * self.order.grad_accum

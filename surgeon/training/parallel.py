@@ -72,7 +72,12 @@ class Replicated:
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
+        from accelerate.state import AcceleratorState
+
         ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused)
+        # Each run sets its own precision: an Accelerator made earlier in this process (a Trainer, an
+        # earlier run) must not pin it. The process group (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(mixed_precision=precision.mixed, kwargs_handlers=[ddp], cpu=cpu)
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index

@@ -44,8 +44,10 @@ def check_inputs(config: TrainConfig) -> Any:
     from surgeon.checkpoint import open_checkpoint
     from surgeon.errors import DataError
 
-    if not Path(config.data).is_file():
-        raise DataError(config.data, "no such file", "give the path of a .jsonl file")
+    from surgeon.rows import looks_like_hub_dataset
+
+    if not Path(config.data).exists() and not looks_like_hub_dataset(config.data):  # type: ignore[arg-type]
+        raise DataError(config.data, "no such file", "give a .jsonl or .parquet file, a save_to_disk folder, or a Hub dataset id")  # type: ignore[arg-type]
     if config.prior:
         from surgeon.prior import open_prior
 
@@ -72,15 +74,16 @@ def prepare(config: TrainConfig, ckpt: Any, precision: Precision, sharded: bool 
     ``sharded``: the model is loaded in the checkpoint's own dtype (memory-mapped, so a process
     reads only the rows it keeps) and cast unit by unit when FSDP shards it; otherwise every
     parameter is cast to the precision policy here."""
-    from surgeon.data import DataStats, load_samples
-    from surgeon.encoding import EncodedDataset, SampleEncoder
+    from surgeon.data import scan_samples
+    from surgeon.encoding import LazyDataset, SampleEncoder
 
     config.require_io()
-    stats = DataStats()
-    samples = load_samples(config.data, config.perception_regex, skip_bad=config.skip_bad_lines, stats=stats)  # type: ignore[arg-type]
+    scanned = scan_samples(config.data, config.perception_regex, skip_bad=config.skip_bad_lines)  # type: ignore[arg-type]
     encoder = SampleEncoder.from_pretrained(ckpt.path, max_length=config.max_length, name=config.model)
-    dataset = EncodedDataset(samples, encoder, stats=stats, skip_bad=config.skip_bad_lines, cache=True)
-    if config.perception_weight is not None and stats.perception_tokens == 0:
+    dataset = LazyDataset(scanned, encoder, skip_bad=config.skip_bad_lines)
+    stats = scanned.stats
+    stats.used = len(scanned)
+    if config.perception_weight is not None and not scanned.perception:
         how = f"--perception-regex {config.perception_regex!r}" if config.perception_regex else "<perception>…</perception> tags"
         raise ConfigError(
             "perception_weight",
@@ -107,7 +110,7 @@ def prepare(config: TrainConfig, ckpt: Any, precision: Precision, sharded: bool 
         processor=encoder.processor,
         checkpoint=ckpt,
         trainable=params,
-        data_fingerprint=file_hash(config.data),  # type: ignore[arg-type]
+        data_fingerprint=data_fingerprint(scanned.rows),
         has_surgeon_modules=bool(extra["surgeon_modules"]),
         stats={"data": dataset.stats.to_dict(), "trainable_parameters": n_train, "parameters": n_total, **extra},
     )
@@ -190,23 +193,40 @@ def _add_image_lora(model: torch.nn.Module, config: TrainConfig) -> None:
     add_image_lora(model, heads, ImageLoraConfig(rank=config.image_lora_rank, alpha=config.image_lora_alpha))
 
 
+def data_fingerprint(rows: Any) -> str:
+    """What identifies the training data for ``--resume`` and the record: the file's content hash,
+    or the ``datasets`` fingerprint of a saved or Hub dataset."""
+    dataset = getattr(rows, "dataset", None)
+    if dataset is not None and getattr(dataset, "_fingerprint", None) and not str(rows.source).endswith(".parquet"):
+        return str(dataset._fingerprint)[:16]
+    path = Path(rows.source)
+    return file_hash(path) if path.is_file() else str(getattr(dataset, "_fingerprint", rows.source))[:16]
+
+
+IMAGE_LORA_SAMPLE = 256  # samples encoded for Image-LoRA's FLOPs report
+
+
 def _image_lora_report(model: torch.nn.Module, config: TrainConfig, dataset: Any) -> dict[str, Any]:
-    """Image-LoRA's statistics, with the FLOPs report over the whole dataset (tokens and visual
-    tokens of every usable sample); an error when the data has no visual token to adapt."""
+    """Image-LoRA's statistics, with the FLOPs report over the first ``IMAGE_LORA_SAMPLE`` samples
+    that have images (tokens and visual tokens; encoding them all would read every image); an
+    error when the data has no visual token to adapt."""
     from surgeon.image_lora import count_parameters, flops_report
     from surgeon.modeling_surgeon import visual_token_ids
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     s = base.surgeon.image_lora.settings  # type: ignore[union-attr]
     ids = torch.tensor(visual_token_ids(model.config), dtype=torch.long)
-    visual = sum(int(torch.isin(dataset[i].input_ids, ids).sum()) for i in range(len(dataset)))
+    with_images = [i for i in range(len(dataset)) if dataset.scanned.sample(i).images][:IMAGE_LORA_SAMPLE] if len(ids) else []
+    encoded = [dataset[i] for i in with_images]
+    visual = sum(int(torch.isin(e.input_ids, ids).sum()) for e in encoded)
     if visual == 0:
         why = "has no image or video placeholder token ids" if not len(ids) else f"sees no image or video in {config.data}"
         raise ConfigError(
             "image_lora", f"{config.model} {why}, so Image-LoRA (visual tokens only) would train nothing",
             "train on data with images, or without --image-lora",
         )
-    flops = flops_report(s["heads"], s["hidden_size"], s["num_kv_heads"], s["head_dim"], sum(dataset.lengths), visual, s["rank"])
+    tokens = sum(len(e) for e in encoded) or 1
+    flops = flops_report(s["heads"], s["hidden_size"], s["num_kv_heads"], s["head_dim"], tokens, visual, s["rank"])
     params = count_parameters(s["heads"], s["hidden_size"], s["head_dim"], s["rank"])
     return {"heads": s["heads"], "parameters": params, "flops": flops.to_dict()}
 
@@ -301,6 +321,8 @@ def save_output(run: Run, model: torch.nn.Module, config: TrainConfig, stats: di
             artifact = "peft-adapter"
         if metrics.exists():
             shutil.copy(metrics, tmp / "metrics.jsonl")
+        if (metrics.parent / "logs").is_dir():  # tracker event files (--report-to tensorboard)
+            shutil.copytree(metrics.parent / "logs", tmp / "logs")
         inputs: dict[str, Any] = {"model": run.checkpoint, "data": {"source": config.data, "sha256": run.data_fingerprint}}
         if config.prior:
             inputs["prior"] = {"source": config.prior}

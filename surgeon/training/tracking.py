@@ -1,0 +1,48 @@
+"""Experiment trackers for ``surgeon train --report-to``: Accelerate's TensorBoard and W&B trackers.
+
+    tracker = open_tracker("tensorboard", "run", logs=Path("run-checkpoints/logs"), config=asdict(config))
+    tracker.log({"loss": 1.2}, step=1)
+    tracker.finish()
+
+TensorBoard writes event files under ``logs/<run name>/`` (``surgeon train`` keeps them beside its
+checkpoints while it runs and copies them into the output folder at the end); W&B follows its own
+settings (``WANDB_MODE=offline`` writes a local run). Only numbers are logged.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from surgeon.errors import ConfigError
+
+_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_tracker(name: str) -> None:
+    """ConfigError, before anything loads, when the tracker's package is missing."""
+    package = _PACKAGES.get(name)
+    if package and importlib.util.find_spec(package) is None:
+        raise ConfigError("report_to", f"{name} is not installed", f"pip install {package}, or drop --report-to")
+
+
+def open_tracker(name: str, run_name: str, logs: Path, config: dict[str, Any]) -> Any:
+    """A started tracker (None for ``none``) with the run's settings stored."""
+    if name == "none":
+        return None
+    check_tracker(name)
+    from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+    if name == "tensorboard":
+        logs.mkdir(parents=True, exist_ok=True)
+        tracker = TensorBoardTracker(run_name, logs)
+    else:
+        tracker = WandBTracker(run_name)
+    tracker.start()
+    tracker.store_init_configuration({k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
+    return tracker
+
+
+def numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -1,0 +1,189 @@
+"""DRIFT and perception weighting inside the Hugging Face Trainer and TRL's SFTTrainer, through
+``surgeon.DriftCallback``, ``surgeon.PerceptionLoss`` and ``surgeon.PerceptionCollator``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from surgeon.rows import open_rows
+
+
+@pytest.fixture(scope="module")
+def rows(shapes_data):
+    """The synthetic rows as a ``datasets.Dataset`` with a decoded Image column (as TRL's vision
+    datasets come), and the folder their image paths are relative to."""
+    from datasets import Dataset
+    from PIL import Image
+
+    data = shapes_data("trl")
+    source = open_rows(data)
+    records = []
+    for i in range(len(source)):
+        r = source.record(i)
+        paths = [p["image"] for m in r["messages"] for p in (m["content"] if isinstance(m["content"], list) else []) if p.get("type") == "image"]
+        for m in r["messages"]:
+            if isinstance(m["content"], list):
+                m["content"] = [{"type": "image"} if p.get("type") == "image" else p for p in m["content"]]
+        records.append({"messages": json.dumps(r["messages"]), "images": [Image.open(data.parent / p).convert("RGB") for p in paths]})
+    ds = Dataset.from_list(records)
+    return ds.map(lambda r: {"messages": json.loads(r["messages"])}), data.parent
+
+
+@pytest.fixture(scope="module")
+def prior(vlm, tmp_path_factory):
+    from surgeon import tiny
+    from surgeon.prior import PriorConfig, compute_prior
+
+    root = tmp_path_factory.mktemp("integration-prior")
+    reasoning = tiny.build_reasoning_llm(vlm, root / "r1", scale=0.5)
+    compute_prior(PriorConfig(reasoning=str(reasoning), vlm=str(vlm), output=str(root / "prior")))
+    return root / "prior"
+
+
+def _model(vlm):
+    from transformers import AutoModelForImageTextToText
+
+    from surgeon.training.model import set_trainable
+
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(vlm)
+    set_trainable(model, full=True, train_vision=False)
+    return model
+
+
+def _args(tmp_path, name, sft=False, **kw):
+    common = dict(
+        output_dir=str(tmp_path / name), max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        learning_rate=1e-3, lr_scheduler_type="constant", report_to="none", save_strategy="no", use_cpu=True, seed=0,
+        remove_unused_columns=False, logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, max_grad_norm=1.0,
+    )  # fmt: skip
+    common.update(kw)
+    if sft:
+        from trl import SFTConfig
+
+        return SFTConfig(**common, dataset_kwargs={"skip_prepare_dataset": True})
+    from transformers import TrainingArguments
+
+    return TrainingArguments(**common)
+
+
+def _train(trainer_cls, vlm, rows, tmp_path, name, callbacks=(), sft=False, loss=None, **kw):
+    from surgeon import PerceptionCollator
+
+    data, base = rows
+    collator = PerceptionCollator(vlm, max_length=512, base=base)
+    model = _model(vlm)
+    extra = {"processing_class": collator.encoder.processor} if sft else {}
+    trainer = trainer_cls(model=model, args=_args(tmp_path, name, sft, **kw), train_dataset=data, data_collator=collator,
+                          callbacks=list(callbacks), **extra)  # fmt: skip
+    if loss is not None:
+        loss.attach(trainer)
+    trainer.train()
+    return model, trainer
+
+
+def _trainers():
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    return {"trainer": (Trainer, False), "sft": (SFTTrainer, True)}
+
+
+@pytest.mark.parametrize("kind", ["trainer", "sft"])
+def test_drift_callback_alpha_zero_is_the_plain_run_and_alpha_pulls_toward_the_prior(vlm, rows, prior, tmp_path, kind):
+    from surgeon import DriftCallback
+    from surgeon.prior import open_prior
+    from surgeon.training.model import lm_parameters
+
+    cls, sft = _trainers()[kind]
+    plain, _ = _train(cls, vlm, rows, tmp_path, "plain", sft=sft)
+    zero, _ = _train(cls, vlm, rows, tmp_path, "zero", [DriftCallback(prior, alpha=0.0)], sft=sft)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), zero.state_dict().values()))
+
+    callback = DriftCallback(prior, alpha=1e-2, scale="absolute")
+    drifted, trainer = _train(cls, vlm, rows, tmp_path, "drift", [callback], sft=sft)
+    assert trainer.args.max_grad_norm == 1.0  # handed back after training
+    assert callback.last.biased == 28  # every tensor with a non-zero Δ, once per optimiser step
+    assert all(d.device == p.device for d, p in zip(callback.drift.deltas, callback.drift.params))
+    start = dict(lm_parameters(_model(vlm)))
+    ours, theirs = dict(lm_parameters(drifted)), dict(lm_parameters(plain))
+    with open_prior(prior) as p:
+        for name in p.names:
+            rel = p.relative(name)
+            delta = p.read(name)
+            if delta.norm() == 0:
+                continue
+            target = start[rel].detach() + delta
+            assert (ours[rel].detach() - target).norm() < (theirs[rel].detach() - target).norm(), rel
+    assert callback.last.mean_coefficient > 0  # also added to the trainer's logs (drift_coefficient, drift_tensors)
+
+
+def test_drift_binds_to_the_model_as_it_is_when_training_begins(vlm, rows, prior, tmp_path):
+    """Δ is built at train begin on the parameters' devices: a model changed after the callback
+    (and the trainer) were made is the one biased."""
+    from transformers import Trainer
+
+    from surgeon import DriftCallback, PerceptionCollator
+
+    data, base = rows
+    callback = DriftCallback(prior, alpha=1.0)
+    model = _model(vlm)
+    trainer = Trainer(model=model, args=_args(tmp_path, "moved", max_steps=1), train_dataset=data,
+                      data_collator=PerceptionCollator(vlm, base=base), callbacks=[callback])  # fmt: skip
+    model.to(torch.float64)  # every parameter replaced after the trainer was built
+    trainer.train()
+    current = {id(p) for p in model.parameters()}
+    assert all(id(p) in current and p.dtype == torch.float64 for p in callback.drift.params)
+
+
+@pytest.mark.parametrize("kind", ["trainer", "sft"])
+def test_perception_loss_counts_both_spans_over_the_step(vlm, rows, tmp_path, kind):
+    """attach() makes the trainer count each span over the whole step (2 micro-batches here) and
+    the loss uses those totals: exactly the token counts of the batches it fetched."""
+    from surgeon import PerceptionCollator, PerceptionLoss
+    from surgeon.integrations import split_labels
+
+    cls, sft = _trainers()[kind]
+    data, base = rows
+    loss = PerceptionLoss(0.7)
+    model = _model(vlm)
+    collator = PerceptionCollator(vlm, max_length=512, base=base)
+    extra = {"processing_class": collator.encoder.processor} if sft else {}
+    trainer = cls(model=model, args=_args(tmp_path, "lam", sft, max_steps=1), train_dataset=data, data_collator=collator, **extra)
+    loss.attach(trainer)
+    fetched = []
+    counted = trainer.get_batch_samples
+
+    def spy(*args, **kw):
+        batches, n = counted(*args, **kw)
+        fetched.extend(batches)
+        return batches, n
+
+    trainer.get_batch_samples = spy
+    trainer.train()
+    assert len(fetched) == 2 and trainer.compute_loss_func is loss
+    labels, mask = zip(*(split_labels(b["labels"][..., 1:]) for b in fetched))
+    n_p = sum(int(((lab != -100) & m).sum()) for lab, m in zip(labels, mask))
+    n_r = sum(int(((lab != -100) & ~m).sum()) for lab, m in zip(labels, mask))
+    assert loss.counts == (n_p, n_r) and n_p > 0 and n_r > 0
+    assert torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))
+
+
+def test_perception_loss_is_the_weighted_span_formula():
+    from surgeon import PerceptionLoss
+    from surgeon.integrations import PERCEPTION_OFFSET
+    from surgeon.reweight import combine, span_losses
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 11, generator=gen)
+    labels = torch.tensor([[-100, 3, 4, 5, 6, -100], [-100, -100, 7, 8, 9, 10]])
+    mask = torch.tensor([[0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 0, 0]], dtype=torch.bool)
+    carried = torch.where(mask, labels + PERCEPTION_OFFSET, labels)
+    loss = PerceptionLoss(0.3)
+    loss.counts = (7, 9)  # the step's totals, as attach() records them
+    got = loss({"logits": logits}, carried)
+    want = combine(span_losses(logits, labels, mask, totals=(7, 9)), 0.3)
+    assert torch.equal(got, want)
