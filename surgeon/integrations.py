@@ -97,19 +97,22 @@ def split_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class PerceptionLoss:
     """``compute_loss_func``: ``λ·L_p + (1−λ)·L_r`` with each span normalised by its tokens in the
-    whole optimiser step (all micro-batches, all processes) once ``attach``-ed; without it, by the
-    micro-batch's own counts."""
+    whole optimiser step (all micro-batches, all processes). ``attach(trainer)`` installs it; a
+    trainer given it only as ``compute_loss_func`` would never see the perception flags, so the
+    loss refuses to run unattached."""
 
     def __init__(self, lam: float) -> None:
         if not 0.0 <= float(lam) <= 1.0:
             raise ConfigError("perception_weight", f"must lie in [0, 1], got {lam}")
         self.lam = float(lam)
         self.counts: tuple[int, int] | None = None
+        self.attached = False
 
     def attach(self, trainer: Any) -> Any:
         """Use this loss in ``trainer`` and count each span over every optimiser step (the trainer's
         ``PerceptionCollator`` then carries the perception flag in the labels); returns the trainer."""
         trainer.compute_loss_func = self
+        self.attached = True
         if isinstance(trainer.data_collator, PerceptionCollator):
             trainer.data_collator.carry_perception = True
         fetch = trainer.get_batch_samples
@@ -130,6 +133,8 @@ class PerceptionLoss:
         return trainer
 
     def __call__(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+        if not self.attached and self.counts is None:
+            raise ConfigError("PerceptionLoss", "is not attached to the trainer, so no label carries the perception span", "call loss.attach(trainer) before trainer.train()")
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         labels, mask = split_labels(labels.to(logits.device))
         losses = span_losses(logits, labels, mask, totals=self.counts)

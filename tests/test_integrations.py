@@ -187,3 +187,11 @@ def test_perception_loss_is_the_weighted_span_formula():
     got = loss({"logits": logits}, carried)
     want = combine(span_losses(logits, labels, mask, totals=(7, 9)), 0.3)
     assert torch.equal(got, want)
+
+
+def test_an_unattached_perception_loss_refuses_to_run():
+    from surgeon import PerceptionLoss
+    from surgeon.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="attach"):
+        PerceptionLoss(0.3)({"logits": torch.zeros(1, 3, 5)}, torch.tensor([[-100, 1, 2]]))
