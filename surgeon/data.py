@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import re
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -203,7 +204,7 @@ class ScannedData:
     images."""
 
     rows: Any
-    good: list[int]
+    good: Any  # array("q") of row indices
     stats: DataStats
     pattern: re.Pattern | None
     perception: bool = False
@@ -232,7 +233,7 @@ def scan_samples(
     rows = open_rows(path)
     pattern = _compile(perception_regex)
     stats = stats if stats is not None else DataStats()
-    scanned = ScannedData(rows, [], stats, pattern)
+    scanned = ScannedData(rows, array("q"), stats, pattern)
     for j in range(len(rows)):
         if max_samples is not None and len(scanned.good) >= max_samples:
             break

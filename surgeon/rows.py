@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,8 @@ class JsonlRows:
         self.base = self.path.parent.resolve()
         self.max_line_bytes = max_line_bytes
         self._items: list[Any] | None = None
-        self._starts: list[int] = []  # byte offset of each non-empty line
-        self._lines: list[int] = []  # its 1-based line number
+        self._starts = array("q")  # byte offset of each non-empty line (8 bytes a line, shared by forked workers)
+        self._lines = array("q")  # its 1-based line number
         with open(self.path, "rb") as f:
             head = f.read(4096)
         if head.decode("utf-8-sig", errors="ignore").lstrip().startswith("["):
@@ -74,7 +75,7 @@ class JsonlRows:
         if not isinstance(items, list):
             raise DataError(self.source, "is a JSON value, not an array of samples", "write one sample a line (JSONL)")
         self._items = items
-        self._lines = list(range(1, len(items) + 1))
+        self._lines = array("q", range(1, len(items) + 1))
 
     def _index(self) -> None:
         """One pass over the file: where each non-empty line starts (never a whole line in memory)."""

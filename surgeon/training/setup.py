@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -216,7 +217,8 @@ def _image_lora_report(model: torch.nn.Module, config: TrainConfig, dataset: Any
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     s = base.surgeon.image_lora.settings  # type: ignore[union-attr]
     ids = torch.tensor(visual_token_ids(model.config), dtype=torch.long)
-    with_images = [i for i in range(len(dataset)) if dataset.scanned.sample(i).images][:IMAGE_LORA_SAMPLE] if len(ids) else []
+    found = (i for i in range(len(dataset)) if dataset.scanned.sample(i).images)
+    with_images = list(itertools.islice(found, IMAGE_LORA_SAMPLE)) if len(ids) else []
     encoded = [dataset[i] for i in with_images]
     visual = sum(int(torch.isin(e.input_ids, ids).sum()) for e in encoded)
     if visual == 0:
