@@ -36,9 +36,9 @@ first line numbers, in ``DataStats``.
 
 from __future__ import annotations
 
-import json
 import re
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -200,15 +200,19 @@ class ScannedData:
 
     ``rows``: the source (``surgeon.rows``); ``good``: indices of its usable rows; ``sample(i)``
     parses the i-th usable row again (memory stays one sample whatever the dataset's size).
-    ``perception``: whether any assistant turn marks a perception span; ``images``: samples with
-    images."""
+    ``perception``: whether any assistant turn marks a perception span; ``with_images``: the
+    positions (into the usable rows) of samples with images."""
 
     rows: Any
     good: Any  # array("q") of row indices
     stats: DataStats
     pattern: re.Pattern | None
     perception: bool = False
-    images: int = 0
+    with_images: Any = field(default_factory=lambda: array("q"))
+
+    @property
+    def images(self) -> int:
+        return len(self.with_images)
 
     def __len__(self) -> int:
         return len(self.good)
@@ -216,6 +220,23 @@ class ScannedData:
     def sample(self, i: int) -> Sample:
         j = self.good[i]
         return parse_record(self.rows.record(j), self.rows.base, self.pattern, self.rows.line(j), self.rows.source)
+
+    def samples(self, order: Sequence[int] | None = None) -> SampleView:
+        """The usable samples (or those at ``order``) as a sequence parsed on access."""
+        return SampleView(self, range(len(self)) if order is None else order)
+
+
+class SampleView(Sequence):
+    """Samples of a ``ScannedData``, parsed when indexed: a dataset-sized list of samples never exists."""
+
+    def __init__(self, scanned: ScannedData, order: Sequence[int]) -> None:
+        self.scanned, self.order = scanned, order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> Sample:  # type: ignore[override]
+        return self.scanned.sample(self.order[i])
 
 
 def scan_samples(
@@ -252,9 +273,10 @@ def scan_samples(
                 raise DataError(f"{rows.source}:{line}", str(bad), SKIP_HINT) from None
             stats.skip(bad.reason, line)
             continue
+        if sample.images:
+            scanned.with_images.append(len(scanned.good))
         scanned.good.append(j)
         scanned.perception = scanned.perception or any(t.perception for t in sample.turns)
-        scanned.images += bool(sample.images)
     if not scanned.good:
         detail = "holds no samples"
         if stats.read:

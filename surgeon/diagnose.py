@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from surgeon.data import DataStats, load_samples
+from surgeon.data import DataStats, scan_samples
 from surgeon.encoding import Progress, SampleEncoder, encode_samples
 from surgeon.errors import ConfigError
 
@@ -101,9 +101,7 @@ def diagnose(config: DiagnoseConfig, progress: Progress | None = None) -> Diagno
     from surgeon.checkpoint import open_checkpoint
 
     stats = DataStats()
-    samples = load_samples(
-        config.data, config.perception_regex, config.skip_bad_lines, config.max_samples, stats
-    )
+    samples = scan_samples(config.data, config.perception_regex, config.skip_bad_lines, config.max_samples, stats).samples()
     with open_checkpoint(config.model) as ckpt:  # a local folder, or a Hub repo id through the cache
         folder = ckpt.path
     encoder = SampleEncoder.from_pretrained(folder, config.max_length, name=config.model)

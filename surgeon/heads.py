@@ -131,7 +131,7 @@ def score_heads(config: ScoreHeadsConfig, progress: Progress | None = None) -> H
     import torch
 
     from surgeon.checkpoint import open_checkpoint
-    from surgeon.data import DataStats, load_samples
+    from surgeon.data import DataStats, scan_samples
     from surgeon.encoding import IGNORE_INDEX, SampleEncoder, encode_samples
     from surgeon.image_lora import flops_report
     from surgeon.modeling_surgeon import decoder_of, token_context, value_dims, visual_token_ids
@@ -143,10 +143,12 @@ def score_heads(config: ScoreHeadsConfig, progress: Progress | None = None) -> H
     if config.plot is not None:
         check_plot(config.plot, config.overwrite)
     stats = DataStats()
-    samples = [s for s in load_samples(config.data, None, config.skip_bad_lines, None, stats) if s.images]
-    if not samples:
+    scanned = scan_samples(config.data, None, config.skip_bad_lines, None, stats)
+    if not scanned.images:
         raise DataError(config.data, "has no sample with an image", "head scores need samples with images")
-    random.Random(config.seed).shuffle(samples)
+    order = list(scanned.with_images)
+    random.Random(config.seed).shuffle(order)
+    samples = scanned.samples(order)  # parsed as the probe reaches them
     with open_checkpoint(config.model) as ckpt:
         source = ckpt.describe()
         encoder = SampleEncoder.from_pretrained(ckpt.path, config.max_length, name=config.model)
@@ -214,9 +216,9 @@ def score_heads(config: ScoreHeadsConfig, progress: Progress | None = None) -> H
         visual_tokens=visual, flops=flops.to_dict(), output=config.output,
     )  # fmt: skip
     if config.output is not None:
-        from surgeon.provenance import build_record, file_hash
+        from surgeon.provenance import build_record
 
-        inputs = {"model": source, "data": {"source": config.data, "sha256": file_hash(config.data)}}
+        inputs = {"model": source, "data": {"source": config.data, "sha256": scanned.rows.fingerprint()}}
         stats_out = {"batches": batches, "samples": used, "tokens": tokens, "visual_tokens": visual,
                      "budget": result.budget, "flops_ratio": flops.ratio, "data": stats.to_dict()}  # fmt: skip
         record = build_record("score-heads", "head-scores", config, inputs, stats_out)

@@ -98,6 +98,12 @@ class JsonlRows:
     def line(self, i: int) -> int:
         return self._lines[i]
 
+    def fingerprint(self) -> str:
+        """The file's content hash (16 hex digits)."""
+        from surgeon.provenance import file_hash
+
+        return file_hash(self.path)
+
     def record(self, i: int) -> Any:
         """The parsed row; raises TooLongLine or MalformedLine for a bad line."""
         if self._items is not None:
@@ -151,6 +157,15 @@ class DatasetRows:
 
     def record(self, i: int) -> Any:
         return self.dataset[i]
+
+    def fingerprint(self) -> str:
+        """A parquet file's content hash; the ``datasets`` fingerprint of a folder or Hub dataset."""
+        path = Path(self.source)
+        if path.is_file():
+            from surgeon.provenance import file_hash
+
+            return file_hash(path)
+        return str(getattr(self.dataset, "_fingerprint", None) or self.source)[:16]
 
 
 def looks_like_hub_dataset(text: str) -> bool:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -46,9 +45,24 @@ def test_jsonl_parquet_and_save_to_disk_give_the_same_first_step(cli, vlm, copie
         assert result.exit_code == 0, result.output
         losses[name] = json.loads(result.stdout)["metrics"]["loss"]
     assert losses["jsonl"] == losses["parquet"] == losses["saved"], losses
-    shown = cli("diagnose", copies["parquet"], "--model", vlm, "--json")
-    assert shown.exit_code == 0, shown.output
-    assert json.loads(shown.stdout)["stats"]["used"] == len(_records(copies["jsonl"]))
+    shown = {}
+    for name, source in copies.items():
+        result = cli("diagnose", source, "--model", vlm, "--json")
+        assert result.exit_code == 0, result.output
+        shown[name] = json.loads(result.stdout)
+    assert shown["jsonl"] == {**shown["parquet"], "data": str(copies["jsonl"])} == {**shown["saved"], "data": str(copies["jsonl"])}
+    assert shown["jsonl"]["stats"]["used"] == len(_records(copies["jsonl"]))
+
+
+def test_score_heads_reads_every_source_alike(cli, vlm, copies, tmp_path):
+    scores = {}
+    for name, source in copies.items():
+        result = cli("score-heads", vlm, "--data", source, "-o", tmp_path / f"{name}.json", "--steps", "2", "--json")
+        assert result.exit_code == 0, result.output
+        scores[name] = json.loads(result.stdout)["scores"]
+        record = json.loads((tmp_path / f"{name}.json").read_text())
+        assert len(record["surgeon"]["inputs"]["data"]["sha256"]) == 16
+    assert scores["jsonl"] == scores["parquet"] == scores["saved"]
 
 
 def _big(tmp_path: Path, vlm: Path, n: int) -> tuple[Path, Path]:

@@ -48,7 +48,6 @@ def _memory_lm(folder: Path) -> dict[str, torch.Tensor]:
     """The language model's parameters as transformers loads them, by LM-relative name; experts
     that transformers fuses in memory also under their per-expert names (gate and up are the two
     halves of gate_up_proj[e], gate first)."""
-    import re
 
     from surgeon.training.model import lm_parameters
 

@@ -203,7 +203,7 @@ def test_trainer_with_drift_and_perception_loss_equals_surgeon_train_bit_for_bit
     PerceptionLoss and ``surgeon train --prior --perception-weight`` give the same weights bit for
     bit after 2 steps. The 4 samples are one sample repeated, so the two samplers' orders agree."""
     from datasets import Dataset
-    from transformers import AutoModelForImageTextToText, Trainer, TrainingArguments
+    from transformers import AutoModelForImageTextToText, Trainer
 
     from surgeon import DriftCallback, PerceptionCollator, PerceptionLoss
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -111,7 +110,7 @@ def prepare(config: TrainConfig, ckpt: Any, precision: Precision, sharded: bool 
         processor=encoder.processor,
         checkpoint=ckpt,
         trainable=params,
-        data_fingerprint=data_fingerprint(scanned.rows),
+        data_fingerprint=scanned.rows.fingerprint(),
         has_surgeon_modules=bool(extra["surgeon_modules"]),
         stats={"data": dataset.stats.to_dict(), "trainable_parameters": n_train, "parameters": n_total, **extra},
     )
@@ -194,16 +193,6 @@ def _add_image_lora(model: torch.nn.Module, config: TrainConfig) -> None:
     add_image_lora(model, heads, ImageLoraConfig(rank=config.image_lora_rank, alpha=config.image_lora_alpha))
 
 
-def data_fingerprint(rows: Any) -> str:
-    """What identifies the training data for ``--resume`` and the record: the file's content hash,
-    or the ``datasets`` fingerprint of a saved or Hub dataset."""
-    dataset = getattr(rows, "dataset", None)
-    if dataset is not None and getattr(dataset, "_fingerprint", None) and not str(rows.source).endswith(".parquet"):
-        return str(dataset._fingerprint)[:16]
-    path = Path(rows.source)
-    return file_hash(path) if path.is_file() else str(getattr(dataset, "_fingerprint", rows.source))[:16]
-
-
 IMAGE_LORA_SAMPLE = 256  # samples encoded for Image-LoRA's FLOPs report
 
 
@@ -217,8 +206,7 @@ def _image_lora_report(model: torch.nn.Module, config: TrainConfig, dataset: Any
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     s = base.surgeon.image_lora.settings  # type: ignore[union-attr]
     ids = torch.tensor(visual_token_ids(model.config), dtype=torch.long)
-    found = (i for i in range(len(dataset)) if dataset.scanned.sample(i).images)
-    with_images = list(itertools.islice(found, IMAGE_LORA_SAMPLE)) if len(ids) else []
+    with_images = list(dataset.scanned.with_images[:IMAGE_LORA_SAMPLE]) if len(ids) else []
     encoded = [dataset[i] for i in with_images]
     visual = sum(int(torch.isin(e.input_ids, ids).sum()) for e in encoded)
     if visual == 0:
