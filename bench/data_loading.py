@@ -23,7 +23,7 @@ from pathlib import Path
 
 
 def _model(root: Path) -> Path:
-    from surgeon import tiny
+    from surgeon.demo import tiny
 
     model = root / "vlm-224"
     if not model.exists():

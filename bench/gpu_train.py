@@ -47,12 +47,12 @@ def build(work: Path, tiny: bool, dtype: str) -> dict[str, Path]:
     """The VLM, a same-shaped random LLM, their prior, a head selection (cached under ``work``)."""
     import torch
 
-    from surgeon import tiny as tiny_models
-    from surgeon.heads import HeadScores, write_heads
-    from surgeon.prior import PriorConfig, compute_prior
+    from surgeon.demo import tiny as tiny_models
+    from surgeon.heads.score import HeadScores, write_heads
+    from surgeon.drift.prior import PriorConfig, compute_prior
 
     shape = SHAPE_TINY if tiny else SHAPE_2B
-    from surgeon.iada import IadaConfig, inject_iada
+    from surgeon.modules.iada import IadaConfig, inject_iada
 
     vlm, llm, prior, heads = work / "vlm", work / "llm", work / "prior", work / "heads.json"
     if not (vlm / "config.json").exists():
@@ -78,8 +78,8 @@ def make_data(work: Path, model: Path, seq: int, count: int) -> tuple[Path, int]
     answer text to about ``seq`` tokens; returns the data file and its tokens per sample."""
     from PIL import Image, ImageDraw
 
-    from surgeon.data import load_samples
-    from surgeon.encoding import SampleEncoder
+    from surgeon.data.samples import load_samples
+    from surgeon.data.encoding import SampleEncoder
 
     folder = work / f"data-{seq}"
     folder.mkdir(parents=True, exist_ok=True)

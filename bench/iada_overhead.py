@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from surgeon import modeling_surgeon as modeling
-from surgeon.iada import IadaConfig, add_iada
+from surgeon.modules import modeling_surgeon as modeling
+from surgeon.modules.iada import IadaConfig, add_iada
 
 
 def build(args: argparse.Namespace) -> torch.nn.Module:

@@ -11,7 +11,7 @@ identical weights, base frozen in all of them:
     lora        peft LoRA r=8, α=16 on every layer's v_proj (all tokens)
 
 Adapter FLOPs are measured with torch's FlopCounterMode (forward, and forward+backward) as the
-arm's count minus the base count, and compared with ``surgeon.image_lora.flops_report`` and
+arm's count minus the base count, and compared with ``surgeon.modules.image_lora.flops_report`` and
 METHODS §4's (T_v/T)·(d + H_sel·d_h)/(d + H_kv·d_h). Step time (forward, backward, AdamW) is the
 median over repetitions in rotating order; wall and process CPU time are both printed.
 
@@ -29,7 +29,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from surgeon.image_lora import ImageLoraConfig, add_image_lora, batch_flops
+from surgeon.modules.image_lora import ImageLoraConfig, add_image_lora, batch_flops
 
 HIDDEN, LAYERS, HEADS, KV, HEAD_DIM, VOCAB = 512, 8, 8, 2, 64, 4096
 IMAGE, VIDEO, START, END = 4000, 4001, 4002, 4003

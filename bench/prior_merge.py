@@ -89,8 +89,8 @@ def _specs(config: object, causal_lm: bool) -> list[tuple[str, tuple[int, ...]]]
 def build(folder: Path, config: object, causal_lm: bool, seed: int) -> None:
     import torch
 
-    from surgeon.streaming import row_blocks
-    from surgeon.output import ShardedWriter, TensorSpec, output_folder
+    from surgeon.io.streaming import row_blocks
+    from surgeon.io.output import ShardedWriter, TensorSpec, output_folder
 
     if (folder / "config.json").exists():
         print(f"using {folder}")
@@ -201,7 +201,7 @@ def _fsync_folder(folder: Path) -> None:
 
 def _plan(work: Path, out_bytes: int, names: dict[str, list[str]] | None) -> Path:
     """Byte ranges to read: the named tensors of each model (all when ``names`` is None)."""
-    from surgeon.checkpoint import open_checkpoint
+    from surgeon.io.checkpoint import open_checkpoint
 
     reads = []
     for model in ("vlm", "llm"):
@@ -266,9 +266,9 @@ def _mem_available_gb() -> float:
 
 
 def measure(work: Path, size: str, cold: bool, reference: bool, repeat: int) -> dict:
-    from surgeon.align import align
-    from surgeon.checkpoint import open_checkpoint
-    from surgeon.families import Selection
+    from surgeon.anatomy.align import align
+    from surgeon.io.checkpoint import open_checkpoint
+    from surgeon.anatomy.families import Selection
 
     vlm, llm, out = work / "vlm", work / "llm", work / "out"
     with open_checkpoint(vlm) as v, open_checkpoint(llm) as r:
@@ -280,7 +280,7 @@ def measure(work: Path, size: str, cold: bool, reference: bool, repeat: int) -> 
     me = [sys.executable, __file__]
     cli = [sys.executable, "-c", "from surgeon.commands import main; main()", "-q"]
     cases = {
-        "startup": [sys.executable, "-c", "import torch, surgeon.commands, surgeon.prior, surgeon.merge.engine"],
+        "startup": [sys.executable, "-c", "import torch, surgeon.commands, surgeon.drift.prior, surgeon.merge.engine"],
         "floor-prior": me + ["_floor", str(_plan(work, prior_bytes, prior_names)), str(out)],
         "surgeon-prior": cli + ["prior", "--reasoning", str(llm), "--vlm", str(vlm), "-o", str(out)],
         "reference-prior": me + ["_reference_prior", str(vlm), str(llm), str(out)],

@@ -42,8 +42,8 @@ SIZES = {  # language model shapes; every size keeps the tiny vision tower and t
 
 
 def build(work: Path, size: str) -> tuple[Path, Path]:
-    from surgeon import tiny
-    from surgeon.synthetic import make_dataset
+    from surgeon.demo import tiny
+    from surgeon.demo.synthetic import make_dataset
 
     model, data = work / f"vlm-{size}", work / "data"
     if not (model / "config.json").exists():

@@ -27,7 +27,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _remember(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     if value is not None and not ctx.resilient_parsing:
-        from surgeon.hub import check_can_push
+        from surgeon.hub.client import check_can_push
 
         check_can_push(value)  # bad id, offline, not logged in: fail now, not after the work
     ctx.meta[_KEY] = value
@@ -61,7 +61,7 @@ def push_written(folder: str | Path) -> Any:
     if not repo:
         return None
     from surgeon.errors import HubError, SurgeonError
-    from surgeon.hub import PushConfig, push_folder
+    from surgeon.hub.client import PushConfig, push_folder
 
     try:
         result = push_folder(folder, PushConfig(repo=repo))

@@ -23,7 +23,7 @@ from surgeon.commands._console import err, out, quiet_transformers
     default=None,
     metavar="local|URL",
     help="Push the trained model to a local stand-in of the Hub: 'local' starts one for the demo, a URL names one "
-    "already running (python -m surgeon.hub_standin --port 8999). Default: a dry run that sends nothing.",
+    "already running (python -m surgeon.demo.hub_standin --port 8999). Default: a dry run that sends nothing.",
 )
 def command(workdir: str | None, overwrite: bool, hub: str | None) -> None:
     """Build a tiny VLM, a reasoning LLM and a small dataset, then run every surgeon step on them:
@@ -34,7 +34,7 @@ def command(workdir: str | None, overwrite: bool, hub: str | None) -> None:
 
     Runs on CPU in well under a minute; every step's output stays in the work folder to look at.
     """
-    from surgeon.demo import run_demo
+    from surgeon.demo.pipeline import run_demo
 
     work = workdir or tempfile.mkdtemp(prefix="surgeon-demo-")
     steps = run_demo(work, overwrite=overwrite, hub=hub)

@@ -62,7 +62,7 @@ def command(
     samples were read, used and skipped. A bad line stops the run naming it, unless
     --skip-bad-lines.
     """
-    from surgeon.diagnose import DiagnoseConfig, diagnose
+    from surgeon.perception.diagnose import DiagnoseConfig, diagnose
 
     config = DiagnoseConfig(
         data=data,

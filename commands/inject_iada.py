@@ -69,7 +69,7 @@ def command(
     surgeon.load_model(OUT); without trust_remote_code it loads as the base model. Weight files
     are hard-linked (copied across filesystems); MODEL is never modified.
     """
-    from surgeon.iada import IadaConfig, inject_iada
+    from surgeon.modules.iada import IadaConfig, inject_iada
 
     config = IadaConfig(
         block_size=block_size, rank=rank, depth=_depth(depth), mode=mode, gate=gate, seed=seed  # type: ignore[arg-type]

@@ -22,8 +22,8 @@ def command(checkpoint: str, revision: str | None, as_json: bool) -> None:
     Reads no weights: prints the architecture, sizes, dtype, shards, and parameter counts split
     into language model / vision tower / projector / other.
     """
-    from surgeon.checkpoint import open_checkpoint
-    from surgeon.inspect import inspect_checkpoint
+    from surgeon.io.checkpoint import open_checkpoint
+    from surgeon.anatomy.inspect import inspect_checkpoint
 
     with open_checkpoint(checkpoint, revision) as ckpt:
         report = inspect_checkpoint(ckpt)

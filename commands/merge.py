@@ -55,9 +55,9 @@ def command(
     density and seed, and the several-model forms, are not specified by the papers (surgeon
     defaults).
     """
-    from surgeon.families import parse_layers, parse_modules
+    from surgeon.anatomy.families import parse_layers, parse_modules
     from surgeon.merge.engine import MergeConfig, merge_models
-    from surgeon.output import parse_size
+    from surgeon.io.output import parse_size
 
     config = MergeConfig(
         reasoning=tuple(reasoning), vlm=vlm, output=output, method=method, weight=weight, density=density, seed=seed,

@@ -49,9 +49,9 @@ def command(
     distance and cosine statistics (all of them go to surgeon.json). Training with the prior
     applies the optional normalisation Δ·‖θ_VLM‖/‖Δ‖ itself.
     """
-    from surgeon.families import parse_layers, parse_modules
-    from surgeon.output import parse_size
-    from surgeon.prior import PriorConfig, compute_prior
+    from surgeon.anatomy.families import parse_layers, parse_modules
+    from surgeon.io.output import parse_size
+    from surgeon.drift.prior import PriorConfig, compute_prior
 
     config = PriorConfig(
         reasoning=reasoning, vlm=vlm, output=output, base=base, modules=parse_modules(modules), layers=parse_layers(layers),

@@ -45,14 +45,14 @@ def command(
     push before anything is sent (--dry-run lists them all). surgeon's own records go up with
     local paths written as `local <name>`.
     """
-    from surgeon.hub import PushConfig, push_folder
+    from surgeon.hub.client import PushConfig, push_folder
 
     config = PushConfig(repo, private, revision, message, token, dry_run, overwrite_card)
     result = push_folder(folder, config)
     if as_json:
         emit_json(result.to_dict())
         if result.refused:
-            from surgeon.hub import refusal_error
+            from surgeon.hub.client import refusal_error
 
             raise refusal_error(result.refused)
         return
@@ -73,7 +73,7 @@ def command(
             out.print(f"refused: {path}: {problem}", highlight=False)
         err.print(f"dry run: nothing was sent (would publish to {result.url})", highlight=False)
         if result.refused:
-            from surgeon.hub import refusal_error
+            from surgeon.hub.client import refusal_error
 
             raise refusal_error(result.refused)
     else:

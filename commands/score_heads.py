@@ -9,7 +9,7 @@ from rich.text import Text
 from surgeon.commands._cli import example
 from surgeon.commands._hub import push_to_hub_option, push_written, pushing
 from surgeon.commands._console import emit_json, human_count, out, progress, quiet_transformers
-from surgeon.heads import HeadScores
+from surgeon.heads.score import HeadScores
 
 
 @click.command(
@@ -62,7 +62,7 @@ def command(as_json: bool, **options: object) -> None:
     projection over all tokens, next to the measured visual-token fraction of the probe batches.
     Train the selected heads with `surgeon train MODEL … --image-lora heads.json`.
     """
-    from surgeon.heads import ScoreHeadsConfig, score_heads
+    from surgeon.heads.score import ScoreHeadsConfig, score_heads
 
     config = ScoreHeadsConfig(**options)  # type: ignore[arg-type]
     if pushing() and str(config.output).lower().endswith(".json"):
@@ -100,7 +100,7 @@ def heatmap(result: HeadScores) -> Table:
 
 
 def _summary(r: HeadScores, plot: str | None) -> None:
-    from surgeon.image_lora import count_parameters
+    from surgeon.modules.image_lora import count_parameters
 
     f = r.flops
     how = f"per layer {r.per_layer}" if r.per_layer is not None else f"budget K={r.budget}, τ={r.tau:g}"

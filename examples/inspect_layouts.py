@@ -12,9 +12,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from surgeon import tiny
-from surgeon.checkpoint import open_checkpoint
-from surgeon.inspect import inspect_checkpoint
+from surgeon.demo import tiny
+from surgeon.io.checkpoint import open_checkpoint
+from surgeon.anatomy.inspect import inspect_checkpoint
 
 
 def main(workdir: str | Path) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Write the synthetic VLM dataset surgeon's tests, demo and benchmarks use (``surgeon.synthetic``).
+"""Write the synthetic VLM dataset surgeon's tests, demo and benchmarks use (``surgeon.demo.synthetic``).
 
 Rendered shapes and bar charts with questions, and chain-of-thought answers whose perception part
 is tagged ``<perception>…</perception>``, in TRL, ShareGPT or LLaMA-Factory JSONL. Run:
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from surgeon.synthetic import FORMATS, make_dataset
+from surgeon.demo.synthetic import FORMATS, make_dataset
 
 
 def main(argv: list[str] | None = None) -> Path:

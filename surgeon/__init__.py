@@ -1,8 +1,20 @@
 """surgeon: model surgery for fine-tuning vision-language models.
 
-The library behind the ``surgeon`` command: checkpoint streaming and layouts, DRIFT reasoning
-priors and merge baselines, IADA depth aggregation, Image-LoRA, perception/reasoning reweighting,
-a minimal trainer, and Hub publishing. Each command's work is one function here.
+The library behind the ``surgeon`` command, by concern; each command's work is one function here:
+
+    io/          safetensors, checkpoints (local or Hub) read one tensor at a time, streaming, outputs, records
+    anatomy/     where the language model, vision tower and projector are; tensor families; LLM<->VLM pairs
+    drift/       the DRIFT reasoning prior, its statistics, and the gradient bias
+    merge/       the merge baselines, one file per method
+    modules/     what is injected into models: IADA, Image-LoRA, the remote-code modeling file
+    heads/       head influence scores and the head budget of Image-LoRA
+    perception/  perception/reasoning reweighting, the perception-aware reward, diagnose
+    data/        data sources, samples, encoding with the model's processor
+    training/    the trainer (and DRIFT/reweighting for the transformers Trainer and TRL)
+    hub/         the Hugging Face Hub: client, push, upload checks, model cards
+    demo/        ``surgeon demo``, tiny models, synthetic data, a local Hub stand-in
+
+The methods as implemented are described in ``docs/methods.md``.
 """
 
 from __future__ import annotations
@@ -10,24 +22,28 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from surgeon import _compat
+
 __version__ = "0.1.0"
+
+_compat.install()  # old module paths (``surgeon.prior``, ``surgeon.tiny`` …) import the moved modules
 
 
 def load_model(path: str | Path, **kwargs: Any) -> Any:
     """Load a model folder with its surgeon modules (IADA, …) attached; no remote code needed.
 
-    See ``surgeon.modules.load_model``; ``kwargs`` go to transformers' ``from_pretrained``.
+    See ``surgeon.modules.folders.load_model``; ``kwargs`` go to transformers' ``from_pretrained``.
     """
-    from surgeon.modules import load_model as load
+    from surgeon.modules.folders import load_model as load
 
     return load(path, **kwargs)
 
 
 def __getattr__(name: str) -> Any:
-    """``DriftCallback``, ``PerceptionLoss``, ``PerceptionCollator`` (``surgeon.integrations``), imported
+    """``DriftCallback``, ``PerceptionLoss``, ``PerceptionCollator`` (``surgeon.training.integrations``), imported
     on first use so that ``import surgeon`` stays light."""
     if name in ("DriftCallback", "PerceptionLoss", "PerceptionCollator"):
-        from surgeon import integrations
+        from surgeon.training import integrations
 
         return getattr(integrations, name)
     raise AttributeError(f"module 'surgeon' has no attribute {name!r}")

@@ -39,7 +39,7 @@ class TinyModels:
         self._built: dict[tuple, Path] = {}
 
     def __call__(self, family: str, seed: int = 0, **text) -> Path:
-        from surgeon import tiny
+        from surgeon.demo import tiny
 
         key = (family, seed, tuple(sorted(text.items())))
         if key not in self._built:
@@ -61,7 +61,7 @@ def resave_with_memory_names(src: Path, dst: Path) -> Path:
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    from surgeon.safetensors_io import write_file
+    from surgeon.io.safetensors import write_file
 
     shutil.copytree(src, dst)
     cfg = AutoConfig.from_pretrained(src)
@@ -93,12 +93,12 @@ def llm(tiny_models) -> Path:
 
 @pytest.fixture
 def hub_standin(monkeypatch):
-    """A local stand-in of the Hub's API (``surgeon.hub_standin``) that the real client talks to,
+    """A local stand-in of the Hub's API (``surgeon.demo.hub_standin``) that the real client talks to,
     for uploads and downloads: HF_ENDPOINT points at it, offline mode is off, Xet is off, no token
     is set."""
     from huggingface_hub import constants
 
-    from surgeon.hub_standin import HubStandIn
+    from surgeon.demo.hub_standin import HubStandIn
 
     with HubStandIn() as standin:
         template = standin.url + "/{repo_id}/resolve/{revision}/{filename}"  # downloads: computed from the endpoint at import
@@ -128,8 +128,8 @@ def cli():
 
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory):
-    """The synthetic dataset of ``surgeon.synthetic`` (12 samples, seed 0): ``fmt -> data.jsonl``."""
-    from surgeon.synthetic import make_dataset
+    """The synthetic dataset of ``surgeon.demo.synthetic`` (12 samples, seed 0): ``fmt -> data.jsonl``."""
+    from surgeon.demo.synthetic import make_dataset
 
     root = tmp_path_factory.mktemp("shapes-data")
     made: dict[str, Path] = {}

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from surgeon import tiny
-from surgeon.align import align
-from surgeon.checkpoint import open_checkpoint
+from surgeon.demo import tiny
+from surgeon.anatomy.align import align
+from surgeon.io.checkpoint import open_checkpoint
 from surgeon.errors import AlignmentError, CheckpointError, ConfigError, SelectionError
-from surgeon.families import Selection, family, format_layers, parse_layers, parse_modules, select
-from surgeon.layout import detect_layout
+from surgeon.anatomy.families import Selection, family, format_layers, parse_layers, parse_modules, select
+from surgeon.anatomy.layout import detect_layout
 
 LAYOUTS = [(f, False) for f in tiny.TEXT_PARTNER] + [("qwen2_5_vl", True)]
 
@@ -102,7 +102,7 @@ def test_shape_mismatch_is_an_error_with_examples(tiny_models, vlm):
 def test_no_names_in_common(tmp_path, vlm):
     import torch
 
-    from surgeon.safetensors_io import write_file
+    from surgeon.io.safetensors import write_file
 
     other = tmp_path / "gpt"
     other.mkdir()

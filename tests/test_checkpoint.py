@@ -10,14 +10,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from surgeon.checkpoint import open_checkpoint
+from surgeon.io.checkpoint import open_checkpoint
 from surgeon.errors import CheckpointError, HubError
-from surgeon.output import ShardedWriter, TensorSpec
-from surgeon.safetensors_io import read_header
+from surgeon.io.output import ShardedWriter, TensorSpec
+from surgeon.io.safetensors import read_header
 
 
 def test_headers_give_names_shapes_dtypes_without_reading_data(vlm, monkeypatch):
-    import surgeon.checkpoint as cp
+    import surgeon.io.checkpoint as cp
 
     monkeypatch.setattr(cp, "read_tensor", lambda *a, **k: pytest.fail("data was read"))
     with open_checkpoint(vlm) as ckpt:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from surgeon.data import BadSample, DataStats, ImagePart, load_samples, perception_spans
+from surgeon.data.samples import BadSample, DataStats, ImagePart, load_samples, perception_spans
 from surgeon.errors import ConfigError, DataError
 
 FORMATS = ("trl", "sharegpt", "llamafactory")

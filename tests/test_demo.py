@@ -52,9 +52,9 @@ def test_demo_runs_every_step_and_pushes_to_a_local_stand_in(cli, tmp_path, monk
 
 
 def test_demo_without_a_hub_is_a_dry_run(cli, tmp_path, monkeypatch):
-    import surgeon.hub
+    import surgeon.hub.client
 
-    monkeypatch.setattr(surgeon.hub, "_endpoint", lambda: "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setattr(surgeon.hub.client, "_endpoint", lambda: "http://127.0.0.1:9")  # nothing listens there
     result = cli("demo", "--workdir", tmp_path / "demo")
     assert result.exit_code == 0, result.output
     assert _steps(result) == STEPS and "(dry run)" in result.stdout

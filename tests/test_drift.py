@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from surgeon.drift import Drift, drift_gradient
+from surgeon.drift.bias import Drift, drift_gradient
 from surgeon.errors import ConfigError
 
 
@@ -132,7 +132,7 @@ def test_bad_targets_are_errors():
 @pytest.mark.parametrize("scale", ["absolute", "gradnorm", "adaptive_cosine"])
 def test_clipping_with_drift_norms_matches_torch_clipping(scale):
     """The norms DRIFT derives (‖g'‖² = ‖g‖² − 2k⟨g,Δ⟩ + k²‖Δ‖²) clip exactly as torch does."""
-    from surgeon.drift import clip_grad_norm
+    from surgeon.drift.bias import clip_grad_norm
 
     gen = torch.Generator().manual_seed(1)
     shapes = [(6, 5), (5,), (3, 3)]

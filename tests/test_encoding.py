@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from surgeon.data import BadSample, DataStats, load_samples, parse_record
-from surgeon.encoding import IGNORE_INDEX, EncodedDataset, SampleEncoder, collate, encode_samples
+from surgeon.data.samples import BadSample, DataStats, load_samples, parse_record
+from surgeon.data.encoding import IGNORE_INDEX, EncodedDataset, SampleEncoder, collate, encode_samples
 from surgeon.errors import DataError
-from surgeon.layout import visual_token_mask
+from surgeon.anatomy.layout import visual_token_mask
 
 VLMS = ("qwen2_5_vl", "qwen3_vl", "llava")
 

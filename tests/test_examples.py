@@ -27,7 +27,7 @@ def test_inspect_layouts_example(tmp_path):
 def test_make_dataset_example(tmp_path):
     import json
 
-    from surgeon.synthetic import make_dataset as make
+    from surgeon.demo.synthetic import make_dataset as make
 
     example = load("make_dataset").main
     paths = {fmt: example([str(tmp_path / fmt), "--n", "14", "--seed", "3", "--fmt", fmt]) for fmt in ("trl", "sharegpt", "llamafactory")}

@@ -16,7 +16,7 @@ import torch
 from helpers import logits
 from safetensors.torch import load_file, save_file
 
-from surgeon import tiny
+from surgeon.demo import tiny
 
 FAMILIES = sorted(tiny.PARTNERS)
 
@@ -81,8 +81,8 @@ def test_inspect_places_every_tensor(cli, pair, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prior_pairs_exactly_the_selected_lm_tensors_and_equals_llm_minus_vlm(pair, family, tmp_path):
-    from surgeon.families import family as family_of
-    from surgeon.prior import PriorConfig, compute_prior, open_prior
+    from surgeon.anatomy.families import family as family_of
+    from surgeon.drift.prior import PriorConfig, compute_prior, open_prior
 
     vlm, llm = pair(family)
     result = compute_prior(PriorConfig(reasoning=str(llm), vlm=str(vlm), output=str(tmp_path / "prior")))
@@ -104,7 +104,7 @@ def test_prior_pairs_exactly_the_selected_lm_tensors_and_equals_llm_minus_vlm(pa
 @pytest.mark.parametrize("family", FAMILIES)
 def test_merge_loads_and_runs_and_iada_keeps_the_logits(pair, family, tmp_path):
     import surgeon
-    from surgeon.iada import IadaConfig, inject_iada
+    from surgeon.modules.iada import IadaConfig, inject_iada
     from surgeon.merge.engine import MergeConfig, merge_models
 
     vlm, llm = pair(family)
@@ -134,8 +134,8 @@ def _transposed_experts(src: Path, dst: Path) -> Path:
 
 @pytest.mark.parametrize("orientation", ["memory", "released"])
 def test_fused_moe_experts_pair_with_per_expert_ones_and_drift_biases_them(pair, tmp_path, orientation):
-    from surgeon.drift import Drift
-    from surgeon.prior import PriorConfig, compute_prior
+    from surgeon.drift.bias import Drift
+    from surgeon.drift.prior import PriorConfig, compute_prior
 
     vlm, llm = pair("qwen3_vl_moe")
     if orientation == "released":
@@ -157,7 +157,7 @@ def test_fused_moe_experts_pair_with_per_expert_ones_and_drift_biases_them(pair,
 
 def test_experts_that_cannot_be_paired_stop_with_what_is_unpaired(pair, tiny_models, tmp_path):
     from surgeon.errors import AlignmentError
-    from surgeon.prior import PriorConfig, compute_prior
+    from surgeon.drift.prior import PriorConfig, compute_prior
 
     vlm, _ = pair("qwen3_vl_moe")
     other = tiny.build("qwen3_moe", tmp_path / "narrow-experts", seed=1, moe_intermediate_size=8)  # experts of another width
@@ -169,7 +169,7 @@ def test_experts_that_cannot_be_paired_stop_with_what_is_unpaired(pair, tiny_mod
 def test_cross_attention_layers_are_left_out_and_counted(pair, tmp_path):
     """Llama-3.2-Vision interleaves cross-attention layers: the self-attention layers pair with
     the Llama text model's, the cross-attention ones stay the VLM's own."""
-    from surgeon.prior import PriorConfig, compute_prior
+    from surgeon.drift.prior import PriorConfig, compute_prior
 
     vlm, llm = pair("mllama")
     result = compute_prior(PriorConfig(reasoning=str(llm), vlm=str(vlm), output=str(tmp_path / "prior")))

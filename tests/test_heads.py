@@ -11,8 +11,8 @@ from helpers import assert_one_line_error
 from test_iada import image_batch
 
 from surgeon.errors import ConfigError
-from surgeon.heads import ScoreHeadsConfig, read_heads, score_heads
-from surgeon.selection import allocate_budget, default_budget, select_heads
+from surgeon.heads.score import ScoreHeadsConfig, read_heads, score_heads
+from surgeon.heads.budget import allocate_budget, default_budget, select_heads
 
 
 # ------------------------------------------------------------------------------------ allocation
@@ -69,8 +69,8 @@ def test_gate_probe_scores_are_the_squared_gradient_of_the_visual_value_scale(vl
     """Without the probe: d/dg of L(V[t,h]·(1+g)) at g = 0 is Σ_visual t ⟨∂L/∂V[t,h], V[t,h]⟩."""
     from transformers import AutoModelForImageTextToText
 
-    from surgeon.modeling_surgeon import token_context
-    from surgeon.probes import PROBES
+    from surgeon.modules.modeling_surgeon import token_context
+    from surgeon.heads.probes import PROBES
 
     batch = image_batch(vlm)
 
@@ -127,7 +127,7 @@ def test_gate_probe_ranks_the_planted_head_first_and_rank1_runs(planted, shapes_
 
 # --------------------------------------------------------------------------------------- the CLI
 def test_cli_writes_heads_json_plot_and_a_pushable_folder(cli, vlm, shapes_data, tmp_path):
-    from surgeon.card import build_card
+    from surgeon.hub.card import build_card
 
     data = shapes_data("trl")
     result = cli("score-heads", vlm, "--data", data, "-o", tmp_path / "heads.json", "--steps", "2", "--tau", "0",

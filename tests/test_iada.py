@@ -10,8 +10,8 @@ import torch
 from helpers import logits
 
 from surgeon import load_model
-from surgeon.iada import IadaConfig, add_iada, inject_iada, plan_boundaries, plan_iada
-from surgeon.modules import module_parameters
+from surgeon.modules.iada import IadaConfig, add_iada, inject_iada, plan_boundaries, plan_iada
+from surgeon.modules.folders import module_parameters
 
 VLMS = ["qwen2_5_vl", "qwen3_vl", "llava"]
 

@@ -17,8 +17,8 @@ from test_iada import image_batch, randomise
 
 import surgeon
 from surgeon import load_model
-from surgeon.iada import SHARD, IadaConfig, add_iada, inject_iada
-from surgeon.modules import module_parameters, save_model
+from surgeon.modules.iada import SHARD, IadaConfig, add_iada, inject_iada
+from surgeon.modules.folders import module_parameters, save_model
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -45,7 +45,7 @@ def test_inject_writes_a_standard_model_folder(cli, vlm, tmp_path):
     assert config["surgeon"]["iada"]["boundaries"] == [2, 4] and config["surgeon"]["iada"]["rank"] == 4
     assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_surgeon.SurgeonQwen2_5_VLForConditionalGeneration"
     assert config["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
-    shipped = Path(surgeon.__file__).parent / "modeling_surgeon.py"
+    shipped = Path(surgeon.__file__).parent / "modules" / "modeling_surgeon.py"
     assert (out / "modeling_surgeon.py").read_bytes() == shipped.read_bytes()
     record = json.loads((out / "surgeon.json").read_text())
     assert record["artifact"] == "model+remote-code" and record["config"]["block_size"] == 2

@@ -15,11 +15,11 @@ from test_iada import image_batch, text_batch
 from test_iada_cli import run_without_surgeon
 
 from surgeon import load_model
-from surgeon.heads import HeadScores, write_heads
-from surgeon.iada import IadaConfig, add_iada
-from surgeon.image_lora import ImageLoraConfig, add_image_lora, batch_flops, count_parameters, flops_report
-from surgeon.modeling_surgeon import remove_module
-from surgeon.modules import module_parameters, save_model
+from surgeon.heads.score import HeadScores, write_heads
+from surgeon.modules.iada import IadaConfig, add_iada
+from surgeon.modules.image_lora import ImageLoraConfig, add_image_lora, batch_flops, count_parameters, flops_report
+from surgeon.modules.modeling_surgeon import remove_module
+from surgeon.modules.folders import module_parameters, save_model
 
 VLMS = ["qwen2_5_vl", "qwen3_vl", "llava"]
 HEADS = [[0], [], [0, 1], [1]]  # tiny models: 4 layers, 2 KV heads of size 16, hidden 64
@@ -270,7 +270,7 @@ def test_trains_alone_into_a_folder_that_links_the_base_weights(vlm, data, tmp_p
 
 
 def test_trains_beside_iada_and_through_text_only_batches(tiny_models, data, tmp_path):
-    from surgeon.iada import inject_iada
+    from surgeon.modules.iada import inject_iada
 
     iada = inject_iada(tiny_models("qwen2_5_vl"), tmp_path / "vlm-iada", IadaConfig(block_size=2)).output
     heads = heads_json(tmp_path / "heads", [[1], [1], [], []])  # a folder: heads.json + surgeon.json

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from surgeon.rows import open_rows
+from surgeon.data.rows import open_rows
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,8 @@ def rows(shapes_data):
 
 @pytest.fixture(scope="module")
 def prior(vlm, tmp_path_factory):
-    from surgeon import tiny
-    from surgeon.prior import PriorConfig, compute_prior
+    from surgeon.demo import tiny
+    from surgeon.drift.prior import PriorConfig, compute_prior
 
     root = tmp_path_factory.mktemp("integration-prior")
     reasoning = tiny.build_reasoning_llm(vlm, root / "r1", scale=0.5)
@@ -95,7 +95,7 @@ def _trainers():
 @pytest.mark.parametrize("kind", ["trainer", "sft"])
 def test_drift_callback_alpha_zero_is_the_plain_run_and_alpha_pulls_toward_the_prior(vlm, rows, prior, tmp_path, kind):
     from surgeon import DriftCallback
-    from surgeon.prior import open_prior
+    from surgeon.drift.prior import open_prior
     from surgeon.training.model import lm_parameters
 
     cls, sft = _trainers()[kind]
@@ -144,7 +144,7 @@ def test_perception_loss_counts_both_spans_over_the_step(vlm, rows, tmp_path, ki
     """attach() makes the trainer count each span over the whole step (2 micro-batches here) and
     the loss uses those totals: exactly the token counts of the batches it fetched."""
     from surgeon import PerceptionCollator, PerceptionLoss
-    from surgeon.integrations import split_labels
+    from surgeon.training.integrations import split_labels
 
     cls, sft = _trainers()[kind]
     data, base = rows
@@ -174,8 +174,8 @@ def test_perception_loss_counts_both_spans_over_the_step(vlm, rows, tmp_path, ki
 
 def test_perception_loss_is_the_weighted_span_formula():
     from surgeon import PerceptionLoss
-    from surgeon.integrations import PERCEPTION_OFFSET
-    from surgeon.reweight import combine, span_losses
+    from surgeon.training.integrations import PERCEPTION_OFFSET
+    from surgeon.perception.reweight import combine, span_losses
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 6, 11, generator=gen)

@@ -63,7 +63,7 @@ def test_non_finite_weights_are_an_error_naming_the_tensor(cli, llm, vlm, tmp_pa
 
 
 def test_surgeon_json_is_strict_json_even_for_non_finite_numbers(tmp_path):
-    from surgeon.provenance import build_record, write_record
+    from surgeon.io.provenance import build_record, write_record
 
     path = write_record(tmp_path, build_record("train", "model", {"lr": 1e-5}, {}, {"final": {"loss": float("nan"), "grad_norm": float("inf")}}))
     text = path.read_text()

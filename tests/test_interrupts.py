@@ -16,7 +16,7 @@ from helpers import assert_one_line_error
 SLOW = textwrap.dedent(
     """
     import sys, time
-    import surgeon.output as output
+    import surgeon.io.output as output
     write = output.ShardedWriter.write_rows
     def slow(self, *a, **k):
         time.sleep(float({delay!r}))

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from surgeon.checkpoint import open_checkpoint
+from surgeon.io.checkpoint import open_checkpoint
 from surgeon.errors import LayoutError
-from surgeon.inspect import inspect_checkpoint
-from surgeon.layout import detect_layout, layer_index
+from surgeon.anatomy.inspect import inspect_checkpoint
+from surgeon.anatomy.layout import detect_layout, layer_index
 
 # family -> (LM prefix on disk as transformers saves it, stored head, vision module, projector module)
 FAMILIES = {

@@ -9,9 +9,9 @@ import pytest
 import torch
 from helpers import assert_one_line_error
 
-from surgeon import tiny
-from surgeon.checkpoint import open_checkpoint
-from surgeon.layout import detect_layout, layer_index
+from surgeon.demo import tiny
+from surgeon.io.checkpoint import open_checkpoint
+from surgeon.anatomy.layout import detect_layout, layer_index
 from surgeon.merge import METHODS
 from surgeon.merge.engine import MergeConfig, merge_models
 
@@ -175,11 +175,11 @@ def test_dare_is_seeded_and_independent_of_layout(tmp_path, tiny_models, vlm, re
 def test_results_do_not_depend_on_block_and_tile_size(tmp_path, monkeypatch, vlm, reasoning, reasoning2, method):
     """TIES thresholds come from histograms over all tiles; DARE draws from one generator per
     tensor across tiles: both must give the same bytes however the tensors are cut."""
-    import surgeon.streaming
+    import surgeon.io.streaming
 
     whole = _merge(tmp_path, vlm, [reasoning, reasoning2], method, "whole", density=DENSITY)
-    monkeypatch.setattr(surgeon.streaming, "BLOCK_ELEMENTS", 1000)
-    monkeypatch.setattr(surgeon.streaming, "TILE_ELEMENTS", 300)
+    monkeypatch.setattr(surgeon.io.streaming, "BLOCK_ELEMENTS", 1000)
+    monkeypatch.setattr(surgeon.io.streaming, "TILE_ELEMENTS", 300)
     cut = _merge(tmp_path, vlm, [reasoning, reasoning2], method, "cut", density=DENSITY)
     with open_checkpoint(whole) as a, open_checkpoint(cut) as b:
         assert all(_raw(a, n) == _raw(b, n) for n in a.tensors)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from surgeon.errors import ConfigError, OutputExistsError
-from surgeon.output import ShardedWriter, TensorSpec, output_folder, parse_size, plan_shards
+from surgeon.io.output import ShardedWriter, TensorSpec, output_folder, parse_size, plan_shards
 
 
 def _tensors():
@@ -29,7 +29,7 @@ def _tensors():
 
 
 def _specs(tensors):
-    from surgeon.safetensors_io import DTYPE_CODES
+    from surgeon.io.safetensors import DTYPE_CODES
 
     return [TensorSpec(n, DTYPE_CODES[t.dtype], tuple(t.shape)) for n, t in tensors.items()]
 
@@ -117,7 +117,7 @@ def test_killed_run_leaves_no_complete_looking_folder(tmp_path):
     script = textwrap.dedent(
         f"""
         import os, signal, torch
-        from surgeon.output import ShardedWriter, TensorSpec, output_folder
+        from surgeon.io.output import ShardedWriter, TensorSpec, output_folder
         with output_folder({str(tmp_path / "out")!r}) as tmp:
             with ShardedWriter(tmp, [TensorSpec("a", "F32", (1000,)), TensorSpec("b", "F32", (1000,))], shard_size=4000) as w:
                 w.write("a", torch.ones(1000))
@@ -136,7 +136,7 @@ def test_a_later_run_removes_what_a_killed_run_left_and_says_so(tmp_path, caplog
     script = textwrap.dedent(
         f"""
         import os, signal, torch
-        from surgeon.output import ShardedWriter, TensorSpec, output_folder
+        from surgeon.io.output import ShardedWriter, TensorSpec, output_folder
         with output_folder({str(tmp_path / "out")!r}) as tmp:
             with ShardedWriter(tmp, [TensorSpec("a", "F32", (100000,))], shard_size=10**9) as w:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -159,7 +159,7 @@ def test_a_second_writer_of_the_same_output_fails_at_once_and_a_live_temp_is_unt
     script = textwrap.dedent(
         f"""
         import pathlib, time
-        from surgeon.output import output_folder
+        from surgeon.io.output import output_folder
         with output_folder({str(tmp_path / "out")!r}) as tmp:
             (tmp / "partial").write_text("working")
             pathlib.Path({str(ready)!r}).write_text("1")

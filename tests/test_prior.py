@@ -8,10 +8,10 @@ import pytest
 import torch
 from helpers import assert_one_line_error
 
-from surgeon import tiny
-from surgeon.checkpoint import open_checkpoint
+from surgeon.demo import tiny
+from surgeon.io.checkpoint import open_checkpoint
 from surgeon.errors import CheckpointError
-from surgeon.prior import PriorConfig, compute_prior, open_prior
+from surgeon.drift.prior import PriorConfig, compute_prior, open_prior
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +231,7 @@ def test_open_prior_takes_a_hub_repo_id_through_the_cache(vlm, llm, tmp_path, of
     """A prior pushed to the Hub opens (and trains) by its repo id, offline from the cache."""
     import shutil
 
-    from surgeon.prior import PriorConfig, compute_prior, open_prior
+    from surgeon.drift.prior import PriorConfig, compute_prior, open_prior
 
     compute_prior(PriorConfig(reasoning=str(llm), vlm=str(vlm), output=str(tmp_path / "prior")))
     snap = offline_hub / "hub" / "models--acme--tiny-prior" / "snapshots" / ("c" * 40)

@@ -6,8 +6,8 @@ import json
 from dataclasses import dataclass
 
 from surgeon import __version__
-from surgeon.checkpoint import open_checkpoint
-from surgeon.provenance import build_record, read_record, write_record
+from surgeon.io.checkpoint import open_checkpoint
+from surgeon.io.provenance import build_record, read_record, write_record
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ import yaml
 from helpers import assert_one_line_error
 from safetensors.torch import load_file
 
-from surgeon.output import ShardedWriter, TensorSpec
-from surgeon.provenance import build_record, write_record
-from surgeon.safetensors_io import DTYPE_CODES, write_file
+from surgeon.io.output import ShardedWriter, TensorSpec
+from surgeon.io.provenance import build_record, write_record
+from surgeon.io.safetensors import DTYPE_CODES, write_file
 
 TOKEN = "hf_surgeonStandInToken0123456789abcdefXY"
 VLM = {"source": "Qwen/Qwen2.5-VL-7B-Instruct", "revision": "main", "commit": "a" * 40, "fingerprint": "sha256:" + "1" * 64}
@@ -188,8 +188,8 @@ def _run_snippet(card: str, local: dict[str, Path]) -> dict:
 
 
 def test_load_snippets_load_what_the_folder_holds(outputs):
-    from surgeon.card import build_card, load_snippet
-    from surgeon.provenance import read_record
+    from surgeon.hub.card import build_card, load_snippet
+    from surgeon.io.provenance import read_record
 
     made, models = outputs
     scope = _run_snippet(build_card(made["merge"], "acme/m"), {"acme/m": made["merge"]})
@@ -212,7 +212,7 @@ def test_load_snippets_load_what_the_folder_holds(outputs):
 def test_card_sections_follow_surgeon_json(outputs, tmp_path):
     import torch
 
-    from surgeon.card import build_card, card_metadata, load_snippet
+    from surgeon.hub.card import build_card, card_metadata, load_snippet
 
     made, _ = outputs
     prior = build_card(made["prior"], "acme/p")
@@ -337,7 +337,7 @@ def test_token_or_local_path_stops_the_push(cli, hub_standin, folder, monkeypatc
 def test_hub_errors_are_one_line_and_leave_the_folder_as_it_was(cli, hub_standin, folder, monkeypatch, status, fragments):
     from huggingface_hub import constants
 
-    from surgeon.hub_standin import unreachable_url
+    from surgeon.demo.hub_standin import unreachable_url
 
     src = folder("merge")
     before = snapshot(src)
@@ -420,7 +420,7 @@ def test_timeouts_and_wrapped_errors_translate_to_one_line():
     import httpx2
 
     from surgeon.errors import HubError
-    from surgeon.hub import _translated
+    from surgeon.hub.client import _translated
 
     with pytest.raises(HubError, match=r"acme/x: the Hub at http://h did not answer in time; check the network"):
         with _translated("acme/x", writing=True, endpoint="http://h"):
@@ -440,8 +440,8 @@ def test_library_push_to_an_explicit_endpoint_without_xet_settings(hub_standin, 
     """What ``surgeon demo`` does: push_folder(..., endpoint=standin.url), whatever HF_ENDPOINT says."""
     from huggingface_hub import constants
 
-    from surgeon.hub import PushConfig, push_folder
-    from surgeon.hub_standin import unreachable_url
+    from surgeon.hub.client import PushConfig, push_folder
+    from surgeon.demo.hub_standin import unreachable_url
 
     monkeypatch.setattr(constants, "ENDPOINT", unreachable_url())
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)  # hf_xet is installed: must not be used
@@ -456,9 +456,9 @@ def test_library_push_to_an_explicit_endpoint_without_xet_settings(hub_standin, 
 def test_plan_checks_the_built_card_and_safetensors_metadata(folder):
     import torch
 
-    from surgeon.card import build_card
-    from surgeon.provenance import read_record
-    from surgeon.upload import plan_upload
+    from surgeon.hub.card import build_card
+    from surgeon.io.provenance import read_record
+    from surgeon.hub.upload import plan_upload
 
     src = folder("prior")
     record = read_record(src)

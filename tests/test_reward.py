@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from surgeon.reward import (
+from surgeon.perception.reward import (
     answer_correct,
     extract_answer,
     extract_perception,

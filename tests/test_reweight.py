@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from surgeon.reweight import (
+from surgeon.perception.reweight import (
     PerceptionGradients,
     combine,
     count_span_tokens,
@@ -59,8 +59,8 @@ def test_fixed_lambda_at_token_share_is_plain_cross_entropy():
 def test_fixed_lambda_matches_the_models_own_loss(tiny_models, shapes_data):
     from transformers import AutoModelForImageTextToText
 
-    from surgeon.data import load_samples
-    from surgeon.encoding import SampleEncoder
+    from surgeon.data.samples import load_samples
+    from surgeon.data.encoding import SampleEncoder
 
     encoder = SampleEncoder.from_pretrained(tiny_models("qwen2_5_vl"))
     batch = encoder.collate([encoder.encode(s) for s in load_samples(shapes_data("trl"))[:4]])

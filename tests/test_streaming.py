@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from surgeon.checkpoint import open_checkpoint
-from surgeon.output import ShardedWriter, TensorSpec
-from surgeon.safetensors_io import write_file
-from surgeon.streaming import BlockStream, Copy, Job, compute_threads, row_blocks
+from surgeon.io.checkpoint import open_checkpoint
+from surgeon.io.output import ShardedWriter, TensorSpec
+from surgeon.io.safetensors import write_file
+from surgeon.io.streaming import BlockStream, Copy, Job, compute_threads, row_blocks
 
 
 @pytest.fixture

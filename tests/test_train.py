@@ -144,8 +144,8 @@ def test_iada_with_lora_trains_and_saves_beside_the_adapter(tiny_models, data, t
     """IADA blocks of the model train with LoRA; the adapter folder carries them; merged and
     full outputs are remote-code folders."""
     from surgeon import load_model
-    from surgeon.iada import IadaConfig, inject_iada
-    from surgeon.modules import module_parameters
+    from surgeon.modules.iada import IadaConfig, inject_iada
+    from surgeon.modules.folders import module_parameters
 
     vlm = inject_iada(tiny_models("qwen2_5_vl"), tmp_path / "vlm-iada", IadaConfig(block_size=2)).output
     _run(vlm, data, tmp_path / "lora", max_steps=12, batch_size=4, lr=1e-2)
@@ -169,7 +169,7 @@ def test_iada_with_lora_trains_and_saves_beside_the_adapter(tiny_models, data, t
 
 def test_iada_flag_injects_defaults_and_refuses_a_model_that_has_them(tiny_models, data, tmp_path):
     from surgeon.errors import ConfigError
-    from surgeon.iada import IadaConfig, inject_iada
+    from surgeon.modules.iada import IadaConfig, inject_iada
 
     deep = tiny_models("qwen2_5_vl", num_hidden_layers=8)  # S=7 gives one boundary
     result = _run(deep, data, tmp_path / "a", max_steps=1, iada=True, full=True)
@@ -184,9 +184,9 @@ def test_cards_of_real_train_outputs_say_what_trained_and_how_to_load_it(tiny_mo
     """LoRA on a model with IADA blocks: the adapter carries the trained blocks, which plain peft
     cannot load, so the card says to load it with surgeon; --merge-lora is tagged lora."""
     from surgeon import load_model
-    from surgeon.card import build_card, card_metadata
-    from surgeon.iada import IadaConfig, inject_iada
-    from surgeon.provenance import read_record
+    from surgeon.hub.card import build_card, card_metadata
+    from surgeon.modules.iada import IadaConfig, inject_iada
+    from surgeon.io.provenance import read_record
 
     vlm = inject_iada(tiny_models("qwen2_5_vl"), tmp_path / "vlm-iada", IadaConfig(block_size=2)).output
     monkeypatch.chdir(tmp_path)

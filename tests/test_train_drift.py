@@ -21,8 +21,8 @@ def data(shapes_data):
 
 @pytest.fixture(scope="module")
 def prior(vlm, tmp_path_factory):
-    from surgeon import tiny
-    from surgeon.prior import PriorConfig, compute_prior
+    from surgeon.demo import tiny
+    from surgeon.drift.prior import PriorConfig, compute_prior
 
     root = tmp_path_factory.mktemp("drift")
     reasoning = tiny.build_reasoning_llm(vlm, root / "r1", scale=0.5)
@@ -51,7 +51,7 @@ def test_alpha_zero_is_exactly_plain_sft(vlm, data, prior, tmp_path):
 def test_drift_pulls_the_biased_weights_toward_the_reasoning_model(vlm, data, prior, tmp_path):
     """θ_R = θ_VLM + Δ: after the same step, DRIFT's weights are closer to θ_R than plain SFT's,
     for every biased tensor, and tensors outside the prior move exactly as without DRIFT."""
-    from surgeon.prior import open_prior
+    from surgeon.drift.prior import open_prior
 
     train(_config(vlm, data, tmp_path / "plain", max_steps=1))
     train(_config(vlm, data, tmp_path / "drift", max_steps=1, prior=str(prior), drift_scale="absolute", drift_alpha=1e-2))
@@ -94,8 +94,8 @@ def test_from_prior_takes_the_model_itself(vlm, prior):
     """The entry point for other loops (TRL, your own): ``Drift.from_prior(model, prior)``."""
     from transformers import AutoModelForImageTextToText
 
-    from surgeon.drift import Drift
-    from surgeon.prior import open_prior
+    from surgeon.drift.bias import Drift
+    from surgeon.drift.prior import open_prior
 
     model = AutoModelForImageTextToText.from_pretrained(vlm)
     drift = Drift.from_prior(model, prior)

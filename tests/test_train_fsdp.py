@@ -29,8 +29,8 @@ def data(shapes_data):
 
 @pytest.fixture(scope="module")
 def prior(vlm, tmp_path_factory):
-    from surgeon import tiny
-    from surgeon.prior import PriorConfig, compute_prior
+    from surgeon.demo import tiny
+    from surgeon.drift.prior import PriorConfig, compute_prior
 
     root = tmp_path_factory.mktemp("fsdp-prior")
     reasoning = tiny.build_reasoning_llm(vlm, root / "r1", scale=0.5)
@@ -40,7 +40,7 @@ def prior(vlm, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def iada_vlm(vlm, tmp_path_factory):
-    from surgeon.iada import IadaConfig, inject_iada
+    from surgeon.modules.iada import IadaConfig, inject_iada
 
     return inject_iada(str(vlm), tmp_path_factory.mktemp("fsdp-iada") / "vlm-iada", IadaConfig(block_size=2)).output
 
@@ -91,7 +91,7 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def heads(tmp_path_factory) -> Path:
-    from surgeon.heads import HeadScores, write_heads
+    from surgeon.heads.score import HeadScores, write_heads
 
     selected = [[1], [0, 1], [], [0]]  # the tiny model's 4 layers × 2 KV heads
     scores = [[1.0, 1.0] for _ in selected]

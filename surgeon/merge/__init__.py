@@ -3,7 +3,7 @@
     from surgeon.merge.engine import MergeConfig, merge_models
     merge_models(MergeConfig(reasoning=("./r1",), vlm="./vlm", output="merged", method="ties"))
 
-Every method acts on the VLM's paired language-model tensors only (``surgeon.align``); vision
+Every method acts on the VLM's paired language-model tensors only (``surgeon.anatomy.align``); vision
 tower, projector and unpaired tensors are copied byte for byte. A new method is one file with a
 ``METHOD = MergeMethod(...)`` and one line in ``METHODS`` below.
 """

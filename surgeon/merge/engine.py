@@ -6,7 +6,7 @@
 
 The output holds every tensor of the VLM, under the same names, shapes and dtypes, in the same
 order: selected paired language-model tensors are merged by the method (fp32 arithmetic, streamed
-through ``surgeon.streaming``); every other tensor (vision tower, projector, unpaired or
+through ``surgeon.io.streaming``); every other tensor (vision tower, projector, unpaired or
 unselected LM tensors, the VLM's extra vocabulary rows) is copied byte for byte. Config,
 generation config, tokenizer, processor and chat-template files are copied, so the folder loads
 with ``from_pretrained``. Peak memory is a few blocks of 8M elements whatever the model size;
@@ -27,16 +27,16 @@ from pathlib import Path
 
 import torch
 
-from surgeon.align import Alignment, Pair, align
-from surgeon.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint, open_checkpoint
+from surgeon.anatomy.align import Alignment, Pair, align
+from surgeon.io.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint, open_checkpoint
 from surgeon.errors import ConfigError, SelectionError
-from surgeon.families import Selection, family_examples
-from surgeon.layout import layer_index
+from surgeon.anatomy.families import Selection, family_examples
+from surgeon.anatomy.layout import layer_index
 from surgeon.merge.method import MergeMethod, TensorContext
 from surgeon.merge.sparsify import MagnitudeThresholds, kept_count
-from surgeon.output import DEFAULT_SHARD_SIZE, ShardedWriter, TensorSpec, check_output, output_folder
-from surgeon.provenance import FILE_NAME, build_record, write_record
-from surgeon.streaming import BlockStream, Copy, Job
+from surgeon.io.output import DEFAULT_SHARD_SIZE, ShardedWriter, TensorSpec, check_output, output_folder
+from surgeon.io.provenance import FILE_NAME, build_record, write_record
+from surgeon.io.streaming import BlockStream, Copy, Job
 
 Progress = Callable[[str, int, int], None]
 SKIPPED_FILES = {FILE_NAME, "README.md", INDEX_NAME}

@@ -1,7 +1,7 @@
 """What a merge method is: a function on fp32 tiles of one tensor, and what it needs.
 
 A method never sees files. The merge engine (``surgeon.merge.engine``) streams each paired
-tensor tile by tile (``surgeon.streaming``: rows of one tensor, in order) and calls
+tensor tile by tile (``surgeon.io.streaming``: rows of one tensor, in order) and calls
 ``combine(base, reasoning, ctx)`` with
 
     base       θ_V, the VLM tile (fp32)

@@ -9,7 +9,7 @@ One optimiser step::
     micro-batches : loss = λ·Σ_p ce/N_p + (1−λ)·Σ_r ce/N_r   (λ = N_p/(N_p+N_r) without reweighting:
                     plain token-averaged cross-entropy), backward; DDP syncs on the last one only
     dynamic λ     : ∇L_p and ∇L_r kept apart over the step, summed over ranks, λ from their norms
-    DRIFT         : once, on the accumulated all-reduced gradient   (surgeon.drift)
+    DRIFT         : once, on the accumulated all-reduced gradient   (surgeon.drift.bias)
     clip, AdamW, cosine schedule with warmup
 
 Because every loss is normalised by the global token counts and DRIFT sees the final gradient,
@@ -64,7 +64,7 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
     from accelerate import PartialState
 
     from surgeon.errors import ConfigError, Interrupted
-    from surgeon.output import claim
+    from surgeon.io.output import claim
     from surgeon.training.parallel import deepspeed_requested, return_freed_memory
     from surgeon.training.state import latest_intact
 
@@ -94,15 +94,15 @@ def _train(
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
-    from surgeon.drift import clip_grad_norm
+    from surgeon.drift.bias import clip_grad_norm
     from surgeon.errors import ConfigError
-    from surgeon.output import check_output
-    from surgeon.reweight import PerceptionGradients, combine, count_span_tokens, span_losses
-    from surgeon.shards import is_sharded
+    from surgeon.io.output import check_output
+    from surgeon.perception.reweight import PerceptionGradients, combine, count_span_tokens, span_losses
+    from surgeon.training.shards import is_sharded
     from surgeon.training import setup
     from surgeon.training.config import resolve_precision
     from surgeon.training.model import trainable
-    from surgeon.encoding import CountingCollate
+    from surgeon.data.encoding import CountingCollate
     from surgeon.training.order import MicroBatches, SampleOrder
     from surgeon.training.parallel import Replicated, Sharded, fsdp_requested
     from surgeon.training.tracking import numbers, open_tracker

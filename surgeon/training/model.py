@@ -43,7 +43,7 @@ def language_model(model: torch.nn.Module) -> torch.nn.Module:
 def lm_parameters(model: torch.nn.Module, buffers: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """The language model's parameters under their LM-relative names (``layers.3.mlp.up_proj.weight``,
     ``embed_tokens.weight``, ``norm.weight``, ``lm_head.weight``), the names priors use. As in
-    ``surgeon.layout.Layout``, decoder layers are numbered over the self-attention layers when the
+    ``surgeon.anatomy.layout.Layout``, decoder layers are numbered over the self-attention layers when the
     decoder interleaves cross-attention layers (Llama-3.2-Vision), which become ``cross_layers.N``.
     ``buffers``: also the persistent buffers (e.g. DeepSeek-V3's router correction bias), which
     checkpoints store beside the weights."""

@@ -152,7 +152,7 @@ class Sharded:
             param_dtype=getattr(torch, p.compute) if mixed else None,
             reduce_dtype=torch.float32 if mixed or p.master != "float32" else None,
         )
-        from surgeon.modules import module_parameters
+        from surgeon.modules.folders import module_parameters
 
         root = model.get_base_model() if hasattr(model, "get_base_model") else model
         vision = {id(q): q for path in vision_modules(model) for q in model.get_submodule(path).parameters()}

@@ -94,7 +94,7 @@ def plan_memory(
     (LoRA, IADA, Image-LoRA, full, --train-vision), so the parameter counts are exact."""
     import torch
 
-    from surgeon.modules import module_parameters
+    from surgeon.modules.folders import module_parameters
     from surgeon.training.model import language_model, lm_parameters, vision_modules
     from surgeon.training.setup import build_model
 
@@ -203,14 +203,14 @@ def _delta_bytes(prior: str, params: dict[str, Any], size: Any) -> tuple[int, in
 
 
 def _prior_record(prior: str) -> dict:
-    from surgeon.checkpoint import REPO_ID
-    from surgeon.provenance import FILE_NAME
+    from surgeon.io.checkpoint import REPO_ID
+    from surgeon.io.provenance import FILE_NAME
 
     path = Path(prior)
     if path.is_dir():
         file = path / FILE_NAME
     elif REPO_ID.match(prior):
-        from surgeon.hub import download_file
+        from surgeon.hub.client import download_file
 
         file = Path(download_file(prior, FILE_NAME))
     else:
@@ -228,7 +228,7 @@ def device_budget(given: str | None, device: Any, processes: int) -> tuple[int, 
     """The memory one process may use, and where the figure comes from: ``--gpu-memory``, the
     GPU's memory, or on the CPU the memory available to this machine's processes (None when
     unknown)."""
-    from surgeon.output import parse_size
+    from surgeon.io.output import parse_size
 
     if given:
         return parse_size(given, "gpu_memory"), "budget (--gpu-memory)"
@@ -258,8 +258,8 @@ def plan_for(config: TrainConfig, processes: int, device: str = "cuda") -> Memor
     """``surgeon train --dry-run``: the plan from ``config.model``'s config.json alone (a folder
     holding just a config works; for a Hub id only config.json is fetched), for a GPU with bf16
     unless ``--mixed-precision`` says otherwise, checked against ``--gpu-memory`` if given."""
-    from surgeon.iada import _load_config
-    from surgeon.output import parse_size
+    from surgeon.modules.iada import _load_config
+    from surgeon.io.output import parse_size
     from surgeon.training.config import resolve_precision
 
     model_config = _load_config(config.model, None)

@@ -11,15 +11,15 @@ from typing import Any
 import torch
 
 from surgeon.errors import ConfigError
-from surgeon.iada import IadaConfig, add_iada
-from surgeon.modules import (
+from surgeon.modules.iada import IadaConfig, add_iada
+from surgeon.modules.folders import (
     load_model,
     module_parameters,
     write_adapter_modules,
     write_model,
     write_module_folder,
 )
-from surgeon.provenance import file_hash
+from surgeon.io.provenance import file_hash
 from surgeon.training.config import Precision, TrainConfig
 from surgeon.training.model import apply_lora, set_trainable, trainable
 
@@ -29,10 +29,10 @@ class Run:
     """Everything the loop needs, built from a TrainConfig."""
 
     model: torch.nn.Module
-    dataset: Any  # surgeon.encoding.EncodedDataset
+    dataset: Any  # surgeon.data.encoding.EncodedDataset
     collate: Callable[[list[Any]], dict[str, torch.Tensor]]
     processor: Any
-    checkpoint: Any  # surgeon.checkpoint.Checkpoint of the model
+    checkpoint: Any  # surgeon.io.checkpoint.Checkpoint of the model
     trainable: dict[str, torch.nn.Parameter]
     data_fingerprint: str
     has_surgeon_modules: bool
@@ -41,21 +41,21 @@ class Run:
 
 def check_inputs(config: TrainConfig) -> Any:
     """Fail fast, before anything slow, on inputs that cannot work; returns the model checkpoint."""
-    from surgeon.checkpoint import open_checkpoint
+    from surgeon.io.checkpoint import open_checkpoint
     from surgeon.errors import DataError
 
-    from surgeon.rows import looks_like_hub_dataset
+    from surgeon.data.rows import looks_like_hub_dataset
 
     if not Path(config.data).exists() and not looks_like_hub_dataset(config.data):  # type: ignore[arg-type]
         raise DataError(config.data, "no such file", "give a .jsonl or .parquet file, a save_to_disk folder, or a Hub dataset id")  # type: ignore[arg-type]
     if config.prior:
-        from surgeon.prior import open_prior
+        from surgeon.drift.prior import open_prior
 
         open_prior(config.prior).close()
     ckpt = open_checkpoint(config.model)
     if config.image_lora:
-        from surgeon.heads import read_heads
-        from surgeon.layout import config_value, text_config
+        from surgeon.heads.score import read_heads
+        from surgeon.anatomy.layout import config_value, text_config
 
         layers = config_value(text_config(ckpt.config), "num_hidden_layers")
         selected = read_heads(config.image_lora, "image_lora").selected
@@ -74,8 +74,8 @@ def prepare(config: TrainConfig, ckpt: Any, precision: Precision, sharded: bool 
     ``sharded``: the model is loaded in the checkpoint's own dtype (memory-mapped, so a process
     reads only the rows it keeps) and cast unit by unit when FSDP shards it; otherwise every
     parameter is cast to the precision policy here."""
-    from surgeon.data import scan_samples
-    from surgeon.encoding import LazyDataset, SampleEncoder
+    from surgeon.data.samples import scan_samples
+    from surgeon.data.encoding import LazyDataset, SampleEncoder
 
     config.require_io()
     scanned = scan_samples(config.data, config.perception_regex, skip_bad=config.skip_bad_lines)  # type: ignore[arg-type]
@@ -153,7 +153,7 @@ def empty_model(model_config: dict) -> torch.nn.Module:
     """A model of a config.json dict on the meta device: shapes, names and no memory."""
     from transformers import AutoConfig
 
-    from surgeon import modeling_surgeon as modeling
+    from surgeon.modules import modeling_surgeon as modeling
 
     config = AutoConfig.for_model(**model_config)
     architectures = getattr(config, "architectures", None) or []
@@ -180,8 +180,8 @@ def cast_parameters(params: Any, precision: Precision) -> None:
 
 def _add_image_lora(model: torch.nn.Module, config: TrainConfig) -> None:
     """Attach Image-LoRA for the heads of ``config.image_lora``."""
-    from surgeon.heads import read_heads
-    from surgeon.image_lora import ImageLoraConfig, add_image_lora
+    from surgeon.heads.score import read_heads
+    from surgeon.modules.image_lora import ImageLoraConfig, add_image_lora
 
     if module_parameters(model, "image_lora"):
         raise ConfigError(
@@ -200,8 +200,8 @@ def _image_lora_report(model: torch.nn.Module, config: TrainConfig, dataset: Any
     """Image-LoRA's statistics, with the FLOPs report over the first ``IMAGE_LORA_SAMPLE`` samples
     that have images (tokens and visual tokens; encoding them all would read every image); an
     error when the data has no visual token to adapt."""
-    from surgeon.image_lora import count_parameters, flops_report
-    from surgeon.modeling_surgeon import visual_token_ids
+    from surgeon.modules.image_lora import count_parameters, flops_report
+    from surgeon.modules.modeling_surgeon import visual_token_ids
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     s = base.surgeon.image_lora.settings  # type: ignore[union-attr]
@@ -226,7 +226,7 @@ def drift_for(run: Run, config: TrainConfig) -> Any:
     each rank holding only the rows of its shards when the model is sharded."""
     if not config.prior:
         return None
-    from surgeon.drift import Drift
+    from surgeon.drift.bias import Drift
 
     return Drift.from_prior(run.model, config.prior, alpha=config.drift_alpha, scale=config.drift_scale, normalize=config.drift_normalize)
 
@@ -286,8 +286,8 @@ def output_model(run: Run, model: torch.nn.Module, config: TrainConfig, precisio
 def save_output(run: Run, model: torch.nn.Module, config: TrainConfig, stats: dict, metrics: Path) -> Path:
     """Write the final folder: a peft adapter, a merged model, or full weights; plus the
     processor, ``metrics.jsonl`` and ``surgeon.json``."""
-    from surgeon.output import output_folder
-    from surgeon.provenance import build_record, write_record
+    from surgeon.io.output import output_folder
+    from surgeon.io.provenance import build_record, write_record
 
     with output_folder(config.output, overwrite=config.overwrite) as tmp:
         if config.full or config.merge_lora:
@@ -317,7 +317,7 @@ def save_output(run: Run, model: torch.nn.Module, config: TrainConfig, stats: di
         if config.prior:
             inputs["prior"] = {"source": config.prior}
         if config.image_lora:
-            from surgeon.heads import heads_file
+            from surgeon.heads.score import heads_file
 
             inputs["heads"] = {"source": config.image_lora, "sha256": file_hash(heads_file(config.image_lora))}
         write_record(tmp, build_record("train", artifact, config, inputs, stats))

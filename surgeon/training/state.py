@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from surgeon.errors import CheckpointError, ConfigError
-from surgeon.output import output_folder
-from surgeon.safetensors_io import write_file
-from surgeon.shards import local
+from surgeon.io.output import output_folder
+from surgeon.io.safetensors import write_file
+from surgeon.training.shards import local
 
 STATE_FILE = "state.json"
 
@@ -138,7 +138,7 @@ def checkpoint_problem(folder: Path) -> str | None:
     """What is wrong with a checkpoint folder (``"rng.safetensors: is truncated …"``), or None when
     it is intact: state.json readable with every field, and every tensor file it needs (each
     rank's for a sharded one) present with a valid header."""
-    from surgeon.safetensors_io import FormatError, read_header
+    from surgeon.io.safetensors import FormatError, read_header
 
     folder = Path(folder)
     try:

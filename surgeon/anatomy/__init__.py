@@ -1,0 +1,4 @@
+"""Where things are in a model: the language model, vision tower and projector (``layout``), tensor
+families and selections (``families``), mixture-of-experts layouts (``experts``), LLM<->VLM name
+pairing (``align``) and the ``surgeon inspect`` report (``inspect``).
+"""

@@ -1,0 +1,248 @@
+"""Checkpoints: a local folder or a Hub repo id, read one tensor at a time.
+
+    ckpt = open_checkpoint("Qwen/Qwen2.5-VL-7B-Instruct")       # or a local folder
+    ckpt.tensors["lm_head.weight"].shape                         # names, shapes, dtypes: no data read
+    w = ckpt.read("model.layers.0.mlp.up_proj.weight")           # one tensor, fresh CPU memory
+
+Single-file (``model.safetensors``) and sharded (``model.safetensors.index.json``) checkpoints are
+read; pickle-only checkpoints (``pytorch_model.bin``, ``*.pt``) are refused and never unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from surgeon.errors import CheckpointError
+from surgeon.io.safetensors import FormatError, TensorInfo, read_header, read_into, read_tensor
+
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+PINNED = re.compile(r"^([A-Za-z0-9][\w.-]*/[\w.-]+)@([\w./-]+)$")  # org/name@revision
+
+
+_SCALE_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".qweight", ".scales", ".qzeros", ".SCB")
+
+
+class Checkpoint:
+    """An opened checkpoint folder. Cheap to create: only headers and JSON are read.
+
+    Attributes:
+        path: the local folder (a Hub snapshot folder for repo ids).
+        source: what the user gave (path or repo id), recorded as is in ``surgeon.json``.
+        revision: the revision asked for (repo ids only).
+        commit: the resolved commit hash (repo ids only).
+        config: ``config.json`` as a dict (empty when the folder has none).
+        tensors: every tensor's ``TensorInfo``, in file and data order.
+        files: the safetensors files, in order.
+    """
+
+    def __init__(self, path: Path, source: str | None = None, revision: str | None = None, commit: str | None = None):
+        self.path = Path(path)
+        self.source = source if source is not None else str(path)
+        self.revision = revision
+        self.commit = commit
+        self._handles: dict[str, BinaryIO] = {}
+        self._lock = threading.Lock()
+        self.config = self._load_config()
+        self.files, self.tensors, self.index_metadata = self._scan()
+
+    # ----------------------------------------------------------------- discovery
+    def _load_config(self) -> dict:
+        cfg = self.path / "config.json"
+        if not cfg.exists():
+            return {}
+        try:
+            data = json.loads(cfg.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(self.source, f"config.json is not valid JSON ({e})", "restore the file from the original model") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(self.source, "config.json is not a JSON object", "restore the file from the original model")
+        return data
+
+    def _scan(self) -> tuple[list[str], dict[str, TensorInfo], dict]:
+        index = self.path / INDEX_NAME
+        if index.exists():
+            try:
+                data = json.loads(index.read_text())
+                weight_map: dict[str, str] = data["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+                raise CheckpointError(self.source, f"{INDEX_NAME} is not a valid index", "restore it from the original model") from None
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (self.path / f).is_file()]
+            if missing:
+                raise CheckpointError(
+                    self.source,
+                    f"{INDEX_NAME} names {len(missing)} shard(s) that are missing, e.g. {missing[0]}",
+                    "download the missing shards again",
+                )
+            metadata = data.get("metadata") or {}
+        else:
+            files = sorted(p.name for p in self.path.glob("*.safetensors"))
+            weight_map, metadata = {}, {}
+        if not files:
+            self._raise_no_weights()
+        tensors: dict[str, TensorInfo] = {}
+        for name in files:
+            try:
+                found, _ = read_header(self.path / name, name)
+            except FormatError as e:
+                raise CheckpointError(self.source, f"{name} {e}", "download or copy this file again") from None
+            except OSError as e:
+                raise CheckpointError(self.source, f"cannot read {name} ({e.strerror})", "check the file's permissions") from None
+            for t, info in found.items():
+                if weight_map and weight_map.get(t) != name:
+                    continue  # stray tensors in a shard the index does not point to
+                tensors[t] = info
+        absent = [t for t in weight_map if t not in tensors]
+        if absent:
+            raise CheckpointError(
+                self.source,
+                f"{INDEX_NAME} lists {len(absent)} tensor(s) missing from their shard, e.g. {absent[0]}",
+                "download the shards again",
+            )
+        return files, tensors, metadata
+
+    def _raise_no_weights(self) -> None:
+        pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise CheckpointError(
+                self.source,
+                f"holds only pickle weights ({', '.join(pickles[:3])}); surgeon never unpickles files",
+                "convert the checkpoint to safetensors with a tool you trust, or use a safetensors revision",
+            )
+        raise CheckpointError(
+            self.source, "has no safetensors weights (no *.safetensors files)", "point at a model folder that holds model.safetensors"
+        )
+
+    # ----------------------------------------------------------------- reading
+    def read(self, name: str, rows: int | None = None, start: int = 0) -> torch.Tensor:
+        """Read one tensor, or ``rows`` of its rows from row ``start`` on (default: the first
+        ``rows``), into fresh CPU memory in its stored dtype."""
+        info = self.tensors[name]
+        try:
+            return read_tensor(self.handle(info.file), info, rows, start)
+        except FormatError as e:
+            raise CheckpointError(self.source, f"{info.file} {e}", "download or copy this file again") from None
+
+    def read_into(self, name: str, out: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Fill ``out`` (contiguous, stored dtype) with rows ``start .. start + len(out)`` of a
+        tensor: the allocation-free read that block streaming uses."""
+        info = self.tensors[name]
+        try:
+            return read_into(self.handle(info.file), info, out, start)
+        except FormatError as e:
+            raise CheckpointError(self.source, f"{info.file} {e}", "download or copy this file again") from None
+
+    def handle(self, file: str) -> BinaryIO:
+        """The open binary handle of one of ``files`` (opened once, closed by ``close()``)."""
+        with self._lock:  # block streaming reads on background threads
+            f = self._handles.get(file)
+            if f is None:
+                f = self._handles[file] = open(self.path / file, "rb")
+            return f
+
+    def iter_tensors(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, tensor)`` one at a time, in on-disk order (sequential reads)."""
+        wanted = self.tensors if names is None else set(names)
+        for name in self.tensors:
+            if name in wanted:
+                yield name, self.read(name)
+
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
+        self._handles.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- identity
+    @property
+    def dtype(self) -> str:
+        """The dtype code most parameters are stored in (e.g. ``"BF16"``)."""
+        counts: dict[str, int] = {}
+        for info in self.tensors.values():
+            counts[info.dtype] = counts.get(info.dtype, 0) + info.numel
+        return max(counts, key=counts.__getitem__)
+
+    @property
+    def quantization(self) -> str | None:
+        """The quantization method (``"fp8"``, ``"bitsandbytes"`` …) when the weights are stored
+        quantized: a ``quantization_config`` in config.json, or 8-bit/4-bit tensors with scales."""
+        for cfg in (self.config, *(v for v in self.config.values() if isinstance(v, dict))):
+            quant = cfg.get("quantization_config")
+            if isinstance(quant, dict):
+                return str(quant.get("quant_method") or "unknown method")
+        for info in self.tensors.values():
+            if info.dtype.startswith("F8") or info.name.endswith(_SCALE_SUFFIXES):
+                return "fp8" if info.dtype.startswith("F8") else "unknown method"
+        return None
+
+    def fingerprint(self) -> str:
+        """A content hash of config.json and every tensor's name, dtype, shape and byte range.
+
+        It changes when the architecture or any stored tensor's layout changes; it does not read
+        tensor data, so it is instant on any size of model.
+        """
+        h = hashlib.sha256()
+        cfg = self.path / "config.json"
+        if cfg.exists():
+            h.update(cfg.read_bytes())
+        for info in self.tensors.values():
+            h.update(f"{info.name}|{info.dtype}|{info.shape}|{info.file}|{info.start}|{info.end}\n".encode())
+        return "sha256:" + h.hexdigest()
+
+    def describe(self) -> dict:
+        """How this input is recorded in ``surgeon.json``: as given, plus revision or content hash."""
+        out: dict[str, str] = {"source": self.source}
+        if self.commit:
+            out["revision"] = self.revision or "main"
+            out["commit"] = self.commit
+        out["fingerprint"] = self.fingerprint()
+        return out
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.source!r}, {len(self.tensors)} tensors in {len(self.files)} file(s))"
+
+
+def open_checkpoint(source: str | Path, revision: str | None = None) -> Checkpoint:
+    """Open a local folder, or resolve a Hub repo id (``org/name``, or ``org/name@revision`` to
+    pin a branch, tag or commit) through the Hub cache.
+
+    Repo ids download only config, safetensors and processor/tokenizer files, use the
+    huggingface_hub cache, and honour ``HF_HOME`` and ``HF_HUB_OFFLINE``.
+    """
+    text = str(source)
+    if not text.strip():
+        raise CheckpointError("checkpoint", "the path is empty", "give a model folder or a Hub repo id (org/name)")
+    path = Path(text).expanduser()
+    pinned = PINNED.match(text)
+    if pinned and not path.exists():
+        if revision and revision != pinned.group(2):
+            raise CheckpointError(text, f"names revision {pinned.group(2)} and --revision {revision}", "give one of them")
+        text, revision = pinned.group(1), pinned.group(2)
+        path = Path(text)
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(text, "is a file, not a model folder", "pass the folder that holds config.json and the weights")
+        if revision:
+            raise CheckpointError(text, "is a local folder, so a revision cannot apply", "drop --revision for local folders")
+        return Checkpoint(path, text)
+    if REPO_ID.match(text) and not text.startswith("."):
+        from surgeon.hub import client as hub
+
+        folder, commit = hub.download_checkpoint(text, revision)
+        return Checkpoint(Path(folder), text, revision, commit)
+    raise CheckpointError(text, "no such folder", "check the path, or give a Hub repo id as org/name")

@@ -1,0 +1,180 @@
+"""DRIFT and perception/reasoning weighting inside the Hugging Face Trainer and TRL's SFTTrainer.
+
+    from surgeon import DriftCallback, PerceptionCollator, PerceptionLoss
+
+    collator = PerceptionCollator("Qwen/Qwen2.5-VL-7B-Instruct", max_length=4096)   # <perception> tags -> masks
+    loss = PerceptionLoss(0.3)                                                     # λ·L_p + (1−λ)·L_r
+    trainer = SFTTrainer(model=model, args=SFTConfig(..., remove_unused_columns=False,
+                                                     dataset_kwargs={"skip_prepare_dataset": True}),
+                         train_dataset=rows, data_collator=collator,
+                         callbacks=[DriftCallback("prior/", alpha=1.0, scale="adaptive_cosine")])
+    loss.attach(trainer)
+    trainer.train()
+
+``DriftCallback`` builds Δ at train begin, from the model the trainer trains, on its parameters'
+devices (after the trainer placed or sharded the model), and bends the accumulated gradient once
+per optimiser step (``on_pre_optimizer_step``), before clipping: it takes over the trainer's
+``max_grad_norm`` (set to 0 while training, restored at the end) and clips after DRIFT with the
+same norm. With ``alpha == 0`` it changes nothing at all. Not for fp16 loss scaling (bf16 or fp32).
+
+``PerceptionCollator`` turns rows in the TRL ``messages`` (+ ``images``) or ShareGPT layout, with
+``<perception>`` tags or a ``perception_regex``, into batches with the model's processor and chat
+template (as ``surgeon train`` encodes them); the perception flag travels inside ``labels``
+(``PERCEPTION_OFFSET`` is added to perception tokens' ids) because the trainer passes only
+``labels`` to its loss. ``PerceptionLoss`` (a ``compute_loss_func``) decodes them and normalises each
+span by its token count over the whole optimiser step and all processes, as ``surgeon train``
+does; ``attach`` makes the trainer count both spans when it counts ``num_items_in_batch``.
+Dynamic λ needs two backward passes per micro-batch: use ``surgeon train --perception-weight
+dynamic`` for it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from surgeon.drift.bias import SCALES, Drift, clip_grad_norm
+from surgeon.errors import ConfigError
+from surgeon.perception.reweight import IGNORE_INDEX, combine, span_losses
+
+PERCEPTION_OFFSET = 1 << 40  # added to a perception token's label id (ids stay far below it)
+
+
+class DriftCallback(TrainerCallback):
+    """DRIFT for ``transformers.Trainer`` / ``trl.SFTTrainer`` (see the module docstring)."""
+
+    def __init__(self, prior: str | Path, alpha: float = 1.0, scale: str = "adaptive_cosine", normalize: bool = True) -> None:
+        if scale not in SCALES:
+            raise ConfigError("drift_scale", f"unknown scale {scale!r}", f"choose one of {', '.join(SCALES)}")
+        if not alpha >= 0:
+            raise ConfigError("drift_alpha", f"must be a finite number ≥ 0, got {alpha}")
+        self.prior, self.alpha, self.scale, self.normalize = prior, float(alpha), scale, normalize
+        self.drift: Drift | None = None
+        self.max_grad_norm: float | None = None
+        self.params: list[torch.nn.Parameter] = []
+        self.last: Any = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if self.alpha == 0:
+            return
+        if getattr(args, "fp16", False):
+            raise ConfigError("drift", "DRIFT acts on unscaled gradients, and fp16 training scales them", "train in bf16 or fp32")
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.drift = Drift.from_prior(base, self.prior, alpha=self.alpha, scale=self.scale, normalize=self.normalize)
+        if not any(p.requires_grad for p in self.drift.params):
+            raise ConfigError(
+                "drift", "none of the weights the prior biases trains", "train the language model's full weights (not a LoRA adapter)"
+            )
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if args.max_grad_norm and args.max_grad_norm > 0:  # clip after DRIFT, not before it
+            self.max_grad_norm, args.max_grad_norm = args.max_grad_norm, 0.0
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.drift is None:
+            return
+        self.last = self.drift.apply(norms_of=self.params if self.max_grad_norm else ())
+        if self.max_grad_norm:
+            clip_grad_norm(self.params, self.max_grad_norm, self.last.total_norm)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if logs is not None and self.last is not None and "loss" in logs:
+            logs["drift_coefficient"] = self.last.mean_coefficient
+            logs["drift_tensors"] = self.last.biased
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.max_grad_norm:
+            args.max_grad_norm, self.max_grad_norm = self.max_grad_norm, None
+
+
+def split_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(labels, perception mask)`` from labels that carry the perception flag (``PERCEPTION_OFFSET``)."""
+    mask = labels >= PERCEPTION_OFFSET
+    return torch.where(mask, labels - PERCEPTION_OFFSET, labels), mask
+
+
+class PerceptionLoss:
+    """``compute_loss_func``: ``λ·L_p + (1−λ)·L_r`` with each span normalised by its tokens in the
+    whole optimiser step (all micro-batches, all processes). ``attach(trainer)`` installs it; a
+    trainer given it only as ``compute_loss_func`` would never see the perception flags, so the
+    loss refuses to run unattached."""
+
+    def __init__(self, lam: float) -> None:
+        if not 0.0 <= float(lam) <= 1.0:
+            raise ConfigError("perception_weight", f"must lie in [0, 1], got {lam}")
+        self.lam = float(lam)
+        self.counts: tuple[int, int] | None = None
+        self.attached = False
+
+    def attach(self, trainer: Any) -> Any:
+        """Use this loss in ``trainer`` and count each span over every optimiser step (the trainer's
+        ``PerceptionCollator`` then carries the perception flag in the labels); returns the trainer."""
+        trainer.compute_loss_func = self
+        self.attached = True
+        if isinstance(trainer.data_collator, PerceptionCollator):
+            trainer.data_collator.carry_perception = True
+        fetch = trainer.get_batch_samples
+
+        def get_batch_samples(epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+            batches, num_items = fetch(epoch_iterator, num_batches, device)
+            counts = torch.zeros(2, dtype=torch.long)
+            for batch in batches:
+                labels, mask = split_labels(batch["labels"][..., 1:])
+                supervised = labels != IGNORE_INDEX
+                counts += torch.stack([(mask & supervised).sum(), (~mask & supervised).sum()]).cpu()
+            if trainer.args.average_tokens_across_devices and trainer.args.world_size > 1:
+                counts = trainer.accelerator.gather(counts.to(device)).view(-1, 2).sum(0).cpu()
+            self.counts = (int(counts[0]), int(counts[1]))
+            return batches, num_items
+
+        trainer.get_batch_samples = get_batch_samples
+        return trainer
+
+    def __call__(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+        if not self.attached and self.counts is None:
+            raise ConfigError("PerceptionLoss", "is not attached to the trainer, so no label carries the perception span", "call loss.attach(trainer) before trainer.train()")
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        labels, mask = split_labels(labels.to(logits.device))
+        losses = span_losses(logits, labels, mask, totals=self.counts)
+        return combine(losses, self.lam)
+
+
+class PerceptionCollator:
+    """``data_collator`` for rows in the layouts ``surgeon train`` reads (TRL ``messages`` + ``images``,
+    ShareGPT), as a ``datasets.Dataset`` gives them: images as PIL images, bytes or paths (relative to
+    ``base``). Returns ``model(**batch)`` inputs; with ``carry_perception`` (set by
+    ``PerceptionLoss.attach``) the ``labels`` carry the perception flag, which only PerceptionLoss
+    reads (a model's own loss would see out-of-range ids)."""
+
+    def __init__(
+        self, model: str | Path | Any, max_length: int | None = 2048, perception_regex: str | None = None, base: str | Path = "."
+    ) -> None:
+        import re
+
+        from surgeon.data.encoding import SampleEncoder
+
+        self.encoder = model if isinstance(model, SampleEncoder) else SampleEncoder.from_pretrained(model, max_length=max_length)
+        self.pattern = re.compile(perception_regex) if perception_regex else None
+        self.base = Path(base).resolve()
+        self.carry_perception = False
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        from surgeon.data.samples import parse_record
+        from surgeon.data.encoding import TooLong
+
+        items = []
+        for i, row in enumerate(rows):
+            sample = parse_record(row, self.base, self.pattern, i + 1, "batch")
+            try:
+                items.append(self.encoder.encode(sample))
+            except TooLong:
+                continue
+        if not items:
+            raise ConfigError("max_length", "every sample of the batch is longer than max_length allows", "raise max_length")
+        batch = self.encoder.collate(items)
+        mask = batch.pop("perception_mask")
+        if self.carry_perception:
+            batch["labels"] = torch.where(mask, batch["labels"] + PERCEPTION_OFFSET, batch["labels"])
+        return batch
