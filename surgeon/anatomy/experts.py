@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from surgeon.io.safetensors import TensorInfo
+from surgeon.io.header import DTYPE_SIZES, TensorInfo
 
 _FUSED = re.compile(r"^(?P<base>.*\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
 _PER_EXPERT = re.compile(r"^(?P<base>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
@@ -134,7 +134,7 @@ def _swapped(rel: str, lrel: dict[str, str], llm: Any, info: TensorInfo) -> bool
 
 def _virtual_info(info: TensorInfo, dtype: str) -> TensorInfo:
     """``info``'s name and shape with another dtype, as a tensor stored nowhere."""
-    nbytes = info.numel * torch.empty((), dtype=TensorInfo("", dtype, (), "", 0, 0).torch_dtype).element_size()
+    nbytes = info.numel * DTYPE_SIZES[dtype]
     return replace(info, dtype=dtype, file="(virtual)", start=0, end=nbytes)
 
 

@@ -20,16 +20,15 @@ to its snapshot in the cache.
 from __future__ import annotations
 
 import json
-import re
 from array import array
 from pathlib import Path
 from typing import Any
 
 from surgeon.errors import DataError
+from surgeon.hub.ids import DATASET
 
 MAX_LINE_BYTES = 8 * 2**20  # a JSONL line (one sample) longer than this is a bad line (surgeon's limit)
 MAX_ARRAY_BYTES = 2**30  # a JSON-array file is parsed whole: larger ones must be JSONL
-_HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?(:\w+)?$")
 
 
 class TooLongLine(Exception):
@@ -170,7 +169,7 @@ class DatasetRows:
 
 def looks_like_hub_dataset(text: str) -> bool:
     """``org/name``, ``org/name@revision`` or ``org/name:split`` (not a local file name)."""
-    return bool(_HUB_DATASET.match(text)) and not text.endswith((".jsonl", ".json", ".parquet"))
+    return bool(DATASET.match(text)) and not text.endswith((".jsonl", ".json", ".parquet"))
 
 
 def open_rows(source: str | Path, max_line_bytes: int = MAX_LINE_BYTES) -> JsonlRows | DatasetRows:

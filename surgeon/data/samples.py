@@ -57,7 +57,7 @@ ROLES: dict[str, Role] = {
 }
 IMAGE_PLACEHOLDER = "<image>"
 PERCEPTION_TAGS = ("<perception>", "</perception>")
-_TAGGED = re.compile(r"<perception>(.*?)</perception>", re.DOTALL)
+TAGGED = re.compile(r"<perception>(.*?)</perception>", re.DOTALL)  # a perception span in an answer
 _CONVERSATION_KEYS = ("messages", "conversations")
 _IMAGE_KEYS = ("images", "image")
 _SHOWN_LINES = 5
@@ -451,7 +451,7 @@ def perception_spans(
     out: list[str] = []
     spans: list[tuple[int, int]] = []
     size = last = 0
-    for m in _TAGGED.finditer(text):
+    for m in TAGGED.finditer(text):
         before, inside = text[last : m.start()], m.group(1)
         if any(tag in before or tag in inside for tag in PERCEPTION_TAGS):
             raise BadSample("unbalanced perception tags", f"message {n}: a tag without a partner")

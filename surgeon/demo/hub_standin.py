@@ -44,6 +44,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
+from surgeon.hub.ids import REPO_ID
+
 # What the Hub's default .gitattributes sends through LFS, plus anything binary or over 10 MB.
 LFS_PATTERNS = (
     "*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx", "*.gguf",
@@ -53,7 +55,6 @@ LFS_PATTERNS = (
 LFS_MIN_SIZE = 10 * 10**6
 # The Hub's accepted values (subset that matters for model cards).
 BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _REPO_TYPES = ("models", "datasets", "spaces")
 _RESOLVE = r"/((?P<t>datasets|spaces)/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)"
 _ERROR_HEADERS = {
@@ -117,7 +118,7 @@ def validate_card_yaml(content: str) -> list[str]:
     errors = []
     base = data.get("base_model")
     bases = [base] if isinstance(base, str) else base
-    if base is not None and not (isinstance(bases, list) and all(isinstance(b, str) and _REPO_ID.match(b) for b in bases)):
+    if base is not None and not (isinstance(bases, list) and all(isinstance(b, str) and REPO_ID.match(b) for b in bases)):
         errors.append(f'"base_model" must be a model id or a list of model ids, got {base!r}')
     relation = data.get("base_model_relation")
     if relation is not None:
@@ -244,7 +245,7 @@ class HubStandIn:
         repo_id = f"{body['organization']}/{body['name']}" if body.get("organization") else f"standin-user/{body['name']}"
         t = f"{body.get('type') or 'model'}s"
         url = f"{self.url}/{'' if t == 'models' else t + '/'}{repo_id}"
-        if not _REPO_ID.match(repo_id):
+        if not REPO_ID.match(repo_id):
             return _json(400, {"error": f"invalid repo name {repo_id!r}"})
         if f"{t}/{repo_id}" in self.repos:
             return _json(409, {"error": "You already created this model repo", "url": url})

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 
 from surgeon.anatomy.align import Alignment, Pair, align
-from surgeon.io.checkpoint import REPO_ID, Checkpoint, open_checkpoint
+from surgeon.hub.ids import REPO_ID
+from surgeon.io.checkpoint import Checkpoint, open_checkpoint
 from surgeon.drift.distance import Distance, summarise
 from surgeon.errors import AlignmentError, CheckpointError, ConfigError
 from surgeon.anatomy.families import DEFAULT_MODULES, Selection

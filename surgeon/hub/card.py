@@ -16,15 +16,15 @@ The YAML is written by huggingface_hub's ModelCardData through ``surgeon.hub.cli
 from __future__ import annotations
 
 import json
-import re
-import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from surgeon.hub.ids import REPO_ID
 from surgeon.hub.markdown import flatten, stats_markdown, table
+from surgeon.io.header import tensor_names
+from surgeon.io.provenance import is_local_path, local_name, read_record
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _BASE_ROLES = {"prior": ("vlm", "reasoning"), "merge": ("vlm", "reasoning")}
 _MODEL_ROLES = ("model", "vlm", "base")
 _HIDDEN_CONFIG = {"output", "output_dir", "out", "overwrite", "push_to_hub", "workdir", "token", "shard_size"}
@@ -43,7 +43,7 @@ def _entries(record: dict, role: str) -> list[dict]:
 def hub_id(entry: dict) -> str | None:
     """The Hub repo id of a recorded input, or None for a local folder or file."""
     source = str(entry.get("source", ""))
-    if _REPO_ID.match(source) and ("commit" in entry or "revision" in entry):
+    if REPO_ID.match(source) and ("commit" in entry or "revision" in entry):
         return source
     return None
 
@@ -135,17 +135,6 @@ def _json(folder: Path, name: str) -> dict:
 _VLM_MODULES = ("language_model.", "visual.", "vision_tower.", "vision_model.", "multi_modal_projector.")
 
 
-def _tensor_names(path: Path) -> list[str]:
-    """Tensor names from a safetensors header (no torch import, no data read)."""
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(min(n, 100 * 10**6)))
-    except (OSError, struct.error, ValueError):
-        return []
-    return [k for k in header if k != "__metadata__"] if isinstance(header, dict) else []
-
-
 def _is_vlm(folder: Path, record: dict) -> bool:
     """A vision-language model: config.json has a vision sub-config; for an adapter (no
     config.json), the record names a VLM input or its tensors sit under a VLM's module names."""
@@ -154,7 +143,7 @@ def _is_vlm(folder: Path, record: dict) -> bool:
         return any("vision" in k and isinstance(v, dict) for k, v in config.items())
     if _entries(record, "vlm"):
         return True
-    names = [n for p in sorted(folder.glob("*.safetensors")) for n in _tensor_names(p)]
+    names = [n for p in sorted(folder.glob("*.safetensors")) for n in tensor_names(p)]
     return any(m in n for n in names for m in _VLM_MODULES)
 
 
@@ -217,7 +206,7 @@ def load_snippet(record: dict, folder: str | Path, repo_id: str) -> str:
     if artifact == "peft-adapter":
         bases = base_repo_ids(record)
         adapter_base = str(_json(folder, "adapter_config.json").get("base_model_name_or_path") or "")
-        base = bases[0] if bases else adapter_base if _REPO_ID.match(adapter_base) else None
+        base = bases[0] if bases else adapter_base if REPO_ID.match(adapter_base) else None
         auto = "AutoModelForImageTextToText" if vlm else "AutoModelForCausalLM"
         pre = "AutoProcessor" if vlm else "AutoTokenizer"
         shown = base or "BASE_MODEL"
@@ -281,7 +270,7 @@ def _source(entry: dict) -> str:
     if repo:
         return _link(repo)
     source = str(entry.get("source", "?"))
-    shown = Path(source).name if source.startswith(("/", "~")) or re.match(r"^[A-Za-z]:[\\/]", source) else source
+    shown = local_name(source).removeprefix("local ") if is_local_path(source) else source
     return f"local `{shown}`"
 
 
@@ -376,8 +365,8 @@ _ABOUT: dict[str, Callable[[dict], str]] = {
 
 def _shown_path(value: Any) -> Any:
     """A local absolute path as ``local `name```, anything else unchanged."""
-    if isinstance(value, str) and (value.startswith(("/", "~")) or re.match(r"^[A-Za-z]:[\\/]", value)):
-        return f"local `{Path(value).name}`"
+    if isinstance(value, str) and is_local_path(value):
+        return f"local `{local_name(value).removeprefix('local ')}`"
     return value
 
 
@@ -452,28 +441,12 @@ def is_template_card(text: str) -> bool:
     return all(mark in text for mark in _TEMPLATE_MARKS) or text.startswith("<!-- written by surgeon:")
 
 
-def read_surgeon_json(folder: str | Path) -> dict | None:
-    """``surgeon.json`` of ``folder`` (None when absent), read without importing torch."""
-    from surgeon.errors import CheckpointError
-
-    path = Path(folder) / "surgeon.json"
-    if not path.exists():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except ValueError as e:
-        raise CheckpointError(str(folder), f"surgeon.json is not valid JSON ({e})", "restore it, or delete it to push without a card") from None
-    if not isinstance(record, dict):
-        raise CheckpointError(str(folder), "surgeon.json is not a JSON object", "restore it, or delete it to push without a card")
-    return record
-
-
 def build_card(folder: str | Path, repo_id: str, record: dict | None = None) -> str:
     """The complete README.md text for ``folder`` published as ``repo_id``."""
     from surgeon.errors import CheckpointError
     from surgeon.hub.client import model_card_text
 
-    record = record if record is not None else read_surgeon_json(folder)
+    record = record if record is not None else read_record(folder)
     if record is None:
         raise CheckpointError(str(folder), "has no surgeon.json to build a model card from", "write README.md yourself")
     return model_card_text(card_metadata(record, folder), card_body(record, folder, repo_id))

@@ -14,7 +14,6 @@ Every client error leaves as a one-line ``HubError`` naming the next step (see `
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,9 +21,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from surgeon.errors import CheckpointError, ConfigError, HubError, SurgeonError
+from surgeon.hub.ids import is_repo_id
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # as in surgeon.io.checkpoint, without importing torch
 
 # What a checkpoint needs: config, weights, tokenizer/processor/chat-template files, and the
 # modeling/processing code of remote-code models (never run by surgeon: copied into outputs so
@@ -282,7 +281,7 @@ def stored_token() -> str | None:
 
 
 def check_repo_id(repo: str) -> None:
-    if not REPO_ID.match(repo) or repo.startswith(".") or ".." in repo:
+    if not is_repo_id(repo):
         raise ConfigError("repo", f"{repo!r} is not a Hub repo id", "write it as ORG/NAME, e.g. my-user/qwen-vl-drift")
 
 
@@ -330,8 +329,9 @@ def push_folder(folder: str | Path, config: PushConfig, *, endpoint: str | None 
     Raises CheckpointError (not a folder, a token or local path in a file), ConfigError (bad repo
     id), HubError (offline, not logged in, 401/403/404/429, unreachable) — all one line.
     """
-    from surgeon.hub.card import base_repo_ids, read_surgeon_json
+    from surgeon.hub.card import base_repo_ids
     from surgeon.hub.upload import plan_upload, staged
+    from surgeon.io.provenance import read_record
 
     path = Path(folder)
     if not path.is_dir():
@@ -342,7 +342,7 @@ def push_folder(folder: str | Path, config: PushConfig, *, endpoint: str | None 
         check_can_push(config.repo, config.token, endpoint)
     else:
         check_repo_id(config.repo)
-    record = read_surgeon_json(path)
+    record = read_record(path)
     card, card_source, sent_card, notes = _card(path, record, config)
     bases = base_repo_ids(record) if record else []
     typed = (((record or {}).get("inputs") or {}).get("model") or {}).get("source")  # a local base, as the user typed it

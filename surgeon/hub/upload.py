@@ -33,13 +33,15 @@ import os
 import re
 import shutil
 import stat
-import struct
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from surgeon.io.header import FormatError, raw_header
+from surgeon.io.provenance import is_local_path, local_name
 
 CARD = "README.md"
 _TOKEN = re.compile(rb"(?<![A-Za-z0-9])(hf_[A-Za-z0-9]{30,}|api_org_[A-Za-z0-9]{30,})")
@@ -236,13 +238,8 @@ def _is_text(path: Path) -> bool:
 def _safetensors_header(path: Path) -> bytes | None:
     """The JSON header of a safetensors file (tensor names, dtypes, shapes, metadata)."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            (n,) = struct.unpack("<Q", raw)
-            if n > 100 * 10**6:
-                return None
-            return f.read(n)
-    except (OSError, struct.error):
+        return raw_header(path)
+    except (OSError, FormatError):
         return None
 
 
@@ -262,16 +259,6 @@ def local_roots(folder: Path, record: dict | None = None) -> list[bytes]:
             if len(q.parts) > 1:
                 roots.add(str(q))
     return sorted((r.encode() for r in roots), key=len, reverse=True)
-
-
-def is_local_path(value: str) -> bool:
-    """Whether a string is an absolute local path (POSIX with two or more parts, ``~/…``, Windows)."""
-    v = value.strip()
-    if "\n" in v or len(v) > 4096:
-        return False
-    if re.match(r"^[A-Za-z]:[\\/]", v) or v.startswith("\\\\") or v.startswith("~/"):
-        return True
-    return v.startswith("/") and len([p for p in v.split("/") if p]) >= 2
 
 
 def _record_strings(value: Any) -> Iterator[str]:
@@ -304,19 +291,16 @@ def _clean_json(rel: str, path: Path, roots: list[bytes], hub_base: str | None, 
     def local(value: Any) -> bool:
         return isinstance(value, str) and (is_local_path(value) or any(value.startswith(r + "/") for r in decoded))
 
-    def shown(value: str) -> str:
-        return f"local {Path(value).name}"
-
     def clean_record(value: Any) -> Any:
         nonlocal changed
         if local(value):
             changed = True
-            return shown(value)
+            return local_name(value)
         if isinstance(value, str):
             for r in decoded:
                 if r in value:
                     changed = True
-                    value = re.sub(re.escape(r) + r"[/\\]?[^\s\"'`),;]*", lambda m: shown(m.group(0)), value)
+                    value = re.sub(re.escape(r) + r"[/\\]?[^\s\"'`),;]*", lambda m: local_name(m.group(0)), value)
             return value
         if isinstance(value, dict):
             return {k: clean_record(v) for k, v in value.items()}

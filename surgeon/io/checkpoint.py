@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -21,12 +20,11 @@ from typing import BinaryIO
 import torch
 
 from surgeon.errors import CheckpointError
+from surgeon.hub.ids import PINNED, REPO_ID
 from surgeon.io.safetensors import FormatError, TensorInfo, read_header, read_into, read_tensor
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-PINNED = re.compile(r"^([A-Za-z0-9][\w.-]*/[\w.-]+)@([\w./-]+)$")  # org/name@revision
 
 
 _SCALE_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".qweight", ".scales", ".qzeros", ".SCB")

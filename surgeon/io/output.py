@@ -30,6 +30,7 @@ from typing import BinaryIO
 import torch
 
 from surgeon.errors import ConfigError, OutputBusyError, OutputExistsError
+from surgeon.io.header import DTYPE_SIZES
 from surgeon.io.safetensors import DTYPE_CODES, DTYPES, header_bytes, tensor_bytes
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
@@ -171,7 +172,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
 
 
 def plan_shards(specs: list[TensorSpec], shard_size: int) -> list[list[TensorSpec]]:

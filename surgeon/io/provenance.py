@@ -10,7 +10,9 @@ Written into every folder surgeon creates; ``surgeon push`` builds the model car
      "created": "2026-11-22T10:00:00Z", "libraries": {"torch": "…", "transformers": "…"}}
 
 Inputs are recorded as the user gave them (a repo id, or a path exactly as typed), never resolved
-to absolute paths; no field that could hold a credential is ever written.
+to absolute paths; no field that could hold a credential is ever written. Off this machine (model
+cards, pushed records) a local path is shown as ``local <name>`` (``is_local_path``, ``local_name``).
+Needs no torch: ``surgeon push`` reads records without it.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from surgeon.io.checkpoint import Checkpoint
+from surgeon.errors import CheckpointError
 
 FILE_NAME = "surgeon.json"
 _SECRET_KEYS = {"token", "hf_token", "password", "api_key"}
@@ -60,11 +63,11 @@ ARTIFACTS = (
     "peft-adapter",  # a peft adapter folder (PeftModel.from_pretrained)
     "head-scores",  # Image-LoRA head scores and selection (heads.json)
 )
-InputValue = Checkpoint | dict | list
+InputValue = Any  # a surgeon.io.checkpoint.Checkpoint (anything with ``describe()``), a dict or a list
 
 
 def _describe(value: InputValue) -> Any:
-    if isinstance(value, Checkpoint):
+    if callable(getattr(value, "describe", None)):
         return value.describe()
     if isinstance(value, list):
         return [_describe(v) for v in value]
@@ -110,8 +113,31 @@ def write_record(folder: Path, record: dict) -> Path:
 
 
 def read_record(folder: str | Path) -> dict | None:
-    """The ``surgeon.json`` of a folder, or None when it has none."""
+    """The ``surgeon.json`` of a folder, or None when it has none; CheckpointError when it is not a
+    JSON object."""
     path = Path(folder) / FILE_NAME
     if not path.exists():
         return None
-    return json.loads(path.read_text())
+    hint = "restore it from the run that made the folder, or delete it"
+    try:
+        record = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(str(folder), f"{FILE_NAME} is not valid JSON ({e})", hint) from None
+    if not isinstance(record, dict):
+        raise CheckpointError(str(folder), f"{FILE_NAME} is not a JSON object", hint)
+    return record
+
+
+def is_local_path(value: str) -> bool:
+    """Whether a string is an absolute local path (POSIX with two or more parts, ``~/…``, Windows)."""
+    v = value.strip()
+    if "\n" in v or len(v) > 4096:
+        return False
+    if re.match(r"^[A-Za-z]:[\\/]", v) or v.startswith("\\\\") or v.startswith("~/"):
+        return True
+    return v.startswith("/") and len([p for p in v.split("/") if p]) >= 2
+
+
+def local_name(path: str) -> str:
+    """How a local path is shown off this machine: ``local <name>`` (its last part)."""
+    return f"local {Path(path.strip().replace(chr(92), '/')).name}"

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from surgeon.modules import modeling_surgeon as modeling
-from surgeon.io.checkpoint import INDEX_NAME, REPO_ID, open_checkpoint
+from surgeon.hub.ids import REPO_ID
+from surgeon.io.checkpoint import INDEX_NAME, open_checkpoint
 from surgeon.errors import CheckpointError, ConfigError, LayoutError
 from surgeon.anatomy.layout import config_value, detect_layout, placeholder_token_ids
 from surgeon.modules.folders import carry_files, indexed_names, module_shard

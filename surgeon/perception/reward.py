@@ -41,8 +41,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from surgeon.data.samples import TAGGED
+
 Scorer = Callable[[str, str], float]
-_TAGGED = re.compile(r"<perception>(.*?)</perception>", re.DOTALL)
 _ANSWER = re.compile(r"answer\s*:\s*([^\n]*)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -74,7 +75,7 @@ def extract_perception(text: str, perception_regex: str | None = None) -> str | 
         group = 1 if pattern.groups else 0
         found = [m.group(group) for m in pattern.finditer(text) if m.group(group)]
     else:
-        found = _TAGGED.findall(text)
+        found = TAGGED.findall(text)
     return " ".join(s.strip() for s in found) if found else None
 
 

@@ -203,7 +203,7 @@ def _delta_bytes(prior: str, params: dict[str, Any], size: Any) -> tuple[int, in
 
 
 def _prior_record(prior: str) -> dict:
-    from surgeon.io.checkpoint import REPO_ID
+    from surgeon.hub.ids import REPO_ID
     from surgeon.io.provenance import FILE_NAME
 
     path = Path(prior)
