@@ -16,12 +16,16 @@ click usage errors                         2       click's own message
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import click
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def debug_enabled() -> bool:
@@ -95,3 +99,41 @@ def example(*lines: str) -> str:
     """An epilog that ends a command's help with runnable example(s), kept unwrapped."""
     body = "\n".join(f"  {line}" for line in lines)
     return f"\b\nExample:\n{body}"
+
+
+def build(cls: type[T], options: dict[str, Any], rest: bool = False) -> T:
+    """``cls(**options)`` for the config dataclass ``cls``: every command builds its config this way,
+    so a new option is one field and one ``click.option`` line. With ``rest``, options that are not
+    fields stay in ``options`` (for the library call beside the config); otherwise there must be none."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    config = cls(**{k: options.pop(k) for k in list(options) if k in names})
+    if options and not rest:
+        raise TypeError(f"options without a {cls.__name__} field: {', '.join(options)}")
+    return config
+
+
+SELECTION_HELP = {
+    "modules": "Module families: attn, mlp, norm, final_norm, embed, head, full, and re:REGEX on LM-relative names "
+    "(e.g. re:layers\\.1\\d\\.mlp), comma-separated.",
+    "layers": "Decoder layers to include, e.g. 0-13,20 (default: all). Tensors outside the layers are chosen by --modules alone.",
+    "skip_first": "Leave out the first N decoder layers.",
+    "bias": "Include bias tensors of the selected modules (default: yes).",
+}
+
+
+def selection_options(modules: str, layers_note: str = "") -> Callable[[F], F]:
+    """``--modules``, ``--layers``, ``--skip-first`` and ``--bias/--no-bias``: which paired
+    language-model tensors ``prior`` and ``merge`` act on (the ``Selection`` fields of their configs)."""
+    options = [
+        click.option("--modules", default=modules, show_default=True, help=SELECTION_HELP["modules"]),
+        click.option("--layers", default=None, help=SELECTION_HELP["layers"] + layers_note),
+        click.option("--skip-first", default=0, show_default=True, type=int, help=SELECTION_HELP["skip_first"]),
+        click.option("--bias/--no-bias", default=True, help=SELECTION_HELP["bias"]),
+    ]
+
+    def decorate(f: F) -> F:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate

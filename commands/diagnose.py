@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from surgeon.commands._cli import example
+from surgeon.commands._cli import build, example
 from surgeon.commands._console import emit_json, out, progress
 
 
@@ -36,18 +36,7 @@ from surgeon.commands._console import emit_json, out, progress
     help="auto: float32 on CPU, the checkpoint's dtype on GPU.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def command(
-    data: str,
-    model: str,
-    batch_size: int,
-    max_samples: int | None,
-    max_length: int,
-    perception_regex: str | None,
-    skip_bad_lines: bool,
-    device: str,
-    dtype: str,
-    as_json: bool,
-) -> None:
+def command(as_json: bool, **options: object) -> None:
     """Measure how much of DATA's supervision is perception, under MODEL.
 
     \b
@@ -64,17 +53,7 @@ def command(
     """
     from surgeon.perception.diagnose import DiagnoseConfig, diagnose
 
-    config = DiagnoseConfig(
-        data=data,
-        model=model,
-        batch_size=batch_size,
-        max_samples=max_samples,
-        max_length=max_length,
-        perception_regex=perception_regex,
-        skip_bad_lines=skip_bad_lines,
-        device=device,
-        dtype=dtype,
-    )
+    config = build(DiagnoseConfig, options)
     with progress() as update:
         report = diagnose(config, update)
     if as_json:

@@ -5,18 +5,9 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from surgeon.commands._cli import example
+from surgeon.commands._cli import build, example
 from surgeon.commands._hub import push_to_hub_option, push_written
 from surgeon.commands._console import emit_json, human_count, out
-
-
-def _depth(value: str | None) -> int | None:
-    if value is None or value == "all":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is neither a number nor 'all'") from None
 
 
 @click.command(
@@ -48,10 +39,7 @@ def _depth(value: str | None) -> int | None:
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @push_to_hub_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-def command(
-    model: str, output: str | None, block_size: int, rank: int, depth: str, mode: str, gate: str, seed: int,
-    replace: bool, dry_run: bool, revision: str | None, overwrite: bool, as_json: bool,
-) -> None:  # fmt: skip
+def command(model: str, as_json: bool, **options: object) -> None:
     """Add IADA blocks (input-adaptive depth aggregation) to MODEL's language model.
 
     \b
@@ -71,13 +59,9 @@ def command(
     """
     from surgeon.modules.iada import IadaConfig, inject_iada
 
-    config = IadaConfig(
-        block_size=block_size, rank=rank, depth=_depth(depth), mode=mode, gate=gate, seed=seed  # type: ignore[arg-type]
-    )
-    result = inject_iada(
-        model, output, config, revision=revision, replace=replace, overwrite=overwrite, dry_run=dry_run
-    )
-    if not dry_run:
+    config = build(IadaConfig, options, rest=True)
+    result = inject_iada(model, config=config, **options)  # type: ignore[arg-type]
+    if result.output is not None:
         push_written(result.output)
     if as_json:
         emit_json(result.to_dict())

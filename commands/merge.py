@@ -5,16 +5,29 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from surgeon.commands._cli import example
+from surgeon.commands._cli import build, example, selection_options
 from surgeon.commands._hub import push_to_hub_option, push_written
 from surgeon.commands._console import emit_json, err, human_bytes, out, progress
-from surgeon.commands.prior import SELECTION_HELP
+from surgeon.merge import METHODS, NOTATION
 
-METHOD_NAMES = ["linear", "task-arithmetic", "ties", "dare-linear", "dare-ties", "layer-swap"]
+METHOD_NAMES = list(METHODS)
+
+
+def _help() -> str:
+    """The command's help: every registered method's formula, then what all of them share."""
+    rows = "\n".join(f"  {name:<16} {m.summary}" for name, m in METHODS.items())
+    return (
+        "Merge reasoning LLM(s) into a VLM's language model.\n\n\b\n" + rows + "\n\n" + NOTATION + "\n\n"
+        "Acts on paired language-model tensors only; vision tower, projector and everything unpaired "
+        "are copied byte for byte, with config, tokenizer and processor files. Defaults for weight, "
+        "density and seed, and the several-model forms, are not specified by the papers (surgeon "
+        "defaults)."
+    )
 
 
 @click.command(
     "merge",
+    help=_help(),
     epilog=example(
         "surgeon merge --reasoning deepseek-ai/DeepSeek-R1-Distill-Qwen-7B --vlm Qwen/Qwen2.5-VL-7B-Instruct -o merged --method ties",
         "surgeon merge --reasoning ./r1 --vlm ./qwen2.5-vl -o swapped --method layer-swap --layers 14-27",
@@ -25,45 +38,18 @@ METHOD_NAMES = ["linear", "task-arithmetic", "ties", "dare-linear", "dare-ties",
 @click.option("-o", "--output", required=True, help="Output folder: a complete VLM that from_pretrained loads.")
 @click.option("--method", required=True, type=click.Choice(METHOD_NAMES), help="Merge method (formulas above).")
 @click.option("--weight", type=float, default=None, help="w in the formulas (default 0.5 for every method that uses it).")
-@click.option("--density", type=float, default=None, help="Fraction of τ entries kept (default: ties 0.2, dare-* 0.5).")
+@click.option("--density", type=float, default=None, help="Fraction of τ entries kept (default: "
+              + ", ".join(f"{n} {m.defaults['density']}" for n, m in METHODS.items() if "density" in m.defaults) + ").")
 @click.option("--seed", type=int, default=None, help="DARE's random seed (default 0).")
-@click.option("--modules", default="full", show_default=True, help=SELECTION_HELP["modules"])
-@click.option("--layers", default=None, help=SELECTION_HELP["layers"] + " Required by layer-swap: the layers replaced.")
-@click.option("--skip-first", default=0, show_default=True, type=int, help=SELECTION_HELP["skip_first"])
-@click.option("--bias/--no-bias", default=True, help=SELECTION_HELP["bias"])
+@selection_options(modules="full", layers_note=" Required by layer-swap: the layers replaced.")
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @push_to_hub_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-def command(
-    reasoning: tuple[str, ...], vlm: str, output: str, method: str, weight: float | None, density: float | None,
-    seed: int | None, modules: str, layers: str | None, skip_first: int, bias: bool, shard_size: str, overwrite: bool,
-    as_json: bool,
-) -> None:  # fmt: skip
-    """Merge reasoning LLM(s) into a VLM's language model (τ_i = θ_Ri − θ_V).
-
-    \b
-      linear           (1−w)·θ_V + w·θ_R               (θ_R: mean of several models)
-      task-arithmetic  θ_V + w·Σ τ_i
-      ties             θ_V + w·disjoint_mean(trim(τ_i)) trim: top-density |τ| per tensor
-      dare-linear      θ_V + w·Σ DARE(τ_i)              DARE: keep with p=density, ×1/density
-      dare-ties        θ_V + w·disjoint_mean(DARE(τ_i)) disjoint_mean: TIES sign election
-      layer-swap       θ_R in --layers, θ_V elsewhere
-
-    Acts on paired language-model tensors only; vision tower, projector and everything unpaired
-    are copied byte for byte, with config, tokenizer and processor files. Defaults for weight,
-    density and seed, and the several-model forms, are not specified by the papers (surgeon
-    defaults).
-    """
-    from surgeon.anatomy.families import parse_layers, parse_modules
+def command(as_json: bool, **options: object) -> None:
     from surgeon.merge.engine import MergeConfig, merge_models
-    from surgeon.io.output import parse_size
 
-    config = MergeConfig(
-        reasoning=tuple(reasoning), vlm=vlm, output=output, method=method, weight=weight, density=density, seed=seed,
-        modules=parse_modules(modules), layers=parse_layers(layers), skip_first=skip_first, bias=bias,
-        shard_size=parse_size(shard_size), overwrite=overwrite,
-    )  # fmt: skip
+    config = build(MergeConfig, options)
     with progress() as tick:
         result = merge_models(config, tick)
     push_written(result.output)

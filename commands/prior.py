@@ -5,17 +5,9 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from surgeon.commands._cli import example
+from surgeon.commands._cli import build, example, selection_options
 from surgeon.commands._hub import push_to_hub_option, push_written
 from surgeon.commands._console import emit_json, err, human_bytes, out, progress
-
-SELECTION_HELP = {
-    "modules": "Module families: attn, mlp, norm, final_norm, embed, head, full, and re:REGEX on LM-relative names "
-    "(e.g. re:layers\\.1\\d\\.mlp), comma-separated.",
-    "layers": "Decoder layers to include, e.g. 0-13,20 (default: all). Tensors outside the layers are chosen by --modules alone.",
-    "skip_first": "Leave out the first N decoder layers.",
-    "bias": "Include bias tensors of the selected modules (default: yes).",
-}
 
 
 @click.command(
@@ -29,19 +21,13 @@ SELECTION_HELP = {
 @click.option("--vlm", required=True, help="The VLM the prior is for, as it is before fine-tuning.")
 @click.option("-o", "--output", required=True, help="Output folder for the prior.")
 @click.option("--base", default=None, help="Two-model mode: Δ = reasoning − base instead of reasoning − VLM.")
-@click.option("--modules", default="attn,mlp", show_default=True, help=SELECTION_HELP["modules"])
-@click.option("--layers", default=None, help=SELECTION_HELP["layers"])
-@click.option("--skip-first", default=0, show_default=True, type=int, help=SELECTION_HELP["skip_first"])
-@click.option("--bias/--no-bias", default=True, help=SELECTION_HELP["bias"])
+@selection_options(modules="attn,mlp")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None, help="Storage dtype of Δ (default: the VLM's dtype).")
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @push_to_hub_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result (all statistics) as JSON on stdout.")
-def command(
-    reasoning: str, vlm: str, output: str, base: str | None, modules: str, layers: str | None, skip_first: int,
-    bias: bool, dtype: str | None, shard_size: str, overwrite: bool, as_json: bool,
-) -> None:  # fmt: skip
+def command(as_json: bool, **options: object) -> None:
     """Compute the DRIFT reasoning prior Δ = θ(reasoning) − θ(VLM) on the VLM's language model.
 
     Pairs tensors by name across layouts (vision tower and projector never), computes Δ in fp32
@@ -49,14 +35,9 @@ def command(
     distance and cosine statistics (all of them go to surgeon.json). Training with the prior
     applies the optional normalisation Δ·‖θ_VLM‖/‖Δ‖ itself.
     """
-    from surgeon.anatomy.families import parse_layers, parse_modules
-    from surgeon.io.output import parse_size
     from surgeon.drift.prior import PriorConfig, compute_prior
 
-    config = PriorConfig(
-        reasoning=reasoning, vlm=vlm, output=output, base=base, modules=parse_modules(modules), layers=parse_layers(layers),
-        skip_first=skip_first, bias=bias, dtype=dtype, shard_size=parse_size(shard_size), overwrite=overwrite,
-    )  # fmt: skip
+    config = build(PriorConfig, options)
     with progress() as tick:
         result = compute_prior(config, tick)
     push_written(result.output)

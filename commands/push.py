@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from surgeon.commands._cli import example
+from surgeon.commands._cli import build, example
 from surgeon.commands._console import emit_json, err, human_bytes, out
 
 _CARD = {
@@ -32,10 +32,7 @@ _CARD = {
 @click.option("--dry-run", is_flag=True, help="Print the files with their sizes, the model card and what would be refused; send nothing.")
 @click.option("--overwrite-card", is_flag=True, help="Replace a README.md in FOLDER by the card built from surgeon.json.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-def command(
-    folder: str, repo: str, private: bool, revision: str | None, message: str | None, token: str | None,
-    dry_run: bool, overwrite_card: bool, as_json: bool,
-) -> None:
+def command(folder: str, as_json: bool, **options: object) -> None:
     """Upload FOLDER (the output of a surgeon command) to the Hub repo ORG/NAME.
 
     Writes the repo's README.md from the folder's surgeon.json: base models, method, settings,
@@ -47,7 +44,7 @@ def command(
     """
     from surgeon.hub.client import PushConfig, push_folder
 
-    config = PushConfig(repo, private, revision, message, token, dry_run, overwrite_card)
+    config = build(PushConfig, options)
     result = push_folder(folder, config)
     if as_json:
         emit_json(result.to_dict())
@@ -56,7 +53,7 @@ def command(
 
             raise refusal_error(result.refused)
         return
-    files = Table(title=f"{'would send' if dry_run else 'sent'} to {result.repo} ({result.revision})", title_justify="left")
+    files = Table(title=f"{'would send' if config.dry_run else 'sent'} to {result.repo} ({result.revision})", title_justify="left")
     files.add_column("file")
     files.add_column("size", justify="right")
     for path, size in result.files:
@@ -66,7 +63,7 @@ def command(
     out.print(_CARD[result.card_source], highlight=False)
     for note in result.notes:
         out.print(f"changed in the uploaded copy: {note}", highlight=False)
-    if dry_run:
+    if config.dry_run:
         if result.card is not None:
             out.print("\n" + result.card, markup=False, highlight=False)
         for path, problem in result.refused:

@@ -6,7 +6,7 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from surgeon.commands._cli import example
+from surgeon.commands._cli import build, example
 from surgeon.commands._hub import push_to_hub_option, push_written, pushing
 from surgeon.commands._console import emit_json, human_count, out, progress, quiet_transformers
 from surgeon.heads.score import HeadScores
@@ -64,7 +64,7 @@ def command(as_json: bool, **options: object) -> None:
     """
     from surgeon.heads.score import ScoreHeadsConfig, score_heads
 
-    config = ScoreHeadsConfig(**options)  # type: ignore[arg-type]
+    config = build(ScoreHeadsConfig, options)
     if pushing() and str(config.output).lower().endswith(".json"):
         raise click.UsageError("--push-to-hub needs a folder output (-o heads/), not a .json file")
     quiet_transformers()

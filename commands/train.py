@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import click
-from surgeon.commands._cli import example
+from surgeon.commands._cli import build, example
 from surgeon.commands._console import emit_json, err, out, quiet_transformers
 from surgeon.commands._hub import push_to_hub_option, push_written
 
@@ -128,7 +128,7 @@ def command(as_json: bool, dry_run: bool, num_processes: int | None, **options: 
     from surgeon.training.config import TrainConfig
     from surgeon.training.loop import train
 
-    config = TrainConfig(**options)  # type: ignore[arg-type]
+    config = build(TrainConfig, options)
     quiet_transformers()
     if dry_run:
         _print_plan(config, num_processes or 1, as_json)

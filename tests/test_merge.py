@@ -117,7 +117,7 @@ def test_several_reasoning_models(tmp_path, vlm, reasoning, reasoning2, method):
 
 @pytest.mark.parametrize("k", [1, 7, 500, 999, 1000])
 def test_magnitude_thresholds_are_exact_kth_largest(k):
-    from surgeon.merge.sparsify import MagnitudeThresholds
+    from surgeon.merge.thresholds import MagnitudeThresholds
 
     g = torch.Generator().manual_seed(k)
     taus = [torch.randn(1000, generator=g).to(torch.bfloat16).float(), torch.randn(1000, generator=g) * 1e-3]

@@ -89,7 +89,8 @@ def outputs(tiny_models, tmp_path_factory):
     train = {"method": "lora", "lora_rank": 2, "steps": 3, "drift": {"alpha": 1.0, "rule": "adaptive_cosine"}, "perception_weight": 0.3}
     data = {"source": "data/train.jsonl", "fingerprint": "sha256:" + "4" * 64}
     stats = {"final_loss": 1.25, "metrics": {"loss": 1.25, "perception_loss": 0.8, "steps": 3}}
-    write_record(adapter, build_record("train", "peft-adapter", train, {"model": BASE, "prior": {"source": "my-prior", "fingerprint": "sha256:5"}, "data": data}, stats))
+    inputs = {"model": BASE, "prior": {"source": "my-prior", "fingerprint": "sha256:5"}, "data": data}
+    write_record(adapter, build_record("train", "peft-adapter", train, inputs, stats, methods=("drift", "lora", "perception-reweighting")))
     made["adapter"] = adapter
 
     remote = root / "remote-code"  # a model whose class ships as code in the folder
@@ -228,7 +229,8 @@ def test_card_sections_follow_surgeon_json(outputs, tmp_path):
     assert "local `data/train.jsonl`" in training and "| perception_loss | 0.8 |" in training
     assert "[Qwen/Qwen2-0.5B-Instruct](https://huggingface.co/Qwen/Qwen2-0.5B-Instruct)" in adapter
 
-    full = build_record("train", "model", {"method": "full", "image_lora": {"rank": 8}, "iada": True}, {"model": VLM, "data": {"source": "acme/vqa", "revision": "main", "commit": "d" * 40}})
+    inputs = {"model": VLM, "data": {"source": "acme/vqa", "revision": "main", "commit": "d" * 40}}
+    full = build_record("train", "model", {"full": True, "image_lora": "heads.json"}, inputs, methods=("iada", "image-lora"))
     meta = card_metadata(full, made["merge"])
     assert meta["base_model"] == VLM["source"] and meta["base_model_relation"] == "finetune" and meta["datasets"] == ["acme/vqa"]
     assert meta["tags"] == ["surgeon", "iada", "image-lora"]

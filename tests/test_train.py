@@ -272,3 +272,22 @@ def test_a_damaged_checkpoint_is_named_and_resume_falls_back_to_the_previous_one
     shutil.rmtree(tmp_path / "cut-checkpoints" / "checkpoint-2")
     spoil(tmp_path / "cut-checkpoints" / "checkpoint-4" / name)
     assert_one_line_error(cli(*args), "checkpoint-4: is damaged", name, "start over with --overwrite")
+
+
+@pytest.mark.parametrize(
+    ("options", "methods"),
+    [
+        (dict(perception_regex=r"<perception>(.*?)</perception>"), ["lora"]),  # a regex alone reweights nothing
+        (dict(perception_weight="dynamic"), ["lora", "perception-reweighting"]),
+        (dict(full=True), []),
+    ],
+    ids=["regex-only", "dynamic", "full"],
+)
+def test_the_record_lists_the_methods_applied_and_the_card_tags_them(vlm, data, tmp_path, options, methods):
+    from surgeon.hub.card import card_metadata
+    from surgeon.io.provenance import read_record
+
+    _run(vlm, data, tmp_path / "out", max_steps=1, **options)
+    record = read_record(tmp_path / "out")
+    assert record["methods"] == methods
+    assert card_metadata(record, tmp_path / "out")["tags"] == ["surgeon", *methods]

@@ -93,8 +93,14 @@ def parse_modules(text: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
-def parse_layers(text: str | None) -> tuple[int, ...] | None:
-    """``"0-13,20"`` -> ``(0, 1, …, 13, 20)``; None or empty -> None (all layers)."""
+def parse_layers(text: str | Iterable[int] | None) -> tuple[int, ...] | None:
+    """``"0-13,20"`` -> ``(0, 1, …, 13, 20)``; None or empty -> None (all layers); layer numbers
+    given as a sequence are checked and sorted."""
+    if text is not None and not isinstance(text, str):
+        layers = tuple(text)
+        if not all(isinstance(i, int) and i >= 0 for i in layers):
+            raise ConfigError("layers", f"must be layer numbers ≥ 0, got {layers}")
+        return tuple(sorted(set(layers)))
     if text is None or not str(text).strip():
         return None
     out: set[int] = set()
@@ -107,6 +113,13 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
             raise ConfigError("layers", f"range {part.strip()!r} runs backwards", "write the lower layer first, e.g. 0-13")
         out.update(range(a, b + 1))
     return tuple(sorted(out))
+
+
+def parse_selection(config: object) -> None:
+    """In a frozen config with ``modules`` and ``layers`` fields, read them from text
+    (``"attn,mlp"``, ``"0-13,20"``) or check them as given; called by its ``__post_init__``."""
+    object.__setattr__(config, "modules", parse_modules(config.modules))  # type: ignore[attr-defined]
+    object.__setattr__(config, "layers", parse_layers(config.layers))  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)

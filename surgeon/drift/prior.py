@@ -37,9 +37,9 @@ from surgeon.hub.ids import REPO_ID
 from surgeon.io.checkpoint import Checkpoint, open_checkpoint
 from surgeon.drift.distance import Distance, summarise
 from surgeon.errors import AlignmentError, CheckpointError, ConfigError
-from surgeon.anatomy.families import DEFAULT_MODULES, Selection
+from surgeon.anatomy.families import DEFAULT_MODULES, Selection, parse_selection
 from surgeon.anatomy.layout import layer_index
-from surgeon.io.output import DEFAULT_SHARD_SIZE, ShardedWriter, TensorSpec, check_output, output_folder
+from surgeon.io.output import DEFAULT_SHARD_SIZE, ShardedWriter, TensorSpec, check_output, output_folder, parse_size
 from surgeon.io.provenance import build_record, read_record, write_record
 from surgeon.io.streaming import BlockStream, Job
 
@@ -53,8 +53,9 @@ class PriorConfig:
     """Options of ``surgeon prior``; each CLI option is one field.
 
     ``modules`` / ``layers`` / ``skip_first`` / ``bias`` form a ``families.Selection``
-    (default ``attn,mlp`` with biases, every layer: the reference DRIFT default). ``dtype`` is
-    ``bf16`` / ``fp16`` / ``fp32`` or None for the VLM's dtype.
+    (default ``attn,mlp`` with biases, every layer: the reference DRIFT default); ``modules`` and
+    ``layers`` may be given as text (``"attn,mlp"``, ``"0-13"``), ``shard_size`` as ``"5GB"``.
+    ``dtype`` is ``bf16`` / ``fp16`` / ``fp32`` or None for the VLM's dtype.
     """
 
     reasoning: str
@@ -68,6 +69,10 @@ class PriorConfig:
     dtype: str | None = None
     shard_size: int = DEFAULT_SHARD_SIZE
     overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        parse_selection(self)
+        object.__setattr__(self, "shard_size", parse_size(self.shard_size))
 
     @property
     def selection(self) -> Selection:
@@ -147,7 +152,7 @@ def compute_prior(config: PriorConfig, progress: Progress | None = None) -> Prio
             inputs: dict = {"reasoning": reasoning, "vlm": vlm, **({"base": base} if base else {})}
             recorded = {k: v for k, v in result.to_dict().items() if k != "output"}
             resolved = replace(config, dtype=_SHORT_NAMES.get(out_dtype, config.dtype))  # the dtype used, not None
-            write_record(tmp, build_record("prior", "prior", resolved, inputs, recorded))
+            write_record(tmp, build_record("prior", "prior", resolved, inputs, recorded, methods=("drift", "reasoning-prior")))
     return result
 
 

@@ -221,7 +221,7 @@ def score_heads(config: ScoreHeadsConfig, progress: Progress | None = None) -> H
         inputs = {"model": source, "data": {"source": config.data, "sha256": scanned.rows.fingerprint()}}
         stats_out = {"batches": batches, "samples": used, "tokens": tokens, "visual_tokens": visual,
                      "budget": result.budget, "flops_ratio": flops.ratio, "data": stats.to_dict()}  # fmt: skip
-        record = build_record("score-heads", "head-scores", config, inputs, stats_out)
+        record = build_record("score-heads", "head-scores", config, inputs, stats_out, methods=("image-lora", "head-scores"))
         write_heads(result, config.output, config.overwrite, record)
     if config.plot is not None:
         plot_heads(result, config.plot)

@@ -28,7 +28,6 @@ from surgeon.io.provenance import is_local_path, local_name, read_record
 _BASE_ROLES = {"prior": ("vlm", "reasoning"), "merge": ("vlm", "reasoning")}
 _MODEL_ROLES = ("model", "vlm", "base")
 _HIDDEN_CONFIG = {"output", "output_dir", "out", "overwrite", "push_to_hub", "workdir", "token", "shard_size"}
-_FALSY = (None, False, 0, 0.0, "", "none", "off", "false")
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -68,57 +67,22 @@ def _relation(record: dict) -> str | None:
     return None
 
 
-def _uses(config: Any, word: str) -> bool:
-    """Whether a config turns ``word`` on: a key ``word`` / ``use_word`` / ``word_enabled`` with a
-    truthy value, or any string value equal to it (``adapter: image-lora``). Searched recursively."""
-    norm = word.replace("-", "_")
-    if isinstance(config, dict):
-        for k, v in config.items():
-            key = str(k).lower().replace("-", "_")
-            if key in (norm, f"use_{norm}", f"{norm}_enabled") and v not in _FALSY and v != {} and v != []:
-                return True
-            if _uses(v, word):
-                return True
-    elif isinstance(config, list):
-        return any(_uses(v, word) for v in config)
-    elif isinstance(config, str):
-        return config.lower().replace("-", "_") == norm
-    return False
-
-
-def _perception(config: Any) -> bool:
-    if isinstance(config, dict):
-        return any(("perception" in str(k).lower() and v not in _FALSY) or _perception(v) for k, v in config.items())
-    return False
+_COMMAND_METHODS = {  # records written before methods were recorded: what the command always does
+    "prior": ["drift", "reasoning-prior"],
+    "inject-iada": ["iada"],
+    "score-heads": ["image-lora", "head-scores"],
+}
 
 
 def method_tags(record: dict) -> list[str]:
-    """Tags naming the method: drift, iada, image-lora, lora, the merge method, …"""
-    command, config = record.get("command", ""), record.get("config") or {}
-    if command == "prior":
-        return ["drift", "reasoning-prior"]
-    if command == "merge":
-        method = str(config.get("method") or "").lower().replace("_", "-")
-        return ["merge", method] if method else ["merge"]
-    if command == "inject-iada":
-        return ["iada"]
-    if command == "score-heads":
-        return ["image-lora", "head-scores"]
-    if command == "train":
-        tags = []
-        modules = (record.get("stats") or {}).get("surgeon_modules") or []
-        if _entries(record, "prior") or _uses(config, "drift") or _uses(config, "prior"):
-            tags.append("drift")
-        if _uses(config, "iada") or "iada" in modules:  # injected by --iada, or already in the model
-            tags.append("iada")
-        if _uses(config, "image-lora") or "image_lora" in modules:
-            tags.append("image-lora")
-        elif record.get("artifact") == "peft-adapter" or _uses(config, "lora") or _uses(config, "merge_lora"):
-            tags.append("lora")
-        if _perception(config):
-            tags.append("perception-reweighting")
-        return tags
-    return [command] if command else []
+    """Tags naming the methods the run applied, as its record lists them (``methods``)."""
+    methods = record.get("methods")
+    if isinstance(methods, list):
+        return [str(m) for m in methods]
+    command = record.get("command", "")
+    if command == "merge" and (record.get("config") or {}).get("method"):
+        return ["merge", str(record["config"]["method"])]
+    return list(_COMMAND_METHODS.get(command, []))
 
 
 # ---------------------------------------------------------------------------- the folder
@@ -274,27 +238,6 @@ def _source(entry: dict) -> str:
     return f"local `{shown}`"
 
 
-_MERGES = {  # method -> (display name, rule); see METHODS.md section 2
-    "linear": ("linear", "θ = (1−w)·θ_VLM + w·θ_R"),
-    "task-arithmetic": ("task-arithmetic", "θ = θ_VLM + w·τ with τ = θ_R − θ_VLM"),
-    "ties": (
-        "TIES",
-        "τ = θ_R − θ_VLM trimmed to its top-`density` entries by magnitude, signs elected across task vectors, "
-        "θ = θ_VLM + w·τ_trimmed (Yadav et al. 2023)",
-    ),
-    "dare-linear": (
-        "DARE-linear",
-        "entries of τ = θ_R − θ_VLM dropped with probability 1−density, the rest rescaled by 1/density, "
-        "θ = θ_VLM + w·τ_dare (Yu et al. 2024)",
-    ),
-    "dare-ties": (
-        "DARE-TIES",
-        "DARE drop-and-rescale of τ = θ_R − θ_VLM followed by TIES sign election, θ = θ_VLM + w·τ (Yu et al. 2024)",
-    ),
-    "layer-swap": ("layer-swap", "the VLM's decoder layers in the chosen range replaced by the LLM's"),
-}
-
-
 def _about_prior(record: dict) -> str:
     return (
         "A **DRIFT reasoning prior** ([arXiv 2510.15050](https://arxiv.org/abs/2510.15050)): "
@@ -306,10 +249,18 @@ def _about_prior(record: dict) -> str:
 
 
 def _about_merge(record: dict) -> str:
-    method = str((record.get("config") or {}).get("method") or "").lower().replace("_", "-")
-    name, rule = _MERGES.get(method, (method or "weight", f"surgeon's `{method}` method"))
+    from surgeon.merge import METHODS, NOTATION
+
+    name = str((record.get("config") or {}).get("method") or "")
+    method = METHODS.get(name)
+    if method is None:
+        rule = f"surgeon's `{name}` method" if name else "a weight merge"
+        title = name or "weight"
+    else:
+        cite = f" ({method.reference})" if method.reference else ""
+        rule, title = f"θ = {method.summary}{cite}, where {NOTATION[0].lower()}{NOTATION[1:]}", method.title or method.name
     return (
-        f"A **{name} merge** of a VLM's language model with a reasoning LLM: {rule}. "
+        f"A **{title} merge** of a VLM's language model with reasoning LLM(s): {rule} "
         "Only language-model tensors change; the vision tower, the projector and every tensor the LLM "
         "lacks are the VLM's own."
     )

@@ -3,6 +3,7 @@
 Written into every folder surgeon creates; ``surgeon push`` builds the model card from it::
 
     {"surgeon_version": "0.1.0", "command": "prior", "artifact": "prior",
+     "methods": ["drift", "reasoning-prior"],
      "config": {...resolved options...},
      "inputs": {"vlm": {"source": "Qwen/Qwen2.5-VL-7B-Instruct", "revision": "main", "commit": "…",
                         "fingerprint": "sha256:…"}, ...},
@@ -86,24 +87,35 @@ def file_hash(path: str | Path) -> str:
 
 
 def build_record(
-    command: str, artifact: str, config: Any, inputs: dict[str, InputValue], stats: dict | None = None
+    command: str,
+    artifact: str,
+    config: Any,
+    inputs: dict[str, InputValue],
+    stats: dict | None = None,
+    methods: list[str] | tuple[str, ...] | None = None,
 ) -> dict:
     """The ``surgeon.json`` content for one command run. ``artifact`` is one of ``ARTIFACTS``;
-    ``inputs`` maps a role (``"vlm"``, ``"reasoning"`` …) to a checkpoint, a dict, or a list."""
+    ``inputs`` maps a role (``"vlm"``, ``"reasoning"`` …) to a checkpoint, a dict, or a list;
+    ``methods`` names what the run applied (``drift``, ``lora``, ``ties`` …): the model card's tags
+    and description are read from it, never inferred from settings (None: not recorded)."""
     from surgeon import __version__
 
     if artifact not in ARTIFACTS:
         raise ValueError(f"unknown artifact {artifact!r}")
-    return {
+    record = {
         "surgeon_version": __version__,
         "command": command,
         "artifact": artifact,
+        "methods": None if methods is None else list(methods),
         "config": _plain(config),
         "inputs": {k: _describe(v) for k, v in inputs.items()},
         "stats": _plain(stats or {}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "libraries": {p: _version(p) for p in ("torch", "transformers", "safetensors", "peft")},
     }
+    if methods is None:
+        del record["methods"]
+    return record
 
 
 def write_record(folder: Path, record: dict) -> Path:

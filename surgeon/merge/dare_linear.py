@@ -8,7 +8,10 @@ w = 0.5, density = 0.5, seed = 0.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 from surgeon.merge.method import MergeMethod, TensorContext
 from surgeon.merge.sparsify import dare
@@ -25,6 +28,8 @@ METHOD = MergeMethod(
     name="dare-linear",
     summary="θ_V + w·Σ_i DARE_density(τ_i)",
     combine=combine,
+    title="DARE-linear",
+    reference="Yu et al. 2024",
     options=frozenset({"weight", "density", "seed"}),
     defaults={"weight": 0.5, "density": 0.5, "seed": 0},
     random=True,

@@ -8,7 +8,10 @@ density = 0.5, seed = 0.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 from surgeon.merge.method import MergeMethod, TensorContext
 from surgeon.merge.sparsify import dare, disjoint_mean
@@ -23,6 +26,8 @@ METHOD = MergeMethod(
     name="dare-ties",
     summary="θ_V + w·disjoint_mean(DARE_density(τ_i))",
     combine=combine,
+    title="DARE-TIES",
+    reference="Yu et al. 2024",
     options=frozenset({"weight", "density", "seed"}),
     defaults={"weight": 0.5, "density": 0.5, "seed": 0},
     random=True,

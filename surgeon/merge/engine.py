@@ -30,11 +30,11 @@ import torch
 from surgeon.anatomy.align import Alignment, Pair, align
 from surgeon.io.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint, open_checkpoint
 from surgeon.errors import ConfigError, SelectionError
-from surgeon.anatomy.families import Selection, family_examples
+from surgeon.anatomy.families import Selection, family_examples, parse_selection
 from surgeon.anatomy.layout import layer_index
 from surgeon.merge.method import MergeMethod, TensorContext
-from surgeon.merge.sparsify import MagnitudeThresholds, kept_count
-from surgeon.io.output import DEFAULT_SHARD_SIZE, ShardedWriter, TensorSpec, check_output, output_folder
+from surgeon.merge.thresholds import MagnitudeThresholds, kept_count
+from surgeon.io.output import DEFAULT_SHARD_SIZE, ShardedWriter, TensorSpec, check_output, output_folder, parse_size
 from surgeon.io.provenance import FILE_NAME, build_record, write_record
 from surgeon.io.streaming import BlockStream, Copy, Job
 
@@ -49,7 +49,8 @@ class MergeConfig:
 
     ``weight`` / ``density`` / ``seed``: None means the method's default; giving one the method
     does not use is an error. ``modules`` / ``layers`` / ``skip_first`` / ``bias`` select the
-    paired tensors to merge (default: all of them); ``layer-swap`` needs ``layers``.
+    paired tensors to merge (default: all of them); ``layer-swap`` needs ``layers``. ``modules``
+    and ``layers`` may be given as text (``"attn,mlp"``, ``"0-13"``), ``shard_size`` as ``"5GB"``.
     """
 
     reasoning: tuple[str, ...]
@@ -65,6 +66,11 @@ class MergeConfig:
     bias: bool = True
     shard_size: int = DEFAULT_SHARD_SIZE
     overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reasoning", (self.reasoning,) if isinstance(self.reasoning, str) else tuple(self.reasoning))
+        parse_selection(self)
+        object.__setattr__(self, "shard_size", parse_size(self.shard_size))
 
     @property
     def selection(self) -> Selection:
@@ -195,7 +201,7 @@ def _write(
         )  # fmt: skip
         stats = {k: v for k, v in result.to_dict().items() if k != "output"}
         resolved = replace(config, **params)  # the defaults the method used, not None
-        write_record(tmp, build_record("merge", "model", resolved, {"vlm": vlm, "reasoning": list(models)}, stats))
+        write_record(tmp, build_record("merge", "model", resolved, {"vlm": vlm, "reasoning": list(models)}, stats, methods=("merge", config.method)))
     return result
 
 

@@ -5,7 +5,10 @@ norm, head and all other layers stay the VLM's. The range must be given (no defa
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 from surgeon.merge.method import MergeMethod, TensorContext
 

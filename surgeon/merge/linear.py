@@ -6,7 +6,10 @@ Default w = 0.5 (not specified by the paper; surgeon default).
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 from surgeon.merge.method import MergeMethod, TensorContext
 from surgeon.merge.task_arithmetic import fused  # for one model, (1−w)·θ_V + w·θ_R = θ_V + w·τ

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class TensorContext:
     generators: tuple[torch.Generator, ...] = ()
 
 
-Combine = Callable[[torch.Tensor, list[torch.Tensor], TensorContext], torch.Tensor]
+Combine = Callable[["torch.Tensor", list["torch.Tensor"], TensorContext], "torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,10 @@ class MergeMethod:
     """
 
     name: str
-    summary: str
+    summary: str  # the formula, in the notation of ``surgeon.merge.NOTATION``
     combine: Combine
+    title: str = ""  # how prose names it ("TIES"); the name when empty
+    reference: str = ""  # the paper it comes from
     options: frozenset[str] = frozenset()
     defaults: dict[str, float] = field(default_factory=dict)
     single_model: bool = False

@@ -6,14 +6,17 @@ not specified by the DRIFT paper). Default w = 0.5 (not specified by the paper; 
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 from surgeon.merge.method import MergeMethod, TensorContext
 
 
 def fused(base: torch.Tensor, reasoning: list[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
     """One model: θ_V + w·(θ_R − θ_V) as one ``lerp`` pass, in place (the blocks are scratch)."""
-    return torch.lerp(base, reasoning[0], ctx.weight, out=base)
+    return base.lerp_(reasoning[0], ctx.weight)
 
 
 def combine(base: torch.Tensor, reasoning: list[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
@@ -27,8 +30,10 @@ def combine(base: torch.Tensor, reasoning: list[torch.Tensor], ctx: TensorContex
 
 METHOD = MergeMethod(
     name="task-arithmetic",
-    summary="θ_V + w·Σ_i τ_i, τ_i = θ_Ri − θ_V",
+    summary="θ_V + w·Σ_i τ_i",
     combine=combine,
+    title="task-arithmetic",
+    reference="Ilharco et al. 2023",
     fused=fused,
     options=frozenset({"weight"}),
     defaults={"weight": 0.5},

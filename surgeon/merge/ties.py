@@ -8,7 +8,10 @@ paper's top-20 %).
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 from surgeon.merge.method import MergeMethod, TensorContext
 from surgeon.merge.sparsify import disjoint_mean, trim
@@ -23,6 +26,8 @@ METHOD = MergeMethod(
     name="ties",
     summary="θ_V + w·disjoint_mean(trim_density(τ_i))",
     combine=combine,
+    title="TIES",
+    reference="Yadav et al. 2023",
     options=frozenset({"weight", "density"}),
     defaults={"weight": 0.5, "density": 0.2},
     trims=True,

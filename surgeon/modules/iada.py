@@ -48,7 +48,7 @@ class IadaConfig:
     block_size: S, a boundary after every S decoder layers (after layer b·S for b = 1…⌊L/S⌋).
     rank: r of the per-modality low-rank query D (r×d) and U (d×r).
     depth: n_d, how many previous boundaries (boundary 0 = embedding output) each one reads;
-        None = all.
+        None (or "all") = all.
     mode: "adaptive" (input-dependent weights over depth) or "fixed" (learned input-independent
         depth logits per boundary, the paper's diagnostic baseline).
     gate: "channel" (g ∈ R^d) or "scalar" (g ∈ R).
@@ -67,6 +67,13 @@ class IadaConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.depth, str):
+            if self.depth.strip().lower() == "all":
+                object.__setattr__(self, "depth", None)
+            elif self.depth.strip().isdigit():
+                object.__setattr__(self, "depth", int(self.depth))
+            else:
+                raise ConfigError("depth", f"{self.depth!r} is neither a number nor all")
         if self.block_size < 1:
             raise ConfigError("block_size", f"must be at least 1, got {self.block_size}")
         if self.rank < 1:
@@ -287,7 +294,7 @@ def inject_iada(
             (tmp / "config.json").write_text(json.dumps(ckpt.config, indent=2) + "\n")
             modeling.write_remote_code(tmp, plan.architecture, sections)
             stats = {"boundaries": [asdict(b) for b in plan.boundaries], "params": plan.params, "files": files}
-            write_record(tmp, build_record("inject-iada", "model+remote-code", config, {"model": ckpt}, stats))
+            write_record(tmp, build_record("inject-iada", "model+remote-code", config, {"model": ckpt}, stats, methods=("iada",)))
     return IadaResult(plan, str(out), files)
 
 

@@ -320,5 +320,25 @@ def save_output(run: Run, model: torch.nn.Module, config: TrainConfig, stats: di
             from surgeon.heads.score import heads_file
 
             inputs["heads"] = {"source": config.image_lora, "sha256": file_hash(heads_file(config.image_lora))}
-        write_record(tmp, build_record("train", artifact, config, inputs, stats))
+        record = build_record("train", artifact, config, inputs, stats, methods=applied_methods(config, stats))
+        write_record(tmp, record)
     return Path(config.output)
+
+
+def applied_methods(config: TrainConfig, stats: dict) -> list[str]:
+    """What a run applied, as recorded in ``surgeon.json`` (and shown as the card's tags): ``drift``
+    (a prior with α > 0), ``iada`` (blocks in the trained model), ``image-lora`` or ``lora`` (also
+    when merged), ``perception-reweighting`` (a perception weight, fixed or dynamic)."""
+    modules = stats.get("surgeon_modules") or []
+    methods = []
+    if config.prior and config.drift_alpha > 0:
+        methods.append("drift")
+    if "iada" in modules:
+        methods.append("iada")
+    if config.image_lora:
+        methods.append("image-lora")
+    elif not config.full:
+        methods.append("lora")
+    if config.perception_weight is not None:
+        methods.append("perception-reweighting")
+    return methods
