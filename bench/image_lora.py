@@ -12,7 +12,7 @@ identical weights, base frozen in all of them:
 
 Adapter FLOPs are measured with torch's FlopCounterMode (forward, and forward+backward) as the
 arm's count minus the base count, and compared with ``surgeon.modules.image_lora.flops_report`` and
-METHODS §4's (T_v/T)·(d + H_sel·d_h)/(d + H_kv·d_h). Step time (forward, backward, AdamW) is the
+docs/methods.md §4's (T_v/T)·(d + H_sel·d_h)/(d + H_kv·d_h). Step time (forward, backward, AdamW) is the
 median over repetitions in rotating order; wall and process CPU time are both printed.
 
     python bench/image_lora.py --threads 1
@@ -124,7 +124,7 @@ def main() -> None:
     optimizers = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5) for n, m in models.items()}
     print(f"device={args.device} seq={args.seq} layers={LAYERS} hidden={HIDDEN} kv_heads={KV} head_dim={HEAD_DIM} "
           f"rank=8 image-lora heads=1 per layer reps={args.reps} threads={torch.get_num_threads()}")  # fmt: skip
-    print("| visual fraction | adapter FLOPs fwd: Image-LoRA / LoRA | fwd+bwd | report | METHODS formula "
+    print("| visual fraction | adapter FLOPs fwd: Image-LoRA / LoRA | fwd+bwd | report | formula (docs/methods.md §4) "
           "| LoRA adapter share of step FLOPs | step ms base / Image-LoRA / LoRA (wall) | Image-LoRA / LoRA step (wall, cpu) |")
     for fraction in args.fractions:
         batch = sample(args.seq, fraction, args.device)

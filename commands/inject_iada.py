@@ -45,7 +45,7 @@ def command(model: str, as_json: bool, **options: object) -> None:
     \b
     At every boundary (after each S decoder layers) a token's hidden state gets a gated mix of
     its own states at the previous boundaries, weighted by a low-rank, modality-specific query
-    (METHODS.md §3). The paper publishes only its abstract, so every default is surgeon's:
+    (docs/methods.md §3). The paper publishes only its abstract, so every default is surgeon's:
     S=7, r=4, n_d=all and a per-channel gate reproduce its 0.14M parameters on Qwen3-VL-2B;
     D ~ N(0, 1/d), RMS epsilon 1e-6, fp32 aggregation and caching each boundary's state before
     its own aggregation are not specified by the paper. The gate starts at 0, so the output

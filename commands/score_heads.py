@@ -51,11 +51,13 @@ def command(as_json: bool, **options: object) -> None:
     \b
     The model stays frozen. A probe acts on value vectors at image/video tokens only, and each
     head's score sums the probe's squared gradient of the answer-token cross-entropy over the
-    probe batches (METHODS.md §4). Selection: layer mass M_l = Σ_h max(score, 0), then
+    probe batches (docs/methods.md §4). Selection: layer mass M_l = Σ_h max(score, 0), then
     k_l = round(K·M_l^τ/Σ M^τ) capped at the KV heads per layer, rounded to sum to K (adding to
     the highest-mass layers first, removing from the lowest first), and the top-k_l heads of each
     layer. The probe samples are the data's samples with images in a seeded random order, and
-    rounding is half up (surgeon defaults; not specified by the paper).
+    rounding is half up (surgeon defaults; not specified by the paper). The answer tokens are the
+    assistant text and its end-of-turn token, as in training; the authors' scripts also supervise
+    the newline after <|im_end|>, so scores differ slightly from theirs.
 
     \b
     Shows a layers × heads heatmap and the adapter's cost: its FLOPs against LoRA on the value

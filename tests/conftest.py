@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 # Before anything imports huggingface_hub or transformers: never touch the network or ~/.cache.
@@ -140,3 +141,93 @@ def shapes_data(tmp_path_factory):
         return made[fmt]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def data(shapes_data) -> Path:
+    """The synthetic dataset in TRL's ``messages`` format (``data.jsonl``)."""
+    return shapes_data("trl")
+
+
+# ---------------------------------------------------------------- output folders for push tests
+def _copy_configs(src: Path, dst: Path) -> None:
+    for p in src.iterdir():
+        if not p.name.endswith(".safetensors"):
+            shutil.copy(p, dst / p.name)
+
+
+@pytest.fixture(scope="session")
+def outputs(tiny_models, tmp_path_factory):
+    """Output folders as surgeon commands write them, each with its surgeon.json; kind -> folder."""
+    import json
+
+    from helpers import BASE, LLM, REMOTE_CODE, VLM
+    from safetensors.torch import load_file
+
+    from surgeon.io.output import ShardedWriter, TensorSpec
+    from surgeon.io.provenance import build_record, write_record
+    from surgeon.io.safetensors import DTYPE_CODES, write_file
+
+    root = tmp_path_factory.mktemp("outputs")
+    vlm, llm = tiny_models("qwen2_5_vl"), tiny_models("qwen2", seed=1)
+    made = {}
+
+    merge = root / "merge"
+    merge.mkdir()  # a model in several safetensors shards + index
+    _copy_configs(vlm, merge)
+    tensors = load_file(vlm / "model.safetensors")
+    specs = [TensorSpec(n, DTYPE_CODES[t.dtype], tuple(t.shape)) for n, t in tensors.items()]
+    with ShardedWriter(merge, specs, shard_size=sum(s.nbytes for s in specs) // 2 + 1) as w:
+        for name, t in tensors.items():
+            w.write(name, t)
+    config = {"method": "ties", "weight": 0.5, "density": 0.2, "seed": 0, "output": "merge"}
+    write_record(merge, build_record("merge", "model", config, {"vlm": VLM, "reasoning": [LLM]}, {"tensors_merged": len(tensors)}))
+    made["merge"] = merge
+
+    prior = root / "prior"  # Δ tensors under the VLM's names, not a model
+    prior.mkdir()
+    deltas = {n: t[:2].clone() for n, t in tensors.items() if ".layers.0.mlp." in n}
+    assert deltas
+    write_file(prior / "prior.safetensors", deltas, {"format": "pt"})
+    layers = [{"layer": i, "family": f, "delta_norm": 0.5 + i, "relative": 0.01 * i, "cosine": 0.98} for i in range(4) for f in ("attn", "mlp")]
+    write_record(prior, build_record("prior", "prior", {"normalize": True, "families": ["attn", "mlp"]}, {"vlm": VLM, "reasoning": LLM}, {"tensors": len(deltas), "layers": layers}))
+    made["prior"] = prior
+
+    adapter = root / "adapter"  # a real peft LoRA adapter; peft records the base's local path
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(llm), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(adapter)
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(llm)
+    train = {"method": "lora", "lora_rank": 2, "steps": 3, "drift": {"alpha": 1.0, "rule": "adaptive_cosine"}, "perception_weight": 0.3}
+    data = {"source": "data/train.jsonl", "fingerprint": "sha256:" + "4" * 64}
+    stats = {"final_loss": 1.25, "metrics": {"loss": 1.25, "perception_loss": 0.8, "steps": 3}}
+    inputs = {"model": BASE, "prior": {"source": "my-prior", "fingerprint": "sha256:5"}, "data": data}
+    write_record(adapter, build_record("train", "peft-adapter", train, inputs, stats, methods=("drift", "lora", "perception-reweighting")))
+    made["adapter"] = adapter
+
+    remote = root / "remote-code"  # a model whose class ships as code in the folder
+    remote.mkdir()
+    _copy_configs(llm, remote)
+    shutil.copy(llm / "model.safetensors", remote / "model.safetensors")
+    (remote / "modeling_tiny_iada.py").write_text(REMOTE_CODE)
+    cfg = json.loads((remote / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_tiny_iada.TinyIadaForCausalLM"}
+    (remote / "config.json").write_text(json.dumps(cfg, indent=2))
+    iada = {"block_size": 2, "rank": 4, "depth": None, "mode": "adaptive", "gate": "channel"}
+    write_record(remote, build_record("inject-iada", "model+remote-code", iada, {"model": BASE}, {"added_params": 1234}))
+    made["remote-code"] = remote
+    return made, {"vlm": vlm, "llm": llm}
+
+
+@pytest.fixture
+def folder(outputs, tmp_path):
+    """A fresh copy of one output folder (tests may damage it)."""
+
+    def copy(kind: str) -> Path:
+        dst = tmp_path / kind
+        shutil.copytree(outputs[0][kind], dst)
+        return dst
+
+    return copy

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
 import torch
 
 
@@ -47,3 +55,98 @@ def run_surgeon(args: list[str], nproc: int = 1, threads: int = 1, timeout: floa
         launch = [sys.executable]
     cmd = [*launch, "-m", "surgeon.commands", *[str(a) for a in args]]
     return subprocess.run(cmd, check=False, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+# --------------------------------------------------------------------------- model inputs
+def image(seed: int, size: tuple[int, int] = (28, 28)):
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def image_batch(folder, images_per_sample=(2, 1)):
+    """A left-padded batch of chat prompts with several images per sample, built by the real processor."""
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(folder)
+    proc.tokenizer.padding_side = "left"
+    texts, images = [], []
+    for i, n in enumerate(images_per_sample):
+        content = [{"type": "image"}] * n + [{"type": "text", "text": "What color is the largest shape?"}]
+        texts.append(proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
+        images.append([image(10 * i + j, (28 + 28 * (j % 2), 28)) for j in range(n)])
+    return dict(proc(text=texts, images=images, return_tensors="pt", padding=True))
+
+
+def text_batch():
+    return {"input_ids": torch.randint(20, 400, (2, 12), generator=torch.Generator().manual_seed(0))}
+
+
+def randomise(model, seed: int = 0, scale: float = 0.5, kind: str | None = None) -> None:
+    """Stand-in for training: every surgeon module parameter (of ``kind``, or all) random and non-zero."""
+    from surgeon.modules.folders import module_parameters
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module_parameters(model, kind).values():
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+
+# ------------------------------------------------------------- loading without surgeon installed
+REMOTE = textwrap.dedent(
+    """
+    import json, sys
+    sys.path[:0] = json.loads(sys.argv[2])
+    try:
+        import surgeon
+        sys.exit("surgeon is importable")
+    except ImportError:
+        pass
+    import torch, transformers
+    from safetensors.torch import load_file, save_file
+    for job in json.load(open(sys.argv[1])):
+        auto = getattr(transformers, job["auto"])
+        model = auto.from_pretrained(job["folder"], trust_remote_code=True).eval()
+        assert type(model).__name__.startswith("Surgeon"), type(model)
+        assert "surgeon" not in sys.modules
+        with torch.no_grad():
+            out = model(**load_file(job["inputs"])).logits
+        save_file({"logits": out.contiguous()}, job["output"])
+    print("ok")
+    """
+)
+
+
+def run_without_surgeon(jobs: list[dict], tmp_path: Path) -> None:
+    """Load each folder with trust_remote_code in ``python -I -S`` whose path holds the dependencies
+    (torch, transformers) but neither the source tree nor surgeon's editable install."""
+    import transformers
+
+    deps = sorted({str(Path(transformers.__file__).parents[1]), str(Path(torch.__file__).parents[1])})
+    assert not any((Path(d) / "surgeon").exists() for d in deps)
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    (tmp_path / "remote.py").write_text(REMOTE)
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", str(tmp_path / "remote.py"), str(tmp_path / "jobs.json"), json.dumps(deps)],
+        cwd=tmp_path, capture_output=True, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())},  # like with like
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+# ------------------------------------------------------------------- push: recorded inputs, files
+TOKEN = "hf_surgeonStandInToken0123456789abcdefXY"
+VLM = {"source": "Qwen/Qwen2.5-VL-7B-Instruct", "revision": "main", "commit": "a" * 40, "fingerprint": "sha256:" + "1" * 64}
+LLM = {"source": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "revision": "main", "commit": "b" * 40, "fingerprint": "sha256:" + "2" * 64}
+BASE = {"source": "Qwen/Qwen2-0.5B-Instruct", "revision": "main", "commit": "c" * 40, "fingerprint": "sha256:" + "3" * 64}
+REMOTE_CODE = '''from transformers import Qwen2ForCausalLM
+
+
+class TinyIadaForCausalLM(Qwen2ForCausalLM):
+    """Stands for a model class shipped with the checkpoint."""
+'''
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

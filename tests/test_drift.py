@@ -24,7 +24,7 @@ def test_each_scale_on_a_hand_made_gradient(scale, expected):
 
 
 def _reference(g, d, alpha, scale):
-    """The formulas of METHODS.md §1, written out independently."""
+    """The formulas of docs/methods.md §1, written out independently."""
     g, d = g.double(), d.double()
     if scale == "absolute":
         return g - alpha * d

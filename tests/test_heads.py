@@ -7,8 +7,7 @@ import random
 
 import pytest
 import torch
-from helpers import assert_one_line_error
-from test_iada import image_batch
+from helpers import assert_one_line_error, image_batch
 
 from surgeon.errors import ConfigError
 from surgeon.heads.score import ScoreHeadsConfig, read_heads, score_heads

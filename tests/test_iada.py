@@ -1,86 +1,20 @@
-"""IADA blocks in a model: identity at init, the METHODS §3 maths, visual tokens, training, the 0.14M pin."""
+"""IADA blocks in a model: other architectures, the docs/methods.md §3 maths, visual tokens, training, the
+0.14M pin (identity at init, gradients, copies and round trips: test_module_kinds.py)."""
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
-from helpers import logits
+from helpers import image_batch, logits, randomise, text_batch
 
 from surgeon import load_model
-from surgeon.modules.iada import IadaConfig, add_iada, inject_iada, plan_boundaries, plan_iada
+from surgeon.modules.iada import IadaConfig, add_iada, plan_boundaries, plan_iada
 from surgeon.modules.folders import module_parameters
 
-VLMS = ["qwen2_5_vl", "qwen3_vl", "llava"]
 
-
-def image(seed: int, size: tuple[int, int] = (28, 28)):
-    from PIL import Image
-
-    pixels = np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
-
-
-def image_batch(folder, images_per_sample=(2, 1)):
-    """A left-padded batch of chat prompts with several images per sample, built by the real processor."""
-    from transformers import AutoProcessor
-
-    proc = AutoProcessor.from_pretrained(folder)
-    proc.tokenizer.padding_side = "left"
-    texts, images = [], []
-    for i, n in enumerate(images_per_sample):
-        content = [{"type": "image"}] * n + [{"type": "text", "text": "What color is the largest shape?"}]
-        texts.append(proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
-        images.append([image(10 * i + j, (28 + 28 * (j % 2), 28)) for j in range(n)])
-    return dict(proc(text=texts, images=images, return_tensors="pt", padding=True))
-
-
-def text_batch():
-    return {"input_ids": torch.randint(20, 400, (2, 12), generator=torch.Generator().manual_seed(0))}
-
-
-@pytest.fixture(scope="module")
-def injected(tiny_models, tmp_path_factory):
-    """family -> (base folder, IADA folder with S=2: boundaries after layers 2 and 4)."""
-    made = {}
-
-    def get(family: str):
-        if family not in made:
-            base = tiny_models(family)
-            out = tmp_path_factory.mktemp("iada") / f"{family}-iada"
-            inject_iada(str(base), out, IadaConfig(block_size=2))
-            made[family] = (base, out)
-        return made[family]
-
-    return get
-
-
-def randomise(model, seed: int = 0, scale: float = 0.5) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module_parameters(model).values():
-            p.copy_(torch.randn(p.shape, generator=gen) * scale)
-
-
-# ------------------------------------------------------------------------------- identity at init
-@pytest.mark.parametrize("family", VLMS)
-def test_identity_at_init_text_images_and_generation(injected, family):
-    from transformers import AutoModelForImageTextToText
-
-    base_dir, iada_dir = injected(family)
-    base = AutoModelForImageTextToText.from_pretrained(base_dir).eval()
-    model = load_model(iada_dir).eval()
-    assert type(model).__name__ == "Surgeon" + type(base).__name__
-    assert sorted({n.split(".")[4] for n in module_parameters(model)}) == ["down", "gate", "up"]
-    for batch in (text_batch(), image_batch(base_dir)):
-        assert torch.equal(logits(model, **batch), logits(base, **batch))
-    batch = image_batch(base_dir)
-    kw = dict(max_new_tokens=6, do_sample=False)
-    assert torch.equal(model.generate(**batch, **kw), base.generate(**batch, **kw))
-
-
+# ------------------------------------------------------------------------------- architectures
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama", "idefics3"])
 def test_attaches_to_other_architectures(tiny_models, family):
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -107,29 +41,11 @@ def test_inputs_embeds_callers_get_the_same_result(tiny_models):
     torch.testing.assert_close(logits(model, inputs_embeds=embeds), logits(model, input_ids=ids))
 
 
-def test_a_deep_copy_runs_its_own_blocks(tiny_models):
-    """copy.deepcopy(model) (reference models, EMA) gets hooks bound to its own modules."""
-    import copy
-
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_models("qwen2", seed=1)).eval()
-    base = logits(model, **text_batch())
-    add_iada(model, IadaConfig(block_size=2))
-    randomise(model)
-    trained = logits(model, **text_batch())
-    twin = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, p in module_parameters(twin).items():
-            if name.endswith("gate"):
-                p.zero_()
-    assert torch.equal(logits(twin, **text_batch()), base)
-    assert torch.equal(logits(model, **text_batch()), trained)
 
 
 # ---------------------------------------------------------------------- the maths, token by token
 def reference_boundary(h, states, down, up, gate, visual, eps=1e-6):
-    """METHODS.md §3 for one boundary, one token at a time, in plain torch (float64)."""
+    """docs/methods.md §3 for one boundary, one token at a time, in plain torch (float64)."""
     h, states = h.double(), [c.double() for c in states]
     down, up, gate = down.double(), up.double(), gate.double()
     d = h.shape[-1]
@@ -280,22 +196,6 @@ def test_both_modes_train(tiny_models, mode):
     assert {"gate", "up" if mode == "adaptive" else "depth_logits"} <= moved
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tiny_models):
-    from transformers import AutoModelForCausalLM
-
-    grads = []
-    for checkpointing in (False, True):
-        model = AutoModelForCausalLM.from_pretrained(tiny_models("qwen2", seed=1))
-        add_iada(model, IadaConfig(block_size=2))
-        randomise(model, scale=0.2)
-        if checkpointing:
-            model.gradient_checkpointing_enable()
-        model.train()
-        assert model.model.layers[0].gradient_checkpointing is checkpointing
-        _copy_task_loss(model, text_batch()["input_ids"]).backward()
-        grads.append({n: p.grad.clone() for n, p in module_parameters(model).items()})
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
 
 
 # ------------------------------------------------------------------------ sizes and the 0.14M pin
@@ -314,7 +214,7 @@ def test_qwen3_vl_2b_defaults_add_139264_parameters():
     from transformers import Qwen3VLForConditionalGeneration
 
     d, r, boundaries = 2048, 4, 28 // 7
-    expected = boundaries * (4 * d * r + d)  # METHODS §3: D and U per modality, plus the gate
+    expected = boundaries * (4 * d * r + d)  # docs/methods.md §3: D and U per modality, plus the gate
     assert expected == 139_264
     config = qwen3_vl_2b_config()
     config.architectures = ["Qwen3VLForConditionalGeneration"]

@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_one_line_error, logits
-from safetensors.torch import load_file, save_file
-from test_iada import image_batch, randomise
+from helpers import assert_one_line_error
+from safetensors.torch import load_file
 
 import surgeon
 from surgeon import load_model
 from surgeon.modules.iada import SHARD, IadaConfig, add_iada, inject_iada
-from surgeon.modules.folders import module_parameters, save_model
+from surgeon.modules.folders import module_parameters
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -82,76 +78,6 @@ def test_in_memory_injection_matches_the_written_folder(vlm, tmp_path):
 
 
 # ------------------------------------------------------------------------ round trip, remote code
-REMOTE = textwrap.dedent(
-    """
-    import json, sys
-    sys.path[:0] = json.loads(sys.argv[2])
-    try:
-        import surgeon
-        sys.exit("surgeon is importable")
-    except ImportError:
-        pass
-    import torch, transformers
-    from safetensors.torch import load_file, save_file
-    for job in json.load(open(sys.argv[1])):
-        auto = getattr(transformers, job["auto"])
-        model = auto.from_pretrained(job["folder"], trust_remote_code=True).eval()
-        assert type(model).__name__.startswith("Surgeon"), type(model)
-        assert "surgeon" not in sys.modules
-        with torch.no_grad():
-            out = model(**load_file(job["inputs"])).logits
-        save_file({"logits": out.contiguous()}, job["output"])
-    print("ok")
-    """
-)
-
-
-def run_without_surgeon(jobs: list[dict], tmp_path: Path) -> None:
-    """Load each folder with trust_remote_code in ``python -I -S`` whose path holds the dependencies
-    (torch, transformers) but neither the source tree nor surgeon's editable install."""
-    import transformers
-
-    deps = sorted({str(Path(transformers.__file__).parents[1]), str(Path(torch.__file__).parents[1])})
-    assert not any((Path(d) / "surgeon").exists() for d in deps)
-    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    (tmp_path / "remote.py").write_text(REMOTE)
-    proc = subprocess.run(
-        [sys.executable, "-I", "-S", str(tmp_path / "remote.py"), str(tmp_path / "jobs.json"), json.dumps(deps)],
-        cwd=tmp_path, capture_output=True, text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())},  # like with like
-    )  # fmt: skip
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
-
-
-def test_round_trip_through_surgeon_and_trust_remote_code(tiny_models, vlm, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
-
-    llm = tiny_models("qwen2", seed=1)
-    cases = {
-        "vlm": (vlm, AutoModelForImageTextToText, image_batch(vlm), AutoProcessor.from_pretrained(vlm)),
-        "llm": (llm, AutoModelForCausalLM, {"input_ids": torch.randint(20, 400, (2, 9))}, None),
-    }
-    jobs, expected = [], {}
-    for name, (base_dir, auto, batch, processor) in cases.items():
-        injected = tmp_path / f"{name}-iada"
-        inject_iada(str(base_dir), injected, IadaConfig(block_size=2, gate="scalar" if name == "llm" else "channel"))
-        model = load_model(injected).eval()
-        randomise(model, seed=7, scale=0.4)
-        ref = logits(model, **batch)
-        base = logits(auto.from_pretrained(base_dir).eval(), **batch)
-        assert not torch.allclose(ref, base)
-        saved = save_model(model, tmp_path / f"{name}-trained", processor=processor)
-        assert torch.equal(logits(load_model(saved).eval(), **batch), ref)  # through surgeon
-        plain = auto.from_pretrained(saved).eval()  # no trust_remote_code: the base model
-        assert not hasattr(plain, "surgeon") and torch.equal(logits(plain, **batch), base)
-        save_file({k: v.contiguous() for k, v in batch.items()}, tmp_path / f"{name}-inputs.safetensors")
-        for folder, want in ((saved, ref), (injected, base)):  # trained weights, and the identity at init
-            out = str(tmp_path / f"{folder.name}-logits.safetensors")
-            jobs.append({"folder": str(folder), "auto": auto.__name__, "inputs": str(tmp_path / f"{name}-inputs.safetensors"), "output": out})
-            expected[out] = want
-    run_without_surgeon(jobs, tmp_path)
-    for out, want in expected.items():
-        assert torch.equal(load_file(out)["logits"], want), out
 
 
 # -------------------------------------------------------------------------- options and bad input

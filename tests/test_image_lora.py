@@ -1,4 +1,4 @@
-"""Image-LoRA adapters: the 831,516 pin, identity at init, visual tokens only, the METHODS §4 maths,
+"""Image-LoRA adapters: the 831,516 pin, identity at init, visual tokens only, the docs/methods.md §4 maths,
 generation, gradient checkpointing, IADA beside it, FLOPs, save/load and remote code, training."""
 
 from __future__ import annotations
@@ -9,17 +9,15 @@ import os
 
 import pytest
 import torch
-from helpers import assert_one_line_error, logits
+from helpers import assert_one_line_error, image_batch, logits, randomise, text_batch
 from safetensors.torch import load_file
-from test_iada import image_batch, text_batch
-from test_iada_cli import run_without_surgeon
 
 from surgeon import load_model
 from surgeon.heads.score import HeadScores, write_heads
 from surgeon.modules.iada import IadaConfig, add_iada
 from surgeon.modules.image_lora import ImageLoraConfig, add_image_lora, batch_flops, count_parameters, flops_report
 from surgeon.modules.modeling_surgeon import remove_module
-from surgeon.modules.folders import module_parameters, save_model
+from surgeon.modules.folders import module_parameters
 
 VLMS = ["qwen2_5_vl", "qwen3_vl", "llava"]
 HEADS = [[0], [], [0, 1], [1]]  # tiny models: 4 layers, 2 KV heads of size 16, hidden 64
@@ -31,20 +29,12 @@ def base_model(folder):
     return AutoModelForImageTextToText.from_pretrained(folder).eval()
 
 
-def randomise(model, seed: int = 0, scale: float = 0.5, kind: str | None = None) -> None:
-    """Stand-in for training: every adapter parameter non-zero."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module_parameters(model, kind).values():
-            p.copy_(torch.randn(p.shape, generator=gen) * scale)
-
-
 # ----------------------------------------------------------------------------- the 831,516 pin
 def test_qwen2_5_vl_7b_with_one_head_per_layer_trains_831516_parameters():
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     d, layers, d_h, r = 3584, 28, 128, 8
-    expected = layers * (d * r + 1 * r * d_h + 1)  # METHODS §4: A, one B_h, γ per layer
+    expected = layers * (d * r + 1 * r * d_h + 1)  # docs/methods.md §4: A, one B_h, γ per layer
     assert expected == 831_516
     config = Qwen2_5_VLConfig(
         text_config=dict(hidden_size=d, num_hidden_layers=layers, num_attention_heads=28, num_key_value_heads=4,
@@ -64,19 +54,18 @@ def test_qwen2_5_vl_7b_with_one_head_per_layer_trains_831516_parameters():
 
 # ------------------------------------------------------------------------------ identity, text
 @pytest.mark.parametrize("family", VLMS)
-def test_identity_at_init_and_text_only_invariance_when_trained(tiny_models, family):
+def test_text_only_inputs_are_untouched_once_trained(tiny_models, family):
+    """Identity at init is the module-kind matrix's; here the adapters are trained (random) and a
+    text-only batch still gives the base logits bit for bit, while images change them."""
     folder = tiny_models(family)
     base, model = base_model(folder), base_model(folder)
     add_image_lora(model, HEADS)
     assert all(not p.any() for n, p in module_parameters(model).items() if n.endswith(".up"))  # B = 0
-    images, text = image_batch(folder), text_batch()
-    kw = dict(max_new_tokens=5, do_sample=False)
-    for batch in (images, text):
-        assert torch.equal(logits(model, **batch), logits(base, **batch))
-    assert torch.equal(model.generate(**images, **kw), base.generate(**images, **kw))
     randomise(model)
-    assert torch.equal(logits(model, **text), logits(base, **text))  # bit for bit, trained or not
+    images, text = image_batch(folder), text_batch()
+    assert torch.equal(logits(model, **text), logits(base, **text))
     assert not torch.allclose(logits(model, **images), logits(base, **images))
+    kw = dict(max_new_tokens=5, do_sample=False)
     cached, recomputed = (model.generate(**images, use_cache=c, **kw) for c in (True, False))
     assert torch.equal(cached, recomputed)  # decode steps carry no visual token; the cache holds the adapted values
 
@@ -107,26 +96,6 @@ def test_values_change_only_at_visual_tokens_of_selected_heads_by_the_formula(vl
     assert expected.abs().max() > 1e-2
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(vlm):
-    grads = []
-    batch = image_batch(vlm)
-    for checkpointing in (False, True):
-        model = base_model(vlm)
-        add_image_lora(model, HEADS)
-        randomise(model, scale=0.2)
-        model.requires_grad_(False)
-        for p in module_parameters(model).values():
-            p.requires_grad_(True)
-        if checkpointing:
-            model.gradient_checkpointing_enable()
-            model.enable_input_require_grads()
-        model.train()
-        out = model(**batch).logits
-        torch.nn.functional.cross_entropy(out[:, :-1].flatten(0, 1), batch["input_ids"][:, 1:].flatten()).backward()
-        grads.append({n: p.grad.clone() for n, p in module_parameters(model).items()})
-    assert all(g.abs().sum() > 0 for g in grads[0].values())
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
 
 
 def test_beside_iada_each_kind_keeps_its_own_effect(vlm):
@@ -179,7 +148,7 @@ def test_flops_report_follows_the_cost_formula_and_the_measured_flops(vlm):
     d, kv, d_h = 64, 2, 16
     report = flops_report([[0]] * 4, d, kv, d_h, tokens=1000, visual_tokens=250, rank=8)
     assert report.visual_fraction == 0.25
-    assert report.ratio == pytest.approx(0.25 * (d + 1 * d_h) / (d + kv * d_h))  # METHODS §4 "Cost"
+    assert report.ratio == pytest.approx(0.25 * (d + 1 * d_h) / (d + kv * d_h))  # docs/methods.md §4 "Cost"
     assert flops_report([[0]] * 4, d, kv, d_h, 1000, 250, rank=2).ratio == pytest.approx(report.ratio)
 
     model = base_model(vlm)
@@ -198,41 +167,9 @@ def test_flops_report_follows_the_cost_formula_and_the_measured_flops(vlm):
 
 
 # ----------------------------------------------------------------------- save, load, remote code
-def test_round_trip_through_surgeon_and_trust_remote_code(vlm, tiny_models, tmp_path):
-    from safetensors.torch import save_file
-    from transformers import AutoProcessor
-
-    jobs, expected = [], {}
-    for family in ("qwen2_5_vl", "llava"):
-        folder = tiny_models(family)
-        model = base_model(folder)
-        add_iada(model, IadaConfig(block_size=2))
-        add_image_lora(model, HEADS)
-        randomise(model, seed=5, scale=0.3)
-        batch = image_batch(folder)
-        want = logits(model, **batch)
-        saved = save_model(model, tmp_path / family, processor=AutoProcessor.from_pretrained(folder))
-        loaded = load_model(saved).eval()
-        assert set(loaded.config.surgeon) == {"iada", "image_lora"}
-        assert torch.equal(logits(loaded, **batch), want)
-        params, again = module_parameters(model), module_parameters(loaded)
-        assert params.keys() == again.keys() and all(torch.equal(params[n], again[n]) for n in params)
-        inputs = tmp_path / f"{family}-inputs.safetensors"
-        save_file({k: v.contiguous() for k, v in batch.items()}, inputs)
-        out = str(tmp_path / f"{family}-logits.safetensors")
-        jobs.append({"folder": str(saved), "auto": "AutoModelForImageTextToText", "inputs": str(inputs), "output": out})
-        expected[out] = want
-    run_without_surgeon(jobs, tmp_path)
-    for out, want in expected.items():
-        assert torch.equal(load_file(out)["logits"], want), out
 
 
 # --------------------------------------------------------------------------------------- training
-@pytest.fixture(scope="module")
-def data(shapes_data):
-    return shapes_data("trl")
-
-
 def heads_json(path, selected) -> str:
     scores = [[float(len(row))] * 2 for row in selected]
     result = HeadScores("tiny", "gate", len(selected), 2, 16, 64, scores, sum(map(len, selected)), 0.5, None,

@@ -1,4 +1,4 @@
-"""Merge baselines: each method equals its METHODS.md §2 formula (written here in plain torch),
+"""Merge baselines: each method equals its docs/methods.md §2 formula (written here in plain torch),
 everything else is copied byte for byte, and the output loads and runs in transformers."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DRIFT priors: Δ per METHODS.md §1 under the VLM's names, statistics, loading, and bad input."""
+"""DRIFT priors: Δ per docs/methods.md §1 under the VLM's names, statistics, loading, and bad input."""
 
 from __future__ import annotations
 

@@ -8,8 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import assert_one_line_error
-from test_push import TOKEN, folder, outputs, snapshot  # noqa: F401 (fixtures)
+from helpers import TOKEN, assert_one_line_error, snapshot
 
 pytestmark = pytest.mark.usefixtures("hub_standin")
 

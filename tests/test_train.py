@@ -22,11 +22,6 @@ def _run(vlm, data, out, **kw):
     return train(TrainConfig(**{**base, **kw}))
 
 
-@pytest.fixture(scope="module")
-def data(shapes_data):
-    return shapes_data("trl")
-
-
 @pytest.mark.parametrize("mode", [dict(lr=1e-2), dict(full=True, lr=3e-3)], ids=["lora", "full"])
 def test_loss_goes_down(vlm, data, tmp_path, mode):
     _run(vlm, data, tmp_path / "out", max_steps=12, batch_size=4, **mode)

@@ -15,11 +15,6 @@ from surgeon.training.loop import train
 
 
 @pytest.fixture(scope="module")
-def data(shapes_data):
-    return shapes_data("trl")
-
-
-@pytest.fixture(scope="module")
 def prior(vlm, tmp_path_factory):
     from surgeon.demo import tiny
     from surgeon.drift.prior import PriorConfig, compute_prior

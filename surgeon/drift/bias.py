@@ -1,6 +1,6 @@
 """DRIFT: bend every fine-tuning gradient toward a fixed reasoning prior Δ (arXiv 2510.15050).
 
-Per biased tensor, once per optimiser step, with α the strength (METHODS.md §1)::
+Per biased tensor, once per optimiser step, with α the strength (docs/methods.md §1)::
 
     absolute:         g' = g − α·Δ
     gradnorm:         g' = g − α·‖g‖·Δ/‖Δ‖

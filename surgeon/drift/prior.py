@@ -1,4 +1,4 @@
-"""DRIFT reasoning priors (METHODS.md §1): compute Δ once, store it, load it for training.
+"""DRIFT reasoning priors (docs/methods.md §1): compute Δ once, store it, load it for training.
 
     result = compute_prior(PriorConfig(reasoning="deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
                                        vlm="Qwen/Qwen2.5-VL-7B-Instruct", output="r1-prior"))

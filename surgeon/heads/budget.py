@@ -1,4 +1,4 @@
-"""Which KV heads Image-LoRA adapts, given head scores (METHODS.md §4).
+"""Which KV heads Image-LoRA adapts, given head scores (docs/methods.md §4).
 
     budgets, selected = select_heads(scores, budget=28, tau=0.5)    # scores: [layers][kv_heads]
     select_heads(scores, per_layer=1)                                 # one head in every layer
@@ -24,7 +24,7 @@ def default_budget(num_layers: int, num_kv_heads: int) -> int:
 
 
 def allocate_budget(scores: Sequence[Sequence[float]], budget: int, tau: float = 0.5) -> list[int]:
-    """Heads per layer, summing to ``budget`` and at most H_kv each (METHODS §4).
+    """Heads per layer, summing to ``budget`` and at most H_kv each (docs/methods.md §4).
 
     k_l = round(K·M_l^τ/Σ M^τ) (half up; the rounding rule is not specified by the paper) with
     M_l = Σ_h max(score, 0) and 0^0 = 1, so τ = 0 gives every layer the same share.

@@ -1,4 +1,4 @@
-"""Head-influence probes of ``surgeon score-heads`` (METHODS.md §4): one class and one ``PROBES`` entry each.
+"""Head-influence probes of ``surgeon score-heads`` (docs/methods.md §4): one class and one ``PROBES`` entry each.
 
 A probe attaches to a frozen model through hooks on the value projections, adds parameters that
 act at visual tokens only and leave the forward pass unchanged (gates at 0, or B = 0), and after

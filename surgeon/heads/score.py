@@ -1,4 +1,4 @@
-"""Head influence scores and the KV heads Image-LoRA adapts (``surgeon score-heads``, METHODS.md §4).
+"""Head influence scores and the KV heads Image-LoRA adapts (``surgeon score-heads``, docs/methods.md §4).
 
     result = score_heads(ScoreHeadsConfig(model="vlm/", data="data.jsonl", output="heads.json"))
     result.scores        # [layers][kv_heads]: Σ over probe batches of the probe's squared gradients

@@ -1,5 +1,5 @@
 """``dare-linear`` (Yu et al. 2024): drop each entry of each τ_i with probability 1−density,
-rescale the kept ones by 1/density, then θ = θ_V + w·Σ_i DARE(τ_i) (METHODS.md §2).
+rescale the kept ones by 1/density, then θ = θ_V + w·Σ_i DARE(τ_i) (docs/methods.md §2).
 
 Seeded per tensor from ``seed`` and the tensor's LM-relative name, so results are reproducible and
 do not depend on tensor order or layout. Defaults (not specified by the paper; surgeon defaults):

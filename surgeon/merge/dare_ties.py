@@ -1,6 +1,6 @@
 """``dare-ties`` (Yu et al. 2024 with TIES' sign election): DARE each τ_i (drop with probability
 1−density, rescale by 1/density), elect signs by the sign of the sum, average the agreeing
-entries, θ = θ_V + w·τ_merged (METHODS.md §2). DARE replaces TIES' magnitude trim.
+entries, θ = θ_V + w·τ_merged (docs/methods.md §2). DARE replaces TIES' magnitude trim.
 
 Seeded as ``dare-linear``. Defaults (not specified by the paper; surgeon defaults): w = 0.5,
 density = 0.5, seed = 0.

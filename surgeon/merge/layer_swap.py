@@ -1,5 +1,5 @@
 """``layer-swap``: replace the VLM's decoder layers in the ``layers`` range by the reasoning
-model's (METHODS.md §2): θ = θ_R for every selected tensor of those layers; embeddings, final
+model's (docs/methods.md §2): θ = θ_R for every selected tensor of those layers; embeddings, final
 norm, head and all other layers stay the VLM's. The range must be given (no default).
 """
 

@@ -1,4 +1,4 @@
-"""``linear``: θ = (1−w)·θ_V + w·θ_R (METHODS.md §2).
+"""``linear``: θ = (1−w)·θ_V + w·θ_R (docs/methods.md §2).
 
 With several reasoning models θ_R is their mean (not specified by the paper; surgeon default).
 Default w = 0.5 (not specified by the paper; surgeon default).

@@ -1,4 +1,4 @@
-"""``task-arithmetic``: θ = θ_V + w·τ with τ = θ_R − θ_V (METHODS.md §2).
+"""``task-arithmetic``: θ = θ_V + w·τ with τ = θ_R − θ_V (docs/methods.md §2).
 
 With several reasoning models the task vectors are summed, θ = θ_V + w·Σ_i τ_i (Ilharco et al.;
 not specified by the DRIFT paper). Default w = 0.5 (not specified by the paper; surgeon default).

@@ -1,6 +1,6 @@
 """``ties`` (Yadav et al. 2023): trim each τ_i to its top-density fraction by magnitude (per
 tensor), elect each entry's sign as the sign of Σ_i τ_i, average the agreeing entries
-(disjoint mean), θ = θ_V + w·τ_merged (METHODS.md §2). With one reasoning model: θ_V + w·trim(τ).
+(disjoint mean), θ = θ_V + w·τ_merged (docs/methods.md §2). With one reasoning model: θ_V + w·trim(τ).
 
 Defaults (not specified by the paper; surgeon defaults): w = 0.5, density = 0.2 (the TIES
 paper's top-20 %).

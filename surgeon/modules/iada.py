@@ -5,7 +5,7 @@
     plan = inject_iada("./my-vlm", dry_run=True).plan       # from config.json alone
     add_iada(model, IadaConfig(block_size=4))               # a model already in memory
 
-The maths (METHODS.md §3, a reconstruction: the paper's code is not public) lives in
+The maths (docs/methods.md §3, a reconstruction: the paper's code is not public) lives in
 ``surgeon/modules/modeling_surgeon.py``, the file that is also shipped into the output folder, so the
 folder loads with ``trust_remote_code=True`` without surgeon and with ``surgeon.load_model``.
 
@@ -41,7 +41,7 @@ PREFIX = f"{modeling.MODULE_ATTR}.{KIND}."
 
 @dataclass(frozen=True)
 class IadaConfig:
-    """IADA settings (METHODS.md §3). The paper publishes only its abstract: the defaults S=7,
+    """IADA settings (docs/methods.md §3). The paper publishes only its abstract: the defaults S=7,
     r=4, n_d=all, adaptive, per-channel gate are surgeon's, chosen to give its 0.14M parameters
     on Qwen3-VL-2B.
 

@@ -5,7 +5,7 @@
     report = batch_flops(model, batch)                      # adapter FLOPs vs LoRA on v_proj over all tokens
     report.ratio, report.visual_fraction
 
-The maths (METHODS.md §4) lives in ``surgeon/modules/modeling_surgeon.py`` (``ImageLoraModule``), the file
+The maths (docs/methods.md §4) lives in ``surgeon/modules/modeling_surgeon.py`` (``ImageLoraModule``), the file
 that saved folders carry, so a trained model loads with ``trust_remote_code=True`` without surgeon
 and with ``surgeon.load_model``. Per layer with H_sel ≥ 1 selected heads: A (d×r) shared, B_h
 (r×d_h) per head, scalar γ; ΔV[t,h] = (x_t·A·B_h)·(α/r)·γ/√H_sel at visual tokens t. B = 0 at
@@ -28,7 +28,7 @@ Heads = Sequence[Sequence[int]]  # selected KV heads of every decoder layer
 
 @dataclass(frozen=True)
 class ImageLoraConfig:
-    """Image-LoRA settings (METHODS.md §4).
+    """Image-LoRA settings (docs/methods.md §4).
 
     rank: r (reference default 8). alpha: α (reference default 16); the update is scaled by α/r.
     gamma: initial value of the learnable scalar γ (reference: 0.01).

@@ -193,7 +193,7 @@ class IadaBlock(nn.Module):
     ``depth_logits`` (n,)                  fixed mode only: input-independent depth logits
     ``gate`` (d,) or (1,)  g_b             per-channel or scalar
 
-    Adaptive (METHODS §3): u = D_m·rms(h), q = U_m·u, k_j = rms(c_j), a = softmax_j(⟨q,k_j⟩/√d),
+    Adaptive (docs/methods.md §3): u = D_m·rms(h), q = U_m·u, k_j = rms(c_j), a = softmax_j(⟨q,k_j⟩/√d),
     z = Σ_j a_j·c_j, h ← h + g ⊙ z. Computed as ⟨q,k_j⟩ = inv_rms(c_j)·u·(U_mᵀ c_j) so that the
     normalised keys (n × hidden) are never materialised. Fixed: a = softmax(depth_logits).
     Everything is computed in fp32 and the update is cast to the hidden-state dtype at the end
@@ -220,7 +220,7 @@ class IadaBlock(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """g = 0 (identity), U = 0 (uniform first aggregation), fixed-mode logits = 0 (uniform
-        mean), as in METHODS §3; D ~ N(0, init_std²) from ``seed`` (scale and seed are not
+        mean), as in docs/methods.md §3; D ~ N(0, init_std²) from ``seed`` (scale and seed are not
         specified by the paper; surgeon default init_std = 1/√d, so u has unit scale)."""
         self.gate.zero_()
         if self.mode == "adaptive":
@@ -481,7 +481,7 @@ class VisualValueEdit(nn.Module):
 
 
 class ImageLoraLayer(nn.Module):
-    """The Image-LoRA parameters of one decoder layer with H_sel selected KV heads (METHODS §4).
+    """The Image-LoRA parameters of one decoder layer with H_sel selected KV heads (docs/methods.md §4).
 
     ``down`` (d, r)           A, shared by the layer's selected heads, init N(0, 1/r²)
     ``up``   (H_sel, r, d_h)  B_h for each selected head (in ``heads`` order), init 0

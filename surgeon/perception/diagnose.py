@@ -3,7 +3,7 @@
     report = diagnose(DiagnoseConfig(data="data.jsonl", model="Qwen/Qwen2.5-VL-7B-Instruct"))
     report.token_share, report.loss_share
 
-The paper's first measurement (METHODS.md §5): in chain-of-thought supervision the perception
+The paper's first measurement (docs/methods.md §5): in chain-of-thought supervision the perception
 span is a small share of the supervised tokens (≈2.5% on its data) and a smaller share of the
 loss (≈1.3%), so plain token-averaged SFT under-trains perception. Here the tokens are those the
 model is trained on (its processor, chat template, ``max_length``), and the loss is the model's

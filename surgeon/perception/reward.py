@@ -1,4 +1,4 @@
-"""Perception-aware RL reward and the reward–perception correlation (METHODS.md §5).
+"""Perception-aware RL reward and the reward–perception correlation (docs/methods.md §5).
 
     R = α·a_p + (1−α)·a
 

@@ -1,4 +1,4 @@
-"""Perception/reasoning reweighting of the SFT loss (METHODS.md §5, arXiv 2605.29496).
+"""Perception/reasoning reweighting of the SFT loss (docs/methods.md §5, arXiv 2605.29496).
 
 The supervised tokens of a batch split into a perception span (``perception_mask``) and a
 reasoning span (every other supervised token, the answer and end-of-turn tokens included):
