@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 
@@ -9,7 +10,7 @@ import click
 from rich.table import Table
 
 from surgeon.commands._cli import example
-from surgeon.commands._console import err, out, quiet_transformers
+from surgeon.commands._console import emit_json, err, out, quiet_transformers
 
 
 @click.command(
@@ -25,7 +26,8 @@ from surgeon.commands._console import err, out, quiet_transformers
     help="Push the trained model to a local stand-in of the Hub: 'local' starts one for the demo, a URL names one "
     "already running (python -m surgeon.demo.hub_standin --port 8999). Default: a dry run that sends nothing.",
 )
-def command(workdir: str | None, overwrite: bool, hub: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the steps (name, output, summary, seconds) as JSON on stdout.")
+def command(workdir: str | None, overwrite: bool, hub: str | None, as_json: bool) -> None:
     """Build a tiny VLM, a reasoning LLM and a small dataset, then run every surgeon step on them:
 
     \b
@@ -44,8 +46,13 @@ def command(workdir: str | None, overwrite: bool, hub: str | None) -> None:
         summary.add_column(col, justify="right" if col == "seconds" else "left")
     start = time.perf_counter()
     quiet_transformers()
+    done = []
     for step in steps:
         err.print(f"[bold green]✓[/] {step.name}: {step.summary}")
         summary.add_row(step.name, step.output, step.summary, f"{step.seconds:.1f}")
+        done.append(dataclasses.asdict(step))
+    if as_json:
+        emit_json({"workdir": str(work), "steps": done})
+        return
     out.print(summary)
     out.print(f"done in {time.perf_counter() - start:.1f} s; outputs in {work}")

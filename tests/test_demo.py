@@ -11,7 +11,7 @@ STEPS = ["build", "inspect", "prior", "merge", "inject-iada", "score-heads", "tr
 
 
 def _steps(result):
-    return [s for s in (line.split("│")[1].strip() for line in result.stdout.splitlines() if line.startswith("│")) if s]
+    return [step["name"] for step in json.loads(result.stdout)["steps"]]
 
 
 def _demo_examples(cli) -> list[list[str]]:
@@ -32,7 +32,7 @@ def _demo_examples(cli) -> list[list[str]]:
 def test_demo_runs_every_step_and_pushes_to_a_local_stand_in(cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     work = tmp_path / "demo"
-    result = cli("demo", "--workdir", "demo", "--hub", "local")
+    result = cli("demo", "--workdir", "demo", "--hub", "local", "--json")
     assert result.exit_code == 0, result.output
     assert _steps(result) == STEPS
     assert (work / "vlm" / "model.safetensors").exists() and (work / "reasoning-llm" / "model.safetensors").exists()
@@ -55,9 +55,9 @@ def test_demo_without_a_hub_is_a_dry_run(cli, tmp_path, monkeypatch):
     import surgeon.hub.client
 
     monkeypatch.setattr(surgeon.hub.client, "_endpoint", lambda: "http://127.0.0.1:9")  # nothing listens there
-    result = cli("demo", "--workdir", tmp_path / "demo")
+    result = cli("demo", "--workdir", tmp_path / "demo", "--json")
     assert result.exit_code == 0, result.output
-    assert _steps(result) == STEPS and "(dry run)" in result.stdout
+    assert _steps(result) == STEPS and json.loads(result.stdout)["steps"][-1]["output"].startswith("(dry run)")
 
 
 def test_demo_refuses_a_remote_hub(cli, tmp_path):

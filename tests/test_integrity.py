@@ -9,6 +9,7 @@ import struct
 import pytest
 import torch
 from helpers import assert_one_line_error
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
@@ -33,7 +34,7 @@ def test_overlapping_or_gapped_offsets_are_refused(cli, llm, vlm, tmp_path):
         header[b]["data_offsets"] = list(header[a]["data_offsets"])
 
     _rewrite_header(path, overlap)
-    with pytest.raises(Exception):  # safetensors' own reader refuses it too
+    with pytest.raises(SafetensorError):  # safetensors' own reader refuses it too
         load_file(str(path))
     for args in (["inspect", bad], ["prior", "--reasoning", bad, "--vlm", vlm, "-o", tmp_path / "p"]):
         assert_one_line_error(cli(*args), "model.safetensors", "invalid offsets", "overlaps")

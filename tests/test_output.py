@@ -87,7 +87,7 @@ def test_parse_size():
 
 def test_output_folder_appears_only_on_success(tmp_path):
     final = tmp_path / "out"
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="boom"):
         with output_folder(final) as tmp:
             (tmp / "model.safetensors").write_bytes(b"partial")
             raise RuntimeError("boom")

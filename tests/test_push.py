@@ -340,7 +340,7 @@ def test_timeouts_and_wrapped_errors_translate_to_one_line():
                 raise httpx2.ConnectError("refused")
             except httpx2.ConnectError as e:
                 raise RuntimeError("Error while uploading 'model.safetensors' to the Hub.") from e
-    with pytest.raises(KeyError):  # anything else passes through untouched
+    with pytest.raises(KeyError, match="bug"):  # anything else passes through untouched
         with _translated("acme/x"):
             raise KeyError("bug")
 

@@ -90,5 +90,7 @@ def test_reward_correlation_by_hand():
     # ties take their average rank: x ranks (1, 2.5, 2.5, 4) against (1, 2, 3, 4) -> 4.5 / sqrt(4.5 · 5)
     assert reward_correlation([1, 2, 2, 3], [1, 2, 3, 4]).spearman == pytest.approx(4.5 / math.sqrt(22.5))
     assert math.isnan(reward_correlation([1, 1, 1], [1, 2, 3]).pearson)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="differ in length"):
         reward_correlation([1, 2], [1])
+    with pytest.raises(ValueError, match="at least two"):
+        reward_correlation([1], [1])

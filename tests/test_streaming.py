@@ -60,7 +60,7 @@ def test_tiles_reassemble_every_tensor(ckpt):
 def test_an_error_in_fn_leaves_the_stream_usable(ckpt):
     c, tensors = ckpt
     with BlockStream(max_elements=10) as stream:
-        with pytest.raises(ZeroDivisionError):
+        with pytest.raises(ZeroDivisionError, match="division by zero"):
             stream.run([Job([(c, "b")], (37, 5), lambda x: 1 / 0)])
         again = torch.cat([t[0] for t in _collect(stream, [(c, "b")], (37, 5))])
         assert torch.equal(again, tensors["b"])

@@ -73,10 +73,37 @@ def test_fixed_lambda_at_the_token_share_is_plain_cross_entropy(vlm, data, tmp_p
     assert any(not torch.allclose(a[k], c[k]) for k in a)
 
 
-def test_dynamic_lambda_runs_and_logs_its_value(vlm, data, tmp_path):
-    result = _run(vlm, data, tmp_path / "dyn", max_steps=2, grad_accum=2, lr=1e-3, perception_weight="dynamic")
-    lams = [m["lambda"] for m in _metrics(tmp_path / "dyn")]
-    assert all(0.0 < lam < 1.0 for lam in lams) and result.metrics["loss_perception"] > 0
+def test_dynamic_lambda_is_the_ratio_of_the_span_gradient_norms(vlm, data, tmp_path):
+    """One full fine-tuning step over the whole dataset in one micro-batch: the λ it logs equals
+    ‖g_r‖/(‖g_p‖+‖g_r‖), with g_p and g_r computed here by plain autograd from the step's batch."""
+    from transformers import AutoModelForImageTextToText
+
+    from surgeon.data.encoding import SampleEncoder
+    from surgeon.data.samples import load_samples
+    from surgeon.training.model import set_trainable
+
+    samples = load_samples(data)
+    result = _run(vlm, data, tmp_path / "dyn", full=True, max_steps=1, batch_size=len(samples), lr=1e-3, perception_weight="dynamic",
+                  mixed_precision="no")  # fmt: skip
+    logged = _metrics(tmp_path / "dyn")[0]["lambda"]
+    assert 0.0 < logged < 1.0 and result.metrics["loss_perception"] > 0
+
+    encoder = SampleEncoder.from_pretrained(vlm, max_length=2048)
+    batch = encoder.collate([encoder.encode(s) for s in samples])
+    mask, labels = batch.pop("perception_mask"), batch.pop("labels")
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(vlm)
+    set_trainable(model, full=True, train_vision=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = model(**batch).logits[:, :-1].float()
+    target, span = labels[:, 1:], mask[:, 1:]
+    ce = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="none")
+    ce = ce.view(target.shape)
+    perception, reasoning = (target != -100) & span, (target != -100) & ~span
+    losses = [ce[perception].sum() / perception.sum(), ce[reasoning].sum() / reasoning.sum()]
+    g_p, g_r = (torch.autograd.grad(loss, params, retain_graph=True) for loss in losses)
+    norm_p, norm_r = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gs])) for gs in (g_p, g_r))
+    assert logged == pytest.approx(float(norm_r / (norm_p + norm_r)), rel=1e-4)
 
 
 def test_adapter_and_merged_folders_load_in_transformers_and_peft(vlm, data, tmp_path):
