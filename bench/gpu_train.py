@@ -78,7 +78,7 @@ def make_data(work: Path, model: Path, seq: int, count: int) -> tuple[Path, int]
     answer text to about ``seq`` tokens; returns the data file and its tokens per sample."""
     from PIL import Image, ImageDraw
 
-    from surgeon.data.samples import load_samples
+    from surgeon.data.scan import load_samples
     from surgeon.data.encoding import SampleEncoder
 
     folder = work / f"data-{seq}"

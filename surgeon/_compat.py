@@ -67,18 +67,19 @@ def install() -> None:
         sys.meta_path.append(_MovedFinder())
 
 
-def forward(package: str, module: str) -> Callable[[str], Any]:
-    """A package ``__getattr__`` that looks names up in ``module`` (the package's former module)."""
+def forward(package: str, *modules: str) -> Callable[[str], Any]:
+    """A package ``__getattr__`` that looks names up in ``modules`` (where the package's former
+    module's names now live), in order."""
 
     def __getattr__(name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
         if importlib.util.find_spec(f"{package}.{name}") is not None:  # a submodule not imported yet
             return importlib.import_module(f"{package}.{name}")
-        target = importlib.import_module(f"{package}.{module}")
-        try:
-            return getattr(target, name)
-        except AttributeError:
-            raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
+        for module in modules:
+            target = importlib.import_module(f"{package}.{module}")
+            if hasattr(target, name):
+                return getattr(target, name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     return __getattr__

@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from surgeon.data.samples import BadSample, DataStats, ImagePart, load_samples, perception_spans
+from surgeon.data.formats import perception_spans
+
+from surgeon.data.samples import BadSample, DataStats, ImagePart
+
+from surgeon.data.scan import load_samples
 from surgeon.errors import ConfigError, DataError
 
 FORMATS = ("trl", "sharegpt", "llamafactory")

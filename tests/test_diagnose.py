@@ -13,7 +13,7 @@ from helpers import assert_one_line_error
 def test_shares_match_a_per_sample_computation(cli, shapes_data, vlm):
     from transformers import AutoModelForImageTextToText
 
-    from surgeon.data.samples import load_samples
+    from surgeon.data.scan import load_samples
     from surgeon.data.encoding import SampleEncoder
 
     data = shapes_data("sharegpt")

@@ -7,8 +7,13 @@ import json
 import pytest
 import torch
 
-from surgeon.data.samples import BadSample, DataStats, load_samples, parse_record
-from surgeon.data.encoding import IGNORE_INDEX, EncodedDataset, SampleEncoder, collate, encode_samples
+from surgeon.data.formats import parse_record
+
+from surgeon.data.samples import BadSample, DataStats
+
+from surgeon.data.scan import load_samples
+from surgeon.data.encoding import IGNORE_INDEX, SampleEncoder, collate
+from surgeon.data.loading import EncodedDataset, encode_samples
 from surgeon.errors import DataError
 from surgeon.anatomy.layout import visual_token_mask
 

@@ -59,7 +59,7 @@ def test_fixed_lambda_at_token_share_is_plain_cross_entropy():
 def test_fixed_lambda_matches_the_models_own_loss(tiny_models, shapes_data):
     from transformers import AutoModelForImageTextToText
 
-    from surgeon.data.samples import load_samples
+    from surgeon.data.scan import load_samples
     from surgeon.data.encoding import SampleEncoder
 
     encoder = SampleEncoder.from_pretrained(tiny_models("qwen2_5_vl"))

@@ -79,7 +79,7 @@ def test_dynamic_lambda_is_the_ratio_of_the_span_gradient_norms(vlm, data, tmp_p
     from transformers import AutoModelForImageTextToText
 
     from surgeon.data.encoding import SampleEncoder
-    from surgeon.data.samples import load_samples
+    from surgeon.data.scan import load_samples
     from surgeon.training.model import set_trainable
 
     samples = load_samples(data)

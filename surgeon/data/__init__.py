@@ -1,9 +1,10 @@
-"""Training data: sources read one row at a time (``rows``), samples and their validation
-(``samples``), and model inputs built with the model's own processor (``encoding``).
+"""Training data: sources read one row at a time (``rows``), the record formats (``formats``),
+samples (``samples``), the validation pass over a source (``scan``), model inputs built with the
+model's own processor (``encoding``) and datasets for a DataLoader (``loading``).
 
-    from surgeon.data import scan_samples    # the names of ``surgeon.data.samples`` are available here
+    from surgeon.data import scan_samples    # names of samples, formats and scan are available here
 """
 
 from surgeon._compat import forward
 
-__getattr__ = forward(__name__, "samples")
+__getattr__ = forward(__name__, "samples", "formats", "scan")

@@ -131,8 +131,10 @@ def score_heads(config: ScoreHeadsConfig, progress: Progress | None = None) -> H
     import torch
 
     from surgeon.io.checkpoint import open_checkpoint
-    from surgeon.data.samples import DataStats, scan_samples
-    from surgeon.data.encoding import IGNORE_INDEX, SampleEncoder, encode_samples
+    from surgeon.data.samples import DataStats
+    from surgeon.data.scan import scan_samples
+    from surgeon.data.encoding import IGNORE_INDEX, SampleEncoder
+    from surgeon.data.loading import encode_samples
     from surgeon.modules.image_lora import flops_report
     from surgeon.modules.modeling_surgeon import decoder_of, token_context, value_dims, visual_token_ids
     from surgeon.heads.probes import PROBES

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from surgeon.data.samples import DataStats, scan_samples
-from surgeon.data.encoding import Progress, SampleEncoder, encode_samples
+from surgeon.data.samples import DataStats
+
+from surgeon.data.scan import scan_samples
+from surgeon.data.encoding import Progress, SampleEncoder
+from surgeon.data.loading import encode_samples
 from surgeon.errors import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")

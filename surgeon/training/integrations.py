@@ -161,7 +161,7 @@ class PerceptionCollator:
         self.carry_perception = False
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        from surgeon.data.samples import parse_record
+        from surgeon.data.formats import parse_record
         from surgeon.data.encoding import TooLong
 
         items = []

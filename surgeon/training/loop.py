@@ -102,7 +102,7 @@ def _train(
     from surgeon.training import setup
     from surgeon.training.config import resolve_precision
     from surgeon.training.model import trainable
-    from surgeon.data.encoding import CountingCollate
+    from surgeon.data.loading import CountingCollate
     from surgeon.training.order import MicroBatches, SampleOrder
     from surgeon.training.parallel import Replicated, Sharded, fsdp_requested
     from surgeon.training.tracking import numbers, open_tracker

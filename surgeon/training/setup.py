@@ -74,8 +74,9 @@ def prepare(config: TrainConfig, ckpt: Any, precision: Precision, sharded: bool 
     ``sharded``: the model is loaded in the checkpoint's own dtype (memory-mapped, so a process
     reads only the rows it keeps) and cast unit by unit when FSDP shards it; otherwise every
     parameter is cast to the precision policy here."""
-    from surgeon.data.samples import scan_samples
-    from surgeon.data.encoding import LazyDataset, SampleEncoder
+    from surgeon.data.scan import scan_samples
+    from surgeon.data.encoding import SampleEncoder
+    from surgeon.data.loading import LazyDataset
 
     config.require_io()
     scanned = scan_samples(config.data, config.perception_regex, skip_bad=config.skip_bad_lines)  # type: ignore[arg-type]
