@@ -20,7 +20,7 @@ _CARD = {
     epilog=example(
         "surgeon push ./merged --repo my-user/qwen2.5-vl-ties --dry-run",
         "surgeon push ./merged --repo my-user/qwen2.5-vl-ties --private",
-        "surgeon push ./prior --repo my-org/drift-prior --branch experiments -m 'prior from R1-distill'",
+        "surgeon push ./r1-prior --repo my-org/drift-prior --branch experiments -m 'prior from R1-distill'",
     ),
 )
 @click.argument("folder")

@@ -1,17 +1,18 @@
 """surgeon: model surgery for fine-tuning vision-language models.
 
-The library behind the ``surgeon`` command, by concern; each command's work is one function here:
+The library behind the ``surgeon`` command, by concern, each package using only those above it
+(``errors`` and ``shards`` serve them all); each command's work is one function here:
 
     io/          safetensors, checkpoints (local or Hub) read one tensor at a time, streaming, outputs, records
     anatomy/     where the language model, vision tower and projector are; tensor families; LLM<->VLM pairs
     drift/       the DRIFT reasoning prior, its statistics, and the gradient bias
     merge/       the merge baselines, one file per method
     modules/     what is injected into models: IADA, Image-LoRA, the remote-code modeling file
-    heads/       head influence scores and the head budget of Image-LoRA
-    perception/  perception/reasoning reweighting, the perception-aware reward, diagnose
     data/        data sources, samples, encoding with the model's processor
+    perception/  perception/reasoning reweighting, the perception-aware reward, diagnose
+    heads/       head influence scores and the head budget of Image-LoRA
+    hub/         publishing to the Hugging Face Hub: push, what it sends and refuses, model cards
     training/    the trainer (and DRIFT/reweighting for the transformers Trainer and TRL)
-    hub/         the Hugging Face Hub: client, push, upload checks, model cards
     demo/        ``surgeon demo``, tiny models, synthetic data, a local Hub stand-in
 
 The methods as implemented are described in ``docs/methods.md``.

@@ -21,7 +21,6 @@ MOVED = {
     "surgeon.streaming": "surgeon.io.streaming",
     "surgeon.output": "surgeon.io.output",
     "surgeon.provenance": "surgeon.io.provenance",
-    "surgeon.shards": "surgeon.training.shards",
     "surgeon.layout": "surgeon.anatomy.layout",
     "surgeon.families": "surgeon.anatomy.families",
     "surgeon.align": "surgeon.anatomy.align",
@@ -69,7 +68,7 @@ def install() -> None:
 
 def forward(package: str, *modules: str) -> Callable[[str], Any]:
     """A package ``__getattr__`` that looks names up in ``modules`` (where the package's former
-    module's names now live), in order."""
+    module's names now live), in order; a name without a dot is a submodule of ``package``."""
 
     def __getattr__(name: str) -> Any:
         if name.startswith("__"):
@@ -77,7 +76,7 @@ def forward(package: str, *modules: str) -> Callable[[str], Any]:
         if importlib.util.find_spec(f"{package}.{name}") is not None:  # a submodule not imported yet
             return importlib.import_module(f"{package}.{name}")
         for module in modules:
-            target = importlib.import_module(f"{package}.{module}")
+            target = importlib.import_module(module if "." in module else f"{package}.{module}")
             if hasattr(target, name):
                 return getattr(target, name)
         raise AttributeError(f"module {package!r} has no attribute {name!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import shlex
 import sys
 import textwrap
 from pathlib import Path
@@ -150,3 +151,37 @@ class TinyIadaForCausalLM(Qwen2ForCausalLM):
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def trl_rows(data: Path, limit: int | None = None):
+    """The samples of ``data`` (a TRL-layout JSONL) as a ``datasets.Dataset`` with a decoded Image
+    column, as TRL's vision datasets come."""
+    import json
+
+    from datasets import Dataset
+    from PIL import Image
+
+    from surgeon.data.rows import open_rows
+
+    source = open_rows(data)
+    records = []
+    for i in range(len(source) if limit is None else min(limit, len(source))):
+        r = source.record(i)
+        paths = [p["image"] for m in r["messages"] for p in (m["content"] if isinstance(m["content"], list) else []) if p.get("type") == "image"]
+        for m in r["messages"]:
+            if isinstance(m["content"], list):
+                m["content"] = [{"type": "image"} if p.get("type") == "image" else p for p in m["content"]]
+        records.append({"messages": json.dumps(r["messages"]), "images": [Image.open(data.parent / p).convert("RGB") for p in paths]})
+    return Dataset.from_list(records).map(lambda r: {"messages": json.loads(r["messages"])})
+
+
+def help_examples(cli) -> list[list[str]]:
+    """Every command's help examples, as argument lists (without the leading ``surgeon``)."""
+    from surgeon.commands import main
+
+    found = []
+    for name in sorted(main.commands):
+        lines = cli(name, "--help").output.rstrip().splitlines()
+        start = max(i for i, line in enumerate(lines) if line.strip() == "Example:")
+        found += [shlex.split(line.strip())[1:] for line in lines[start + 1 :]]
+    return found

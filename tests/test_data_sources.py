@@ -103,7 +103,7 @@ def test_peak_memory_does_not_grow_with_the_number_of_samples(vlm, tmp_path):
     assert b / a <= 1.2, (a, b)
 
 
-def test_plain_progress_lines_metrics_per_step_and_tensorboard(vlm, shapes_data, tmp_path):
+def test_plain_progress_lines_metrics_per_step_and_tensorboard(cli, vlm, shapes_data, tmp_path):
     out = tmp_path / "run"
     args = ["train", vlm, "--data", shapes_data("trl"), "-o", out, "--max-steps", "6", "--log-steps", "1", "--report-to", "tensorboard"]
     proc = subprocess.run([sys.executable, "-m", "surgeon.commands", *map(str, args)], capture_output=True, text=True,
@@ -115,6 +115,5 @@ def test_plain_progress_lines_metrics_per_step_and_tensorboard(vlm, shapes_data,
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 6
     assert list(out.glob("logs/*/events.out.tfevents.*"))
     assert "Warning" not in proc.stderr and "warn" not in proc.stderr.lower()
-    every = subprocess.run([sys.executable, "-m", "surgeon.commands", *map(str, args[:6]), "-o", tmp_path / "r2", "--max-steps", "6",
-                            "--log-steps", "4"], capture_output=True, text=True, check=False)  # fmt: skip
+    every = cli(*args[:6], "-o", tmp_path / "r2", "--max-steps", "6", "--log-steps", "4")
     assert [x.split()[1] for x in every.stderr.splitlines() if x.startswith("step ")] == ["4/6", "6/6"]

@@ -5,28 +5,13 @@ from __future__ import annotations
 import json
 import shlex
 
-from helpers import assert_one_line_error
+from helpers import assert_one_line_error, help_examples
 
 STEPS = ["build", "inspect", "prior", "merge", "inject-iada", "score-heads", "train", "push"]
 
 
 def _steps(result):
     return [step["name"] for step in json.loads(result.stdout)["steps"]]
-
-
-def _demo_examples(cli) -> list[list[str]]:
-    """The --help examples of every command that run on the demo's outputs (``demo/…``), in order."""
-    from surgeon.commands import main
-
-    found = []
-    for name in sorted(main.commands):
-        lines = cli(name, "--help").output.rstrip().splitlines()
-        start = max(i for i, line in enumerate(lines) if line.strip() == "Example:")
-        for line in lines[start + 1 :]:
-            args = shlex.split(line.strip())
-            if args[1] != "demo" and any(a.startswith("demo/") for a in args):
-                found.append(args[1:])
-    return found
 
 
 def test_demo_runs_every_step_and_pushes_to_a_local_stand_in(cli, tmp_path, monkeypatch):
@@ -44,7 +29,8 @@ def test_demo_runs_every_step_and_pushes_to_a_local_stand_in(cli, tmp_path, monk
     assert record["stats"]["drift"]["tensors"] + record["stats"]["drift"]["zero_delta"] == 40
     assert "pushed" in result.stderr and "in commit" in result.stderr
 
-    examples = _demo_examples(cli)  # the commands' help examples run as printed on the demo's outputs
+    # the commands' help examples on the demo's outputs run as printed (the others: test_docs_run.py)
+    examples = [a for a in help_examples(cli) if a[0] != "demo" and any(x.startswith("demo/") for x in a)]
     assert {a[0] for a in examples} >= {"score-heads", "train"}
     for args in examples:
         ran = cli(*args)

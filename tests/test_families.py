@@ -49,7 +49,7 @@ def _memory_lm(folder: Path) -> dict[str, torch.Tensor]:
     that transformers fuses in memory also under their per-expert names (gate and up are the two
     halves of gate_up_proj[e], gate first)."""
 
-    from surgeon.training.model import lm_parameters
+    from surgeon.anatomy.model import lm_parameters
 
     model = _auto(folder).from_pretrained(folder)
     out = {name: p.detach().clone() for name, p in lm_parameters(model, buffers=True)}

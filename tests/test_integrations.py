@@ -8,28 +8,14 @@ import json
 import pytest
 import torch
 
-from surgeon.data.rows import open_rows
+from helpers import trl_rows
 
 
 @pytest.fixture(scope="module")
 def rows(shapes_data):
-    """The synthetic rows as a ``datasets.Dataset`` with a decoded Image column (as TRL's vision
-    datasets come), and the folder their image paths are relative to."""
-    from datasets import Dataset
-    from PIL import Image
-
+    """The synthetic rows as TRL's vision datasets come, and the folder their image paths are relative to."""
     data = shapes_data("trl")
-    source = open_rows(data)
-    records = []
-    for i in range(len(source)):
-        r = source.record(i)
-        paths = [p["image"] for m in r["messages"] for p in (m["content"] if isinstance(m["content"], list) else []) if p.get("type") == "image"]
-        for m in r["messages"]:
-            if isinstance(m["content"], list):
-                m["content"] = [{"type": "image"} if p.get("type") == "image" else p for p in m["content"]]
-        records.append({"messages": json.dumps(r["messages"]), "images": [Image.open(data.parent / p).convert("RGB") for p in paths]})
-    ds = Dataset.from_list(records)
-    return ds.map(lambda r: {"messages": json.loads(r["messages"])}), data.parent
+    return trl_rows(data), data.parent
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +82,7 @@ def _trainers():
 def test_drift_callback_alpha_zero_is_the_plain_run_and_alpha_pulls_toward_the_prior(vlm, rows, prior, tmp_path, kind):
     from surgeon import DriftCallback
     from surgeon.drift.prior import open_prior
-    from surgeon.training.model import lm_parameters
+    from surgeon.anatomy.model import lm_parameters
 
     cls, sft = _trainers()[kind]
     plain, _ = _train(cls, vlm, rows, tmp_path, "plain", sft=sft)

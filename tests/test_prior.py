@@ -107,7 +107,7 @@ def test_two_model_mode(tmp_path, tiny_models, vlm, reasoning):
             rel = "model." + p.relative(name)
             assert torch.equal(p.read(name), r.read(rel).float() - b.read(rel).float())
             rv, vv = r.read(rel).double().reshape(-1), v.read(name).double().reshape(-1)
-            cosine = float(rv @ vv / max(float(rv.norm() * vv.norm()), 1e-12))  # eps-clamped, as METHODS.md says
+            cosine = float(rv @ vv / max(float(rv.norm() * vv.norm()), 1e-12))  # eps-clamped, as in docs/methods.md (Notation)
             assert result.tensors[name]["cosine"] == pytest.approx(cosine, rel=1e-5, abs=1e-12)
         assert set(p.record["inputs"]) == {"reasoning", "vlm", "base"}
 

@@ -329,7 +329,7 @@ def test_timeouts_and_wrapped_errors_translate_to_one_line():
     import httpx2
 
     from surgeon.errors import HubError
-    from surgeon.hub.client import _translated
+    from surgeon.io.hub_errors import translated as _translated
 
     with pytest.raises(HubError, match=r"acme/x: the Hub at http://h did not answer in time; check the network"):
         with _translated("acme/x", writing=True, endpoint="http://h"):

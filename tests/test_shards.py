@@ -1,4 +1,4 @@
-"""Sharded tensors (``surgeon.training.shards``) and DRIFT on them, on 2 CPU processes (gloo): the
+"""Sharded tensors (``surgeon.shards``) and DRIFT on them, on 2 CPU processes (gloo): the
 sharded update, the clipping norm and Δ's memory, against the unsharded formula."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 from surgeon.drift.bias import Drift, clip_grad_norm
-from surgeon.training.shards import global_norm, local, row_range
+from surgeon.shards import global_norm, local, row_range
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()

@@ -43,7 +43,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 
 from surgeon.demo.hub_repos import Commit, Repo, Request, git_blob_oid, validate_card_yaml
-from surgeon.hub.ids import REPO_ID
+from surgeon.io.repo_ids import REPO_ID
 
 # What the Hub's default .gitattributes sends through LFS, plus anything binary or over 10 MB.
 LFS_PATTERNS = (

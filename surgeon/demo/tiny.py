@@ -413,17 +413,20 @@ def build(family: str, out: str | Path, seed: int = 0, dtype: torch.dtype = torc
     return out
 
 
-def build_reasoning_llm(vlm: str | Path, out: str | Path, family: str = "qwen2", scale: float = 0.05, seed: int = 1) -> Path:
+def build_reasoning_llm(
+    vlm: str | Path, out: str | Path, family: str = "qwen2", scale: float = 0.05, seed: int = 1, **text: Any
+) -> Path:
     """A tiny text LLM whose weights are the VLM's language model plus a low-rank "reasoning" delta.
 
     Gives priors and merges realistic statistics (cosine near 1, small relative distance) instead
-    of the near-orthogonal weights two independent random inits would have.
+    of the near-orthogonal weights two independent random inits would have. ``text`` as for
+    ``build`` (the VLM's own overrides, e.g. ``num_hidden_layers=28``).
     """
     from surgeon.io.checkpoint import open_checkpoint
     from surgeon.anatomy.layout import detect_layout
     from surgeon.io.safetensors import write_file
 
-    path = build(family, out, seed=seed)
+    path = build(family, out, seed=seed, **text)
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     with open_checkpoint(vlm) as src, open_checkpoint(path) as llm:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from surgeon.anatomy.align import Alignment, Pair, align
-from surgeon.hub.ids import REPO_ID
+from surgeon.io.repo_ids import REPO_ID
 from surgeon.io.checkpoint import Checkpoint, open_checkpoint
 from surgeon.drift.distance import Distance, summarise
 from surgeon.errors import AlignmentError, CheckpointError, ConfigError

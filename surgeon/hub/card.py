@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from surgeon.hub.ids import REPO_ID
+from surgeon.io.repo_ids import REPO_ID
 from surgeon.hub.markdown import flatten, stats_markdown, table
 from surgeon.io.header import tensor_names
 from surgeon.io.provenance import is_local_path, local_name, read_record

@@ -1,14 +1,10 @@
-"""The one module that talks to the Hugging Face Hub (through the real ``huggingface_hub`` client).
-
-Everything else in surgeon calls these functions, so tests and users can point the whole tool at
-another endpoint (``HF_ENDPOINT``) or the cache alone (``HF_HUB_OFFLINE=1``) in one place.
-
-Downloading: ``download_checkpoint(repo_id, revision)``. Publishing::
+"""Publishing to the Hugging Face Hub (through the real ``huggingface_hub`` client)::
 
     result = push_folder("merged/", PushConfig(repo="me/qwen-vl-ties", private=True))
     result.commit_url, result.files, result.card
 
-Every client error leaves as a one-line ``HubError`` naming the next step (see ``_translate``).
+Reading from the Hub is ``surgeon.io.download``. Every client error leaves as a one-line
+``HubError`` naming the next step (``surgeon.io.hub_errors``).
 """
 
 from __future__ import annotations
@@ -20,219 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from surgeon.errors import CheckpointError, ConfigError, HubError, SurgeonError
-from surgeon.hub.ids import is_repo_id
+from surgeon.errors import CheckpointError, ConfigError, HubError
+from surgeon.io.hub_errors import offline, translated
+from surgeon.io.repo_ids import is_repo_id
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-# What a checkpoint needs: config, weights, tokenizer/processor/chat-template files, and the
-# modeling/processing code of remote-code models (never run by surgeon: copied into outputs so
-# that they load with trust_remote_code as their inputs do). No pickles.
-CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py"]
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-@contextmanager
-def _translated(what: str, *, writing: bool = False, endpoint: str | None = None) -> Iterator[None]:
-    """Turn huggingface_hub and HTTP-client exceptions into one-line HubErrors that name the next step.
-
-    ``writing``: the hints speak of pushing (credentials, write access) rather than downloading.
-    Exceptions are recognised anywhere in their cause chain (the client wraps LFS upload errors).
-    """
-    try:
-        yield
-    except SurgeonError:
-        raise
-    except Exception as exc:  # noqa: BLE001 — translated below or re-raised unchanged
-        translated = _translate(exc, what, writing, endpoint)
-        if translated is None:
-            raise
-        raise translated from None
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
-# HTTP-client exceptions (httpx2 / httpx / requests / urllib3) meaning the server was not reached.
-_NETWORK_NAMES = {
-    "ConnectError", "ConnectTimeout", "ReadTimeout", "WriteTimeout", "PoolTimeout", "TimeoutException",
-    "NetworkError", "ReadError", "WriteError", "RemoteProtocolError", "ProxyError", "SSLError",
-    "ConnectionError", "Timeout", "NewConnectionError", "MaxRetryError",
-}
-
-
-def _network_failure(exc: BaseException) -> bool:
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return True
-    return any(
-        c.__name__ in _NETWORK_NAMES and c.__module__.split(".")[0] in ("httpx2", "httpx", "httpcore", "httpcore2", "requests", "urllib3")
-        for c in type(exc).__mro__
-    )
-
-
-def _translate(exc: BaseException, what: str, writing: bool, endpoint: str | None) -> HubError | None:
-    from huggingface_hub import constants, errors
-
-    for e in _chain(exc):
-        if isinstance(e, errors.OfflineModeIsEnabled):
-            return HubError(f"{what}: HF_HUB_OFFLINE is set, so the Hub cannot be reached", "unset HF_HUB_OFFLINE and run the command again")
-        if isinstance(e, errors.GatedRepoError):
-            return HubError(f"{what} is gated", "accept its terms on the Hub, then log in with `hf auth login`", 403)
-        if isinstance(e, errors.RepositoryNotFoundError):
-            status = _status(e)
-            if writing:
-                return _http_error(what, 401 if status == 401 else 404, "", writing)
-            return HubError(
-                f"{what} was not found on the Hub (or is private)",
-                "check the name, or log in with `hf auth login` if it is private",
-                404,
-            )
-        if isinstance(e, errors.RevisionNotFoundError):
-            return HubError(f"{what}: revision not found", "check --revision (a branch, tag or commit)", 404)
-        if isinstance(e, errors.LocalEntryNotFoundError):
-            if _offline():
-                return HubError(
-                    f"{what} is not a local folder and is not in the Hub cache (HF_HUB_OFFLINE is set)",
-                    "download it once while online, or pass a local folder",
-                )
-            answered = next((c for c in _chain(e) if isinstance(c, errors.HfHubHTTPError) and _status(c)), None)
-            if answered is not None:  # the server answered: say what it said, not that it is unreachable
-                return _http_error(what, _status(answered), _first_line(answered), writing)
-            return HubError(
-                f"cannot reach the Hub to fetch {what}",
-                "check the network connection, or set HF_HUB_OFFLINE=1 to use cached files only",
-            )
-        if isinstance(e, errors.HfHubHTTPError):
-            return _http_error(what, _status(e), str(e).strip().splitlines()[0] if str(e).strip() else "", writing)
-        if isinstance(e, ValueError) and str(e).startswith("Invalid metadata in README.md"):
-            detail = " ".join(str(e).split("\n")[1:2]).strip("- ") or "invalid YAML header"
-            return HubError(
-                f"{what}: the Hub rejected the metadata of README.md ({detail})",
-                "fix the YAML header of README.md, or pass --overwrite-card to send the card built from surgeon.json",
-                400,
-            )
-        if _network_failure(e):
-            where = endpoint or constants.ENDPOINT
-            timeout = "Timeout" in type(e).__name__ or isinstance(e, TimeoutError)
-            problem = f"the Hub at {where} did not answer in time" if timeout else f"cannot reach the Hub at {where}"
-            reason = " ".join(str(e).split())[:80]
-            return HubError(
-                f"{what}: {problem}" + (f" ({reason})" if reason and not timeout else ""),
-                "check the network connection (and HF_ENDPOINT if set), then run the same command again",
-            )
-    return None
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else ""
-
-
-def _status(e: BaseException) -> int | None:
-    response = getattr(e, "response", None)
-    return getattr(response, "status_code", None)
-
-
-def _http_error(what: str, status: int | None, detail: str, writing: bool = False) -> HubError:
-    hints = {
-        401: ("the Hub refused the credentials", "log in with `hf auth login` or pass --token"),
-        403: ("the Hub forbids this action", "check that your token has write access to the repo or org"),
-        404: ("not found on the Hub", "check the repo name and revision"),
-        429: ("the Hub is rate-limiting requests", "wait a few minutes and run the same command again"),
-    }
-    if writing:
-        hints |= {
-            401: (
-                "the Hub refused the credentials (not logged in, or the token is invalid or expired)",
-                "log in with `hf auth login`, set HF_TOKEN, or pass --token; then run the same command again",
-            ),
-            403: (
-                "your token may not write to this repo",
-                "use a token with write access to its namespace (`hf auth login`), or push to your own namespace",
-            ),
-            404: (
-                "the Hub has no such repo, or your token cannot see it",
-                "check --repo, and that your token may create repos in its namespace; then run the same command again",
-            ),
-        }
-    problem, hint = hints.get(status or 0, (f"the Hub answered HTTP {status}: {detail}", "try again later"))
-    return HubError(f"{what}: {problem}", hint, status)
-
-
-def _named(repo_id: str, revision: str | None) -> str:
-    return f"{repo_id} at revision {revision}" if revision else repo_id
-
-
-def download_checkpoint(repo_id: str, revision: str | None = None) -> tuple[str, str | None]:
-    """Fetch (or find in the cache) the files a checkpoint needs. Returns (snapshot folder, commit)."""
-    from huggingface_hub import snapshot_download
-
-    with _translated(_named(repo_id, revision)):
-        folder = snapshot_download(repo_id, revision=revision, allow_patterns=CHECKPOINT_PATTERNS)
-    path = Path(folder)
-    if not any(path.glob("*.safetensors")) and not _offline():
-        _refuse_pickle_only(repo_id, revision)
-    commit = path.name if path.parent.name == "snapshots" else None
-    return str(path), commit
-
-
-def download_config(repo_id: str, revision: str | None = None) -> tuple[str, str | None]:
-    """Fetch (or find in the cache) only ``config.json``. Returns (its path, commit)."""
-    from huggingface_hub import hf_hub_download
-
-    with _translated(_named(repo_id, revision)):
-        path = Path(hf_hub_download(repo_id, "config.json", revision=revision))
-    commit = path.parent.name if path.parent.parent.name == "snapshots" else None
-    return str(path), commit
-
-
-def download_file(repo_id: str, filename: str, revision: str | None = None) -> str:
-    """Fetch (or find in the cache) one file of a repo. Returns its local path."""
-    from huggingface_hub import hf_hub_download
-
-    with _translated(_named(repo_id, revision)):
-        return str(hf_hub_download(repo_id, filename, revision=revision))
-
-
-def adapter_snapshot(repo_id: str, revision: str | None = None) -> str | None:
-    """The local snapshot of a peft adapter repo (config, adapter and surgeon-module weights,
-    processor files), or None when the repo holds no ``adapter_config.json`` or cannot be reached."""
-    from huggingface_hub import hf_hub_download, snapshot_download
-
-    try:
-        hf_hub_download(repo_id, "adapter_config.json", revision=revision)
-    except Exception:  # noqa: BLE001 - not an adapter repo, or not reachable: the model loader reports it
-        return None
-    with _translated(_named(repo_id, revision)):
-        return snapshot_download(repo_id, revision=revision, allow_patterns=CHECKPOINT_PATTERNS)
-
-
-def _refuse_pickle_only(repo_id: str, revision: str | None) -> None:
-    from huggingface_hub import list_repo_files
-
-    with _translated(repo_id):
-        files = list_repo_files(repo_id, revision=revision)
-    pickles = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
-    if pickles:
-        raise CheckpointError(
-            repo_id,
-            f"holds only pickle weights ({', '.join(pickles[:3])}); surgeon never unpickles files",
-            "ask for a safetensors revision (many repos have refs/pr/N with one) or convert it yourself",
-        )
-
-
-
-# ---------------------------------------------------------------------------- publishing
 
 
 @dataclass(frozen=True)
@@ -295,7 +83,7 @@ def check_can_push(repo: str, token: str | None = None, endpoint: str | None = N
 
     HF_HUB_OFFLINE does not stop a push to a loopback endpoint (the stand-in)."""
     check_repo_id(repo)
-    if _offline() and not _is_local(endpoint):
+    if offline() and not _is_local(endpoint):
         raise HubError(
             "HF_HUB_OFFLINE is set, so nothing can be uploaded", "unset HF_HUB_OFFLINE to push, or use --dry-run to see what would be sent"
         )
@@ -365,7 +153,7 @@ def push_folder(folder: str | Path, config: PushConfig, *, endpoint: str | None 
     artifact = (record or {}).get("artifact", "folder")
     message = config.message or (f"Upload {artifact} made by surgeon {record['command']}" if record else "Upload folder with surgeon push")
     api = HfApi(endpoint=endpoint, token=token)
-    with _local_endpoint(_is_local(endpoint)), staged(path, plan) as tmp, _translated(config.repo, writing=True, endpoint=root):
+    with _local_endpoint(_is_local(endpoint)), staged(path, plan) as tmp, translated(config.repo, writing=True, endpoint=root):
         url = api.create_repo(config.repo, private=config.private or None, exist_ok=True)
         if config.revision and config.revision != "main" and not config.revision.startswith("refs/pr/"):
             api.create_branch(config.repo, branch=config.revision, exist_ok=True)

@@ -20,7 +20,7 @@ from typing import BinaryIO
 import torch
 
 from surgeon.errors import CheckpointError
-from surgeon.hub.ids import PINNED, REPO_ID
+from surgeon.io.repo_ids import PINNED, REPO_ID
 from surgeon.io.safetensors import FormatError, TensorInfo, read_header, read_into, read_tensor
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -239,7 +239,7 @@ def open_checkpoint(source: str | Path, revision: str | None = None) -> Checkpoi
             raise CheckpointError(text, "is a local folder, so a revision cannot apply", "drop --revision for local folders")
         return Checkpoint(path, text)
     if REPO_ID.match(text) and not text.startswith("."):
-        from surgeon.hub import client as hub
+        from surgeon.io import download as hub
 
         folder, commit = hub.download_checkpoint(text, revision)
         return Checkpoint(Path(folder), text, revision, commit)

@@ -43,8 +43,8 @@ def load_model(path: str | Path, **kwargs: Any) -> Any:
     if (Path(path) / "adapter_config.json").exists():
         return _load_adapter(Path(path), **kwargs)
     if not Path(path).exists():
-        from surgeon.hub.client import adapter_snapshot
-        from surgeon.hub.ids import REPO_ID
+        from surgeon.io.download import adapter_snapshot
+        from surgeon.io.repo_ids import REPO_ID
 
         if REPO_ID.match(str(path)) and (snapshot := adapter_snapshot(str(path), kwargs.get("revision"))):
             return _load_adapter(Path(snapshot), **{k: v for k, v in kwargs.items() if k != "revision"})
@@ -185,7 +185,7 @@ def _load_adapter(path: Path, **kwargs: Any) -> Any:
     base_path = settings.get("base_model_name_or_path")
     if not base_path:
         raise ConfigError("model", f"{path}/adapter_config.json names no base model", "set base_model_name_or_path in it")
-    from surgeon.hub.ids import REPO_ID
+    from surgeon.io.repo_ids import REPO_ID
 
     if not Path(base_path).exists() and not REPO_ID.match(base_path):
         raise ConfigError(

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from surgeon.modules import modeling_surgeon as modeling
-from surgeon.hub.ids import REPO_ID
+from surgeon.io.repo_ids import REPO_ID
 from surgeon.io.checkpoint import INDEX_NAME, open_checkpoint
 from surgeon.errors import CheckpointError, ConfigError, LayoutError
 from surgeon.anatomy.layout import config_value, detect_layout, placeholder_token_ids
@@ -242,7 +242,7 @@ def _load_config(source: str, revision: str | None) -> dict:
             raise CheckpointError(source, "has no config.json", "point at a model folder")
         return json.loads(cfg.read_text())
     if REPO_ID.match(source):
-        from surgeon.hub import client as hub
+        from surgeon.io import download as hub
 
         return json.loads(Path(hub.download_config(source, revision)[0]).read_text())
     raise CheckpointError(source, "no such folder", "check the path, or give a Hub repo id as org/name")

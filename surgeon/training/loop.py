@@ -98,7 +98,7 @@ def _train(
     from surgeon.errors import ConfigError
     from surgeon.io.output import check_output
     from surgeon.perception.reweight import PerceptionGradients, combine, count_span_tokens, span_losses
-    from surgeon.training.shards import is_sharded
+    from surgeon.shards import is_sharded
     from surgeon.training import setup
     from surgeon.training.config import resolve_precision
     from surgeon.training.model import trainable

@@ -95,7 +95,7 @@ def plan_memory(
     import torch
 
     from surgeon.modules.folders import module_parameters
-    from surgeon.training.model import language_model, lm_parameters, vision_modules
+    from surgeon.anatomy.model import language_model, lm_parameters, vision_modules
     from surgeon.training.setup import build_model
 
     if processes < 1:
@@ -203,14 +203,14 @@ def _delta_bytes(prior: str, params: dict[str, Any], size: Any) -> tuple[int, in
 
 
 def _prior_record(prior: str) -> dict:
-    from surgeon.hub.ids import REPO_ID
+    from surgeon.io.repo_ids import REPO_ID
     from surgeon.io.provenance import FILE_NAME
 
     path = Path(prior)
     if path.is_dir():
         file = path / FILE_NAME
     elif REPO_ID.match(prior):
-        from surgeon.hub.client import download_file
+        from surgeon.io.download import download_file
 
         file = Path(download_file(prior, FILE_NAME))
     else:

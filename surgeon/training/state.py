@@ -29,7 +29,7 @@ import torch
 from surgeon.errors import CheckpointError, ConfigError
 from surgeon.io.output import output_folder
 from surgeon.io.safetensors import write_file
-from surgeon.training.shards import local
+from surgeon.shards import local
 
 STATE_FILE = "state.json"
 
