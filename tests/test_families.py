@@ -47,11 +47,13 @@ def _auto(folder: Path):
 def _memory_lm(folder: Path) -> dict[str, torch.Tensor]:
     """The language model's parameters as transformers loads them, by LM-relative name; experts
     that transformers fuses in memory also under their per-expert names (gate and up are the two
-    halves of gate_up_proj[e], gate first)."""
+    halves of gate_up_proj[e], gate first). The library and the remote-code file find the same decoder."""
 
-    from surgeon.anatomy.model import lm_parameters
+    from surgeon.anatomy.model import language_model, lm_parameters
+    from surgeon.modules.modeling_surgeon import decoder_of
 
     model = _auto(folder).from_pretrained(folder)
+    assert language_model(model) is decoder_of(model)[0]
     out = {name: p.detach().clone() for name, p in lm_parameters(model, buffers=True)}
     for name in [n for n in out if n.endswith("experts.gate_up_proj")]:
         base, fused, down = name.rsplit(".", 1)[0], out[name], out[name.replace("gate_up_proj", "down_proj")]
