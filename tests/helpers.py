@@ -185,3 +185,21 @@ def help_examples(cli) -> list[list[str]]:
         start = max(i for i, line in enumerate(lines) if line.strip() == "Example:")
         found += [shlex.split(line.strip())[1:] for line in lines[start + 1 :]]
     return found
+
+
+BLOCK_TORCH = r"""
+import importlib.abc, sys
+class Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers", "peft", "accelerate", "datasets"):
+            raise ImportError(f"{name} is blocked in this test")
+sys.meta_path.insert(0, Blocked())
+from surgeon.commands import main
+main(sys.argv[1:])
+"""
+
+
+def run_without_torch(args: list[str]) -> subprocess.CompletedProcess:
+    """``surgeon ARGS`` in a fresh interpreter where torch, transformers, peft, accelerate and
+    datasets cannot be imported."""
+    return subprocess.run([sys.executable, "-c", BLOCK_TORCH, *map(str, args)], capture_output=True, text=True, check=False, timeout=120)

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
-from helpers import assert_one_line_error
+from helpers import assert_one_line_error, run_without_torch
 
 from surgeon import __version__
 from surgeon.commands import main
@@ -92,6 +92,16 @@ def test_missing_folder(cli, tmp_path):
     assert_one_line_error(cli("inspect", "acme/not-cached"), "not in the Hub cache")
     assert_one_line_error(cli("inspect", "acme/not-cached", "--revision", "v9"), "acme/not-cached at revision v9")
     assert_one_line_error(cli("inspect", ""), "the path is empty")
+
+
+def test_inspect_needs_no_torch(cli, vlm, tiny_models):
+    """With torch (and the libraries built on it) unimportable, ``inspect`` reports what it reports
+    with them, from config.json and the safetensors headers alone."""
+    for folder in (vlm, tiny_models("qwen3_vl_moe")):
+        blocked = run_without_torch(["inspect", folder, "--json"])
+        assert blocked.returncode == 0, blocked.stderr[-2000:]
+        assert json.loads(blocked.stdout) == json.loads(cli("inspect", folder, "--json").stdout)
+    assert run_without_torch(["inspect", folder]).returncode == 0  # the tables too
 
 
 def test_inspect_fills_sizes_a_config_leaves_to_transformers_defaults(cli, tmp_path, tiny_models):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import BASE, LLM, TOKEN, VLM, assert_one_line_error, snapshot
+from helpers import run_without_torch, BASE, LLM, TOKEN, VLM, assert_one_line_error, snapshot
 
 from surgeon.io.provenance import build_record
 from surgeon.io.safetensors import write_file
@@ -396,30 +396,12 @@ def test_every_folder_writing_command_pushes_with_push_to_hub(cli, hub_standin, 
     assert card.startswith("---") and "- drift" in card.split("---")[1]
 
 
-BLOCK_TORCH = r"""
-import importlib.abc, sys
-class Blocked(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "transformers", "peft", "accelerate", "datasets"):
-            raise ImportError(f"{name} is blocked in this test")
-sys.meta_path.insert(0, Blocked())
-from surgeon.commands import main
-main(sys.argv[1:])
-"""
-
-
 @pytest.mark.parametrize("kind", sorted(EXPECTED))
 def test_push_dry_run_needs_no_torch(cli, folder, kind, tmp_path):
     """With torch (and the libraries built on it) unimportable, ``push --dry-run`` prints what it
     prints with them: the files, the card and the refusals."""
-    import subprocess
-    import sys
-
-    src = folder(kind)
-    script = tmp_path / "blocked.py"
-    script.write_text(BLOCK_TORCH)
-    args = ["push", str(src), "--repo", "acme/x", "--dry-run", "--json"]
-    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, check=False)
+    args = ["push", str(folder(kind)), "--repo", "acme/x", "--dry-run", "--json"]
+    proc = run_without_torch(args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     with_torch = cli(*args)
     assert with_torch.exit_code == 0, with_torch.output

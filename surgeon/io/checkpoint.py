@@ -15,13 +15,14 @@ import json
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, BinaryIO
 
 from surgeon.errors import CheckpointError
+from surgeon.io.header import FormatError, TensorInfo, read_header
 from surgeon.io.repo_ids import PINNED, REPO_ID
-from surgeon.io.safetensors import FormatError, TensorInfo, read_header, read_into, read_tensor
+
+if TYPE_CHECKING:  # torch is imported when a tensor is read: opening and inspecting need only headers
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -125,6 +126,8 @@ class Checkpoint:
     def read(self, name: str, rows: int | None = None, start: int = 0) -> torch.Tensor:
         """Read one tensor, or ``rows`` of its rows from row ``start`` on (default: the first
         ``rows``), into fresh CPU memory in its stored dtype."""
+        from surgeon.io.safetensors import read_tensor
+
         info = self.tensors[name]
         try:
             return read_tensor(self.handle(info.file), info, rows, start)
@@ -134,6 +137,8 @@ class Checkpoint:
     def read_into(self, name: str, out: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Fill ``out`` (contiguous, stored dtype) with rows ``start .. start + len(out)`` of a
         tensor: the allocation-free read that block streaming uses."""
+        from surgeon.io.safetensors import read_into
+
         info = self.tensors[name]
         try:
             return read_into(self.handle(info.file), info, out, start)
