@@ -17,6 +17,7 @@ subprocess and reads that child's wall time and peak RSS (``os.wait4`` → ``ru_
     reference-prior  load both models whole with transformers, subtract attn+mlp, save_file, fsync
     floor-merge      read both inputs fully, write the VLM's size, fsync
     surgeon-merge    surgeon merge --method task-arithmetic
+    surgeon-ties     surgeon merge --method ties (reported against task arithmetic, same run)
     reference-merge  load both whole, θ_V += w·(θ_R − θ_V) in place, save_pretrained, fsync
 
 Page cache: by default every case starts warm — the parent reads every input file once right
@@ -286,6 +287,7 @@ def measure(work: Path, size: str, cold: bool, reference: bool, repeat: int) -> 
         "reference-prior": me + ["_reference_prior", str(vlm), str(llm), str(out)],
         "floor-merge": me + ["_floor", str(_plan(work, vlm_bytes, None)), str(out)],
         "surgeon-merge": cli + ["merge", "--reasoning", str(llm), "--vlm", str(vlm), "-o", str(out), "--method", "task-arithmetic"],
+        "surgeon-ties": cli + ["merge", "--reasoning", str(llm), "--vlm", str(vlm), "-o", str(out), "--method", "ties"],
         "reference-merge": me + ["_reference_merge", str(vlm), str(llm), str(out)],
     }
     runs: dict[str, list[dict]] = {}
@@ -334,6 +336,11 @@ def report(data: dict) -> None:
             + (f"{r['peak_rss_mb']:6.0f}MB" if r else f"{'-':>8s}")
         )
     print("×floor*: surgeon's time less the start-up, over the floor's")
+    t, m = c.get("surgeon-ties"), c.get("surgeon-merge")
+    if t and m:
+        print(f"TIES: {t['seconds']:.1f} s, {t['seconds'] / m['seconds']:.2f}× task arithmetic's time "
+              f"(median of rounds {sorted(t['runs'])[len(t['runs']) // 2] / sorted(m['runs'])[len(m['runs']) // 2]:.2f}×), "
+              f"peak RSS {t['peak_rss_mb']:.0f} MB")
 
 
 def main() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -55,6 +57,33 @@ def test_tiles_reassemble_every_tensor(ckpt):
         assert s.shape == (1, 1) and float(s[0, 0]) == 3.5
         with pytest.raises(ValueError, match="mixed dtypes"):
             stream.run([Job([(c, "a"), (c, "b")], (37, 5), lambda x: None, fp32=False)])
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_passes_see_every_row_first_and_read_it_once_when_it_fits(tmp_path, ckpt, monkeypatch, workers):
+    """A job's passes run over all rows before its fn (here: the mean, then x − mean); rows that fit
+    in ``block_elements`` are read once for every pass, larger ones once per pass, same result."""
+    c, tensors = ckpt
+    reads = []
+    read_into = c.read_into
+    monkeypatch.setattr(c, "read_into", lambda name, out, start=0: (reads.append(name), read_into(name, out, start))[1])
+    expected = tensors["b"] - tensors["b"].sum()
+    for block, expected_reads in ((200, 1), (20, 20)):  # 185 elements: one block read once, or 10 blocks read twice
+        total, lock = torch.zeros((), dtype=torch.float64), threading.Lock()
+
+        def add(x):
+            with lock:
+                total.add_(x[0].sum().double())
+
+        reads.clear()
+        (tmp_path / f"out{block}").mkdir()
+        with ShardedWriter(tmp_path / f"out{block}", [TensorSpec("b", "F32", (37, 5))]) as w, BlockStream(tile_elements=10, workers=workers) as s:
+            s.run([Job([(c, "b")], (37, 5), lambda x: x[0] - float(total), out=(w, "b"), passes=[(add, lambda: None)],
+                       block_elements=block, parallel=True)])  # fmt: skip
+        assert len(reads) == expected_reads
+        assert float(total) == pytest.approx(float(tensors["b"].double().sum()))
+        with open_checkpoint(tmp_path / f"out{block}") as out:
+            assert torch.allclose(out.read("b"), expected, atol=1e-6)
 
 
 def test_an_error_in_fn_leaves_the_stream_usable(ckpt):

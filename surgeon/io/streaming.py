@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import BinaryIO
 
 import torch
@@ -61,6 +61,11 @@ class Job:
     tile (e.g. to use sums that ``fn`` accumulated). ``parallel``: ``fn`` may run on two tiles
     at once, from two threads, in any order (it must be thread-safe and order-free); otherwise
     tiles go through ``fn`` one at a time, in order.
+
+    ``passes``: ``(fn, done)`` pairs that run over all the rows before ``fn`` does (each ``done``
+    after its pass), e.g. to find a statistic the final pass needs. Rows that fit in one block
+    (``block_elements``, default the stream's) are read once for all passes; larger tensors are
+    read again for each pass.
     """
 
     sources: Sequence[Source]
@@ -73,6 +78,8 @@ class Job:
     extra: int = 0
     done: Callable[[], None] | None = None
     parallel: bool = False
+    passes: Sequence[tuple[TileFn, Callable[[], None]]] = ()
+    block_elements: int | None = None
 
 
 @dataclass
@@ -118,10 +125,13 @@ class BlockStream:
     Blocks rotate through ``SLOTS`` sets of buffers: while the caller works on one, the reader
     fills the next ones (up to ``SLOTS - 1`` blocks ahead, which evens out the varying speeds of
     disk and arithmetic) and the writer drains the one before. ``threads`` sets torch's intra-op
-    threads while the stream is open (default ``compute_threads``).
+    threads while the stream is open (default ``compute_threads``); ``workers`` the threads that
+    share the tiles of ``parallel`` jobs.
     """
 
-    def __init__(self, max_elements: int | None = None, tile_elements: int | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self, max_elements: int | None = None, tile_elements: int | None = None, threads: int | None = None, workers: int | None = None
+    ) -> None:
         self.max_elements = max_elements or BLOCK_ELEMENTS
         self.tile_elements = tile_elements or TILE_ELEMENTS
         self._flat: dict[tuple[str, torch.dtype], torch.Tensor] = {}
@@ -130,9 +140,11 @@ class BlockStream:
         self._writes: list[Future | None] = [None] * SLOTS
         self._threads = torch.get_num_threads()
         torch.set_num_threads(threads or compute_threads(self._threads))
-        # a second thread computing tiles of parallel jobs: worth it when intra-op threading is
-        # not (one intra-op thread: small tiles, few cores)
-        self._helper = ThreadPoolExecutor(1, thread_name_prefix="surgeon-tiles") if torch.get_num_threads() == 1 else None
+        # threads computing the tiles of parallel jobs: by default a second one when intra-op
+        # threading is not worth it (one intra-op thread: small tiles, few cores); compute-bound
+        # callers ask for one per core with ``threads=1, workers=cores``
+        self._workers = workers or (2 if torch.get_num_threads() == 1 else 1)
+        self._helper = ThreadPoolExecutor(self._workers - 1, thread_name_prefix="surgeon-tiles") if self._workers > 1 else None
 
     def _buffer(self, key: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """A reused contiguous buffer of ``shape`` for role ``key`` (contents undefined)."""
@@ -153,10 +165,18 @@ class BlockStream:
             _check(job)
             shape = job.shape or (1,)  # a 0-d tensor is streamed as one row
             end = shape[0] if job.stop is None else job.stop
-            ranges = row_blocks((end - job.start, *shape[1:]), None, self.max_elements)
+            ranges = row_blocks((end - job.start, *shape[1:]), None, job.block_elements or self.max_elements)
+            if job.passes and len(ranges) > 1:  # too large to keep: each pass reads the rows again
+                for fn, done in job.passes:
+                    once = replace(job, fn=fn, out=None, done=done, passes=())
+                    steps += [_Block(once, a + job.start, b + job.start, i == len(ranges) - 1) for i, (a, b) in enumerate(ranges)]
+                job = replace(job, passes=())
             steps += [_Block(job, a + job.start, b + job.start, i == len(ranges) - 1) for i, (a, b) in enumerate(ranges)]
-            if not ranges and job.done:
-                steps.append(_Block(job, 0, 0, True))
+            if not ranges:
+                for _, done in job.passes:
+                    done()
+                if job.done:
+                    steps.append(_Block(job, 0, 0, True))
         blocks = [s for s in steps if isinstance(s, _Block) and s.b > s.a]
         loads: dict[int, Future] = {}
 
@@ -176,7 +196,11 @@ class BlockStream:
                     continue
                 if step.b > step.a:
                     slot = k % SLOTS
-                    result = self._compute(step, loads.pop(k).result(), slot)
+                    raw = loads.pop(k).result()
+                    for fn, done in step.job.passes:  # the whole rows are in this block: no second read
+                        self._compute(step, raw, slot, fn)
+                        done()
+                    result = self._compute(step, raw, slot)
                     if result is not None and step.job.out:
                         writer, name = step.job.out
                         self._writes[slot] = last_write = self._writer.submit(
@@ -211,13 +235,17 @@ class BlockStream:
             bufs.append(buf)
         return bufs
 
-    def _compute(self, block: _Block, raw: list[torch.Tensor] | torch.Tensor, slot: int) -> torch.Tensor | None:
-        """Calling thread: ``fn`` over the block's tiles; the result block in the written dtype."""
+    def _compute(
+        self, block: _Block, raw: list[torch.Tensor] | torch.Tensor, slot: int, fn: TileFn | None = None
+    ) -> torch.Tensor | None:
+        """Calling thread: ``fn`` (default the job's) over the block's tiles; the result block in
+        the written dtype (none for another ``fn``: a pass that only looks)."""
         job, rows = block.job, block.b - block.a
         shape = job.shape or (1,)
-        out_dtype = job.out[0].dtype(job.out[1]) if job.out else None
+        out_dtype = job.out[0].dtype(job.out[1]) if job.out and fn is None else None
+        fn = fn or job.fn
         if isinstance(raw, torch.Tensor):  # stored dtype: one call on the whole block
-            y = job.fn(raw)
+            y = fn(raw)
             if out_dtype is None or y is None:
                 return None
             if y.dtype == out_dtype and y.is_contiguous():
@@ -232,17 +260,19 @@ class BlockStream:
                 x = self._buffer(f"tile{worker}", (len(raw) + job.extra, t1 - t0, *shape[1:]), torch.float32)
                 for j, r in enumerate(raw):
                     x[j].copy_(r[t0:t1])
-                y = job.fn(x)
+                y = fn(x)
                 if result is not None and y is not None:
                     result[t0:t1].copy_(y)
 
         if job.parallel and self._helper is not None and len(tiles) > 1:
-            half = len(tiles) // 2
-            helper = self._helper.submit(work, 1, tiles[half:])
+            n = min(self._workers, len(tiles))
+            parts = [tiles[len(tiles) * i // n : len(tiles) * (i + 1) // n] for i in range(n)]
+            helpers = [self._helper.submit(work, i, part) for i, part in enumerate(parts[1:], start=1)]
             try:
-                work(0, tiles[:half])
+                work(0, parts[0])
             finally:
-                helper.result()
+                for h in helpers:
+                    h.result()
         else:
             work(0, tiles)
         return result

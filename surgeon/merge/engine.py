@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import shutil
+import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
@@ -36,6 +37,7 @@ from surgeon.merge.method import MergeMethod, TensorContext
 from surgeon.merge.thresholds import MagnitudeThresholds, kept_count
 from surgeon.io.output import DEFAULT_SHARD_SIZE, ShardedWriter, TensorSpec, check_output, output_folder, parse_size
 from surgeon.io.provenance import FILE_NAME, build_record, write_record
+from surgeon.io import streaming
 from surgeon.io.streaming import BlockStream, Copy, Job
 
 Progress = Callable[[str, int, int], None]
@@ -171,7 +173,10 @@ def _write(
     specs = [TensorSpec(n, i.dtype, i.shape) for n, i in vlm.tensors.items()]
     with output_folder(config.output, config.overwrite) as tmp:
         files = _copy_side_files(vlm.path, tmp)
-        with ShardedWriter(tmp, specs, config.shard_size) as writer, BlockStream() as stream:
+        # TIES' threshold search and sign election are compute-bound: every core takes tiles, one
+        # intra-op thread each; elementwise methods are memory-bound and keep a core for I/O
+        stream_options = {"threads": 1, "workers": torch.get_num_threads()} if method.trims else {}
+        with ShardedWriter(tmp, specs, config.shard_size) as writer, BlockStream(**stream_options) as stream:
             jobs: list[Job | Copy] = []
             merged = 0
             for name, info in vlm.tensors.items():
@@ -243,6 +248,8 @@ def _merge_jobs(
     ctx = TensorContext(first.relative, weight, density, (), generators)
     guard = _FiniteGuard(name, sources, shared)
     jobs: list[Job] = []
+    parallel = not method.random  # tiles in any order, on every core (random draws must keep their order)
+    passes: list = []
     if method.trims:
         numel = math.prod(shape) if shared is None else shared * math.prod(shape[1:])
         k = kept_count(density, numel)
@@ -254,16 +261,17 @@ def _merge_jobs(
             def taus(visit: Callable[[list[torch.Tensor]], None]) -> Callable[[torch.Tensor], None]:
                 return lambda x: visit([o.sub_(x[0]) for o in x[1:]])
 
-            jobs += [
-                Job(sources, shape, taus(select.count_high), stop=shared, done=select.pick),
-                Job(sources, shape, taus(select.count_low), stop=shared, done=select.finish),
-            ]
+            passes = [(taus(select.count_high), select.pick), (taus(select.count_low), select.finish)]
 
         def combine(x: torch.Tensor) -> torch.Tensor:
             guard.add(x)
             return method.combine(x[0], list(x[1:]), replace(ctx, thresholds=select.values or ()))
 
-        jobs.append(Job(sources, shape, combine, out=(writer, name), stop=shared, done=guard.check))
+        # TIES reads a tensor of up to two blocks' worth of elements once for its two threshold passes
+        # and the merge (a 1.5B model's MLP weights, a 7B's attention weights; larger ones are read
+        # once per pass), for about 200 MB more buffers
+        jobs.append(Job(sources, shape, combine, out=(writer, name), stop=shared, done=guard.check, parallel=parallel,
+                        passes=passes, block_elements=2 * streaming.BLOCK_ELEMENTS))  # fmt: skip
     else:
         dtypes = {ckpt.tensors[n].dtype for ckpt, n in sources}
         fused = method.fused if method.fused and len(pairs) == 1 and len(dtypes) == 1 and dtypes <= FUSED_DTYPES else None
@@ -285,9 +293,12 @@ class _FiniteGuard:
     def __init__(self, name: str, sources: list[tuple[Checkpoint, str]], rows: int | None) -> None:
         self.name, self.sources, self.rows = name, sources, rows
         self.total = torch.zeros((), dtype=torch.float64)
+        self.lock = threading.Lock()  # tiles may be added from several threads
 
     def add(self, tiles: torch.Tensor) -> torch.Tensor:
-        self.total += torch.sum(tiles).double()  # in the tiles' own dtype: the fast, vectorised reduction
+        total = torch.sum(tiles).double()  # in the tiles' own dtype: the fast, vectorised reduction
+        with self.lock:
+            self.total += total
         return tiles
 
     def check(self) -> None:

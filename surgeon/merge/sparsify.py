@@ -10,6 +10,8 @@ registry (``surgeon.merge.METHODS``) loads without it (the CLI and model cards r
 
 from __future__ import annotations
 
+import math
+import struct
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -17,10 +19,26 @@ if TYPE_CHECKING:
 
 
 def trim(tau: torch.Tensor, threshold: float) -> torch.Tensor:
-    """τ where |τ| ≥ threshold, else 0. Entries equal to the threshold are all kept."""
+    """τ where |τ| ≥ threshold, else 0. Entries equal to the threshold are all kept.
+
+    For fp32 τ this is one fused kernel, ``hardshrink`` (which keeps |τ| > λ) with λ the largest
+    float32 below the threshold: for float32 values the two conditions are the same."""
     import torch
 
-    return torch.where(tau.abs() >= threshold, tau, torch.zeros((), dtype=tau.dtype))
+    if tau.dtype != torch.float32 or math.isnan(threshold):
+        return torch.where(tau.abs() >= threshold, tau, torch.zeros((), dtype=tau.dtype))
+    return torch.nn.functional.hardshrink(tau, _float32_below(threshold))
+
+
+def _float32_below(x: float) -> float:
+    """The largest float32 strictly below ``x`` (x ≥ 0), or 0.0 for x = 0 (nothing is below |τ| ≥ 0)."""
+    if x <= 0:
+        return 0.0
+    nearest = struct.unpack("<f", struct.pack("<f", min(x, 3.4028234663852886e38)))[0] if math.isfinite(x) else math.inf
+    if nearest < x:
+        return nearest
+    bits = struct.unpack("<I", struct.pack("<f", nearest))[0]
+    return struct.unpack("<f", struct.pack("<I", bits - 1))[0]
 
 
 def dare(tau: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:

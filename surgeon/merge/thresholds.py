@@ -11,6 +11,7 @@ from its tiles streamed twice (peak memory: one tile).
 from __future__ import annotations
 
 import struct
+import threading
 
 import torch
 
@@ -28,7 +29,7 @@ class MagnitudeThresholds:
     (``count_high`` on every tile, then ``pick``) histograms the high 16 bits and finds the bucket
     holding the k-th largest; pass 2 (``count_low``, then ``finish``) histograms the low 16 bits
     inside that bucket and finds the value, in ``values``. ``k == 0`` gives +inf (nothing
-    survives) without any pass.
+    survives) without any pass. Tiles may be counted from several threads at once.
     """
 
     def __init__(self, count: int, k: int) -> None:
@@ -38,10 +39,13 @@ class MagnitudeThresholds:
         self._low = torch.zeros(count, 1 << 16, dtype=torch.int64)
         self._buckets: list[int] = []
         self._remaining: list[int] = []
+        self._lock = threading.Lock()
 
     def count_high(self, taus: list[torch.Tensor]) -> None:
-        for i, t in enumerate(taus):
-            self._high[i] += torch.bincount(_bits(t).bitwise_right_shift(16), minlength=1 << 16)
+        for i, t in enumerate(taus):  # the high 16 bits of |t|: sign dropped, < 1 << 15
+            hist = torch.bincount(_signed_bits(t).bitwise_right_shift(16).bitwise_and_(0x7FFF), minlength=1 << 15)
+            with self._lock:
+                self._high[i, : 1 << 15] += hist
 
     def pick(self) -> None:
         for i in range(self.count):
@@ -50,10 +54,11 @@ class MagnitudeThresholds:
             self._remaining.append(r)
 
     def count_low(self, taus: list[torch.Tensor]) -> None:
-        for i, t in enumerate(taus):
-            bits = _bits(t)
-            inside = bits[bits.bitwise_right_shift(16) == self._buckets[i]]
-            self._low[i] += torch.bincount(inside.bitwise_and(0xFFFF), minlength=1 << 16)
+        for i, t in enumerate(taus):  # |t|'s offset into the bucket; outside it: bins 0 and 65537
+            offset = _signed_bits(t).bitwise_and(0x7FFFFFFF).sub_(self._buckets[i] << 16).clamp_(-1, 1 << 16).add_(1)
+            hist = torch.bincount(offset, minlength=(1 << 16) + 2)
+            with self._lock:
+                self._low[i] += hist[1:-1]
 
     def finish(self) -> None:
         out = []
@@ -63,9 +68,10 @@ class MagnitudeThresholds:
         self.values = tuple(out)
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """|t| as int32 bit patterns (fp32), whose integer order is the order of the magnitudes."""
-    return t.float().abs().reshape(-1).view(torch.int32)
+def _signed_bits(t: torch.Tensor) -> torch.Tensor:
+    """t's fp32 bit patterns as int32 (no copy for a contiguous fp32 tile). With the sign bit
+    cleared they are |t|'s, whose integer order is the order of the magnitudes."""
+    return t.float().contiguous().view(-1).view(torch.int32)
 
 
 def _bucket(hist: torch.Tensor, k: int) -> tuple[int, int]:

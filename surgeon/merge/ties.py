@@ -19,7 +19,7 @@ from surgeon.merge.sparsify import disjoint_mean, trim
 
 def combine(base: torch.Tensor, reasoning: list[torch.Tensor], ctx: TensorContext) -> torch.Tensor:
     taus = [trim(r.sub_(base), t) for r, t in zip(reasoning, ctx.thresholds, strict=True)]
-    return base + ctx.weight * disjoint_mean(taus)
+    return disjoint_mean(taus).mul_(ctx.weight).add_(base)  # = base + w·mean, in the tiles' scratch
 
 
 METHOD = MergeMethod(
