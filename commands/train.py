@@ -86,6 +86,9 @@ from surgeon.commands._hub import push_to_hub_option, push_written
 @click.option("--image-lora-alpha", type=float, default=16.0, show_default=True, help="Image-LoRA α (scale α/r).")
 @click.option("--skip-bad-lines", is_flag=True, help="Skip and count malformed samples instead of stopping.")
 @click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader processes that read and encode samples (0: the training process).")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads per process for torch's intra-op work. Default: OMP_NUM_THREADS when set (torchrun sets 1 "
+                   "for several processes), else this process's cores divided by the processes on this node.")
 @click.option("--log-steps", type=int, default=10, show_default=True, help="When stderr is not a terminal: a progress line every N steps.")
 @click.option(
     "--report-to", type=click.Choice(["none", "tensorboard", "wandb"]), default="none", show_default=True,

@@ -9,6 +9,7 @@ import torch
 from helpers import assert_one_line_error
 from safetensors.torch import load_file
 
+from surgeon.errors import ConfigError
 from surgeon.training.config import TrainConfig
 from surgeon.training.loop import train
 
@@ -35,6 +36,23 @@ def test_same_seed_same_weights(vlm, data, tmp_path):
         _run(vlm, data, tmp_path / name, max_steps=3, lr=1e-3)
     a, b = (load_file(str(tmp_path / n / "adapter_model.safetensors")) for n in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_thread_count_defaults_to_the_cores_per_process_and_is_recorded(vlm, data, tmp_path, monkeypatch):
+    import os
+
+    from surgeon.training.parallel import default_threads
+
+    cores = len(os.sched_getaffinity(0))
+    assert default_threads({}) == cores
+    assert default_threads({"LOCAL_WORLD_SIZE": str(2 * cores)}) == 1  # never 0
+    assert default_threads({"LOCAL_WORLD_SIZE": "1", "OMP_NUM_THREADS": "3"}) == 3  # set by the user or torchrun: it wins
+    before = torch.get_num_threads()
+    _run(vlm, data, tmp_path / "one", max_steps=1, threads=1)
+    assert json.loads((tmp_path / "one" / "surgeon.json").read_text())["stats"]["threads"] == 1
+    assert torch.get_num_threads() == before  # the caller's setting is restored
+    with pytest.raises(ConfigError, match="threads: must be at least 1"):
+        TrainConfig(model=str(vlm), data=str(data), output=str(tmp_path / "x"), threads=0)
 
 
 def test_resume_after_a_stop_gives_the_uninterrupted_weights(vlm, data, tmp_path):

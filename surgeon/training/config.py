@@ -11,7 +11,9 @@ from surgeon.errors import ConfigError
 
 # Fields that do not change what a run computes: excluded from the resume fingerprint. (Whether
 # the model is sharded is checked on resume from the checkpoint itself.)
-_NOT_FINGERPRINTED = {"output", "save_steps", "resume", "overwrite", "fsdp", "gpu_memory", "num_workers", "log_steps", "report_to"}
+_NOT_FINGERPRINTED = {
+    "output", "save_steps", "resume", "overwrite", "fsdp", "gpu_memory", "num_workers", "log_steps", "report_to", "threads",
+}  # fmt: skip
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -85,6 +87,7 @@ class TrainConfig:
     image_lora_alpha: float = 16.0
     skip_bad_lines: bool = False
     num_workers: int = 0  # DataLoader worker processes that encode samples (0: the training process)
+    threads: int | None = None  # intra-op CPU threads per process (None: ``parallel.default_threads``)
     log_steps: int = 10  # a plain progress line every N steps when stderr is not a terminal
     report_to: str = "none"  # tensorboard, wandb or none (through Accelerate's trackers)
     overwrite: bool = False
@@ -124,6 +127,8 @@ class TrainConfig:
             raise ConfigError("mixed_precision", f"unknown value {self.mixed_precision!r}", "choose auto, no, bf16 or fp16")
         if self.num_workers < 0:
             raise ConfigError("num_workers", f"must be ≥ 0, got {self.num_workers}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError("threads", f"must be at least 1, got {self.threads}")
         if self.report_to not in ("none", "tensorboard", "wandb"):
             raise ConfigError("report_to", f"unknown tracker {self.report_to!r}", "choose tensorboard, wandb or none")
         if self.param_dtype not in ("fp32", "bf16"):

@@ -65,7 +65,7 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
 
     from surgeon.errors import ConfigError, Interrupted
     from surgeon.io.output import claim
-    from surgeon.training.parallel import deepspeed_requested, return_freed_memory
+    from surgeon.training.parallel import default_threads, deepspeed_requested, return_freed_memory
     from surgeon.training.state import latest_intact
 
     from surgeon.training.tracking import check_tracker
@@ -78,6 +78,8 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
     cpu = not torch.cuda.is_available()
     if cpu:
         return_freed_memory()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads or default_threads())
     state = PartialState(cpu=cpu)
     try:
         with claim(config.output) if state.is_main_process else contextlib.nullcontext():  # type: ignore[arg-type]
@@ -86,6 +88,8 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
         latest = latest_intact(checkpoint_root(config.output))[0]  # type: ignore[arg-type]
         kept = f"{latest} is kept; run the same command with --resume to continue from it" if latest else "no output was written"
         raise Interrupted(getattr(exc, "signum", 2), kept) from None
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _train(
@@ -264,7 +268,8 @@ def _train(
             save_checkpoint(ckpt_root / f"checkpoint-{step + 1}", Progress(step + 1, fingerprint), run.trainable, optimizer, scheduler, engine)
             engine.barrier()
 
-    stats = {**run.stats, "steps": total, "world_size": world, "global_batch": order.global_batch, "final": metrics, "seen": seen}
+    stats = {**run.stats, "steps": total, "world_size": world, "threads": torch.get_num_threads(), "global_batch": order.global_batch,
+             "final": metrics, "seen": seen}  # fmt: skip
     stats["precision"] = {"mixed": precision.mixed, "trained": precision.master, "frozen": precision.frozen}
     stats["sharded"] = engine.sharded
     if drift is not None:

@@ -54,6 +54,19 @@ def return_freed_memory() -> None:
         pass
 
 
+def default_threads(environ: dict[str, str] | None = None) -> int:
+    """Intra-op CPU threads for one training process: ``OMP_NUM_THREADS`` when it is set (torchrun
+    sets 1 for several processes unless told otherwise), else the cores this process may run on
+    shared by the processes on this node (``LOCAL_WORLD_SIZE``), at least 1."""
+    env = os.environ if environ is None else environ
+    given = env.get("OMP_NUM_THREADS", "").strip()
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = env.get("LOCAL_WORLD_SIZE", "1")
+    return max(1, cores // max(1, int(local) if local.isdigit() else 1))
+
+
 def fsdp_requested(flag: bool) -> bool:
     """``--fsdp``, or a launch through ``accelerate launch --use_fsdp`` (its environment)."""
     return flag or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
