@@ -40,10 +40,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPE_2B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                 vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768)  # fmt: skip
 SHAPE_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+# about 23M parameters: the size at which training memory was compared with TRL on the CPU
+SHAPE_23M = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=7, num_attention_heads=8, num_key_value_heads=8)
+SHAPES = {"tiny": SHAPE_TINY, "23m": SHAPE_23M, "2b": SHAPE_2B}
 CASES = ("lora", "full", "full+drift", "lora+iada", "image-lora", "trl-lora", "trl-full")
 
 
-def build(work: Path, tiny: bool, dtype: str) -> dict[str, Path]:
+def build(work: Path, shape_name: str, dtype: str) -> dict[str, Path]:
     """The VLM, a same-shaped random LLM, their prior, a head selection (cached under ``work``)."""
     import torch
 
@@ -51,7 +54,7 @@ def build(work: Path, tiny: bool, dtype: str) -> dict[str, Path]:
     from surgeon.heads.score import HeadScores, write_heads
     from surgeon.drift.prior import PriorConfig, compute_prior
 
-    shape = SHAPE_TINY if tiny else SHAPE_2B
+    shape = SHAPES[shape_name]
     from surgeon.modules.iada import IadaConfig, inject_iada
 
     vlm, llm, prior, heads = work / "vlm", work / "llm", work / "prior", work / "heads.json"
@@ -62,7 +65,7 @@ def build(work: Path, tiny: bool, dtype: str) -> dict[str, Path]:
     if not (prior / "surgeon.json").exists():
         compute_prior(PriorConfig(reasoning=str(llm), vlm=str(vlm), output=str(prior)))
     if not (work / "vlm-iada" / "config.json").exists():  # blocks every 7 layers (the default); every 2 in the tiny shape
-        inject_iada(str(vlm), work / "vlm-iada", IadaConfig(block_size=2 if tiny else 7))
+        inject_iada(str(vlm), work / "vlm-iada", IadaConfig(block_size=2 if shape_name == "tiny" else 7))
     if not heads.exists():
         layers, kv = shape["num_hidden_layers"], shape["num_key_value_heads"]
         head_dim = shape["hidden_size"] // shape["num_attention_heads"]
@@ -192,6 +195,7 @@ def run_trl(case: str, paths: dict, data: Path, out: Path, args: argparse.Namesp
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="the tiny shape (for a check on the CPU)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None, help="tiny, 23m or 2b (default 2b; --tiny: tiny)")
     parser.add_argument("--device", default="cuda", help="cuda or cpu (the run uses every visible device's first)")
     parser.add_argument("--dtype", default="bfloat16", help="dtype the random checkpoints are saved in")
     parser.add_argument("--mixed-precision", default="auto")
@@ -207,9 +211,10 @@ def main(argv: list[str] | None = None) -> dict:
 
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device: run with --device cpu (and --tiny) to check the script")
-    work = args.work / ("tiny" if args.tiny else "2b")
+    shape = args.shape or ("tiny" if args.tiny else "2b")
+    work = args.work / shape
     work.mkdir(parents=True, exist_ok=True)
-    paths = build(work, args.tiny, args.dtype)
+    paths = build(work, shape, args.dtype)
     data, tokens = make_data(work, paths["vlm"], args.seq, args.batch * (args.warmup + args.steps))
     results: dict[str, dict] = {}
     for case in args.cases.split(","):
