@@ -17,9 +17,10 @@ from surgeon.io.safetensors import read_header
 
 
 def test_headers_give_names_shapes_dtypes_without_reading_data(vlm, monkeypatch):
-    import surgeon.io.checkpoint as cp
+    import surgeon.io.safetensors as st
 
-    monkeypatch.setattr(cp, "read_tensor", lambda *a, **k: pytest.fail("data was read"))
+    monkeypatch.setattr(st, "read_tensor", lambda *a, **k: pytest.fail("data was read"))
+    monkeypatch.setattr(st, "read_into", lambda *a, **k: pytest.fail("data was read"))
     with open_checkpoint(vlm) as ckpt:
         info = ckpt.tensors["model.layers.0.mlp.up_proj.weight"]
         assert info.shape == (128, 64) and info.dtype == "F32"
