@@ -84,6 +84,12 @@ def test_passes_see_every_row_first_and_read_it_once_when_it_fits(tmp_path, ckpt
         assert float(total) == pytest.approx(float(tensors["b"].double().sum()))
         with open_checkpoint(tmp_path / f"out{block}") as out:
             assert torch.allclose(out.read("b"), expected, atol=1e-6)
+    order = []  # no rows at all: every done still runs, in order, when the job's turn comes
+    with BlockStream() as s:
+        s.run([Job([(c, "b")], (37, 5), lambda x: None, done=lambda: order.append("first")),
+               Job([(c, "b")], (37, 5), lambda x: None, stop=0, passes=[(lambda x: None, lambda: order.append("pass"))],
+                   done=lambda: order.append("job"))])  # fmt: skip
+    assert order == ["first", "pass", "job"]
 
 
 def test_an_error_in_fn_leaves_the_stream_usable(ckpt):

@@ -172,9 +172,8 @@ class BlockStream:
                     steps += [_Block(once, a + job.start, b + job.start, i == len(ranges) - 1) for i, (a, b) in enumerate(ranges)]
                 job = replace(job, passes=())
             steps += [_Block(job, a + job.start, b + job.start, i == len(ranges) - 1) for i, (a, b) in enumerate(ranges)]
-            if not ranges:
-                for _, done in job.passes:
-                    done()
+            if not ranges:  # no rows: the passes' and the job's ``done`` still run, in order
+                steps += [_Block(replace(job, fn=fn, out=None, done=done, passes=()), 0, 0, True) for fn, done in job.passes]
                 if job.done:
                     steps.append(_Block(job, 0, 0, True))
         blocks = [s for s in steps if isinstance(s, _Block) and s.b > s.a]
