@@ -174,9 +174,10 @@ def _write(
     with output_folder(config.output, config.overwrite) as tmp:
         files = _copy_side_files(vlm.path, tmp)
         # TIES' threshold search and sign election are compute-bound: every core takes tiles, one
-        # intra-op thread each; elementwise methods are memory-bound and keep a core for I/O
-        stream_options = {"threads": 1, "workers": torch.get_num_threads()} if method.trims else {}
-        with ShardedWriter(tmp, specs, config.shard_size) as writer, BlockStream(**stream_options) as stream:
+        # intra-op thread each, tiles 4x the usual size (fewer calls per element: 1.3x faster on
+        # the 1.5B pair); elementwise methods are memory-bound and keep a core for I/O
+        stream_options = {"threads": 1, "workers": torch.get_num_threads(), "tile_elements": 4 * streaming.TILE_ELEMENTS}
+        with ShardedWriter(tmp, specs, config.shard_size) as writer, BlockStream(**(stream_options if method.trims else {})) as stream:
             jobs: list[Job | Copy] = []
             merged = 0
             for name, info in vlm.tensors.items():
