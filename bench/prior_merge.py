@@ -266,7 +266,7 @@ def _mem_available_gb() -> float:
     return 0.0
 
 
-def measure(work: Path, size: str, cold: bool, reference: bool, repeat: int) -> dict:
+def measure(work: Path, size: str, cold: bool, reference: bool, repeat: int, only: set[str] | None = None) -> dict:
     from surgeon.anatomy.align import align
     from surgeon.io.checkpoint import open_checkpoint
     from surgeon.anatomy.families import Selection
@@ -293,7 +293,7 @@ def measure(work: Path, size: str, cold: bool, reference: bool, repeat: int) -> 
     runs: dict[str, list[dict]] = {}
     for round_ in range(1, repeat + 1):
         for name, cmd in cases.items():
-            if name.startswith("reference") and not reference:
+            if (name.startswith("reference") and not reference) or (only and name not in only):
                 continue
             if name.startswith("reference") and _mem_available_gb() < 1.6 * input_bytes / 2**30:
                 print(f"{name}: skipped, only {_mem_available_gb():.1f} GiB of memory available")
@@ -354,13 +354,14 @@ def main() -> None:
     ap.add_argument("--no-reference", dest="reference", action="store_false", help="skip the load-everything scripts")
     ap.add_argument("--repeat", type=int, default=1, help="run every case this many times; report the fastest")
     ap.add_argument("--clean", action="store_true", help="delete the random checkpoints afterwards")
+    ap.add_argument("--cases", default=None, help="comma-separated case names to run (default: all)")
     args = ap.parse_args()
     work = args.work / args.size
     work.mkdir(parents=True, exist_ok=True)
     llm_cfg, vlm_cfg = _configs(args.size)
     build(work / "llm", llm_cfg, causal_lm=True, seed=1)
     build(work / "vlm", vlm_cfg, causal_lm=False, seed=0)
-    data = measure(work, args.size, args.cold, args.reference, args.repeat)
+    data = measure(work, args.size, args.cold, args.reference, args.repeat, set(args.cases.split(",")) if args.cases else None)
     data["machine"] = {"cpus": os.cpu_count(), "mem_gb": round(_mem_total_gb(), 1)}
     (args.work / f"results-{args.size}-{data['cache']}.json").write_text(json.dumps(data, indent=2))
     report(data)
