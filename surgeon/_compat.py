@@ -52,13 +52,21 @@ class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Resolves an old module name to the module at its new place."""
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
-        return importlib.util.spec_from_loader(name, self) if name in MOVED else None
+        if name not in MOVED:
+            return None
+        target = importlib.util.find_spec(MOVED[name])
+        return importlib.util.spec_from_loader(name, self, origin=target.origin if target else None)
 
     def create_module(self, spec: Any) -> Any:
         return importlib.import_module(MOVED[spec.name])
 
     def exec_module(self, module: Any) -> None:
         pass
+
+    def get_code(self, name: str) -> Any:
+        """The moved module's code, so that ``python -m surgeon.hub_standin`` runs it as before."""
+        spec = importlib.util.find_spec(MOVED[name])
+        return spec.loader.get_code(spec.name)  # type: ignore[union-attr]
 
 
 def install() -> None:

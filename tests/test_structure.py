@@ -8,6 +8,7 @@ import graphlib
 import importlib
 import re
 import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -147,6 +148,9 @@ def test_the_old_import_paths_give_the_same_objects():
     assert surgeon.tiny.build is importlib.import_module("surgeon.demo.tiny").build
     with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
         surgeon.data.nothing_here  # noqa: B018
+    # and an old path still runs as a program
+    ran = subprocess.run([sys.executable, "-m", "surgeon.hub_standin", "--help"], capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0 and "--port" in ran.stdout, ran.stderr[-1000:]
 
 
 def test_every_methods_citation_points_at_a_section_that_exists():
