@@ -122,6 +122,17 @@ def parse_selection(config: object) -> None:
     object.__setattr__(config, "layers", parse_layers(config.layers))  # type: ignore[attr-defined]
 
 
+class SelectsTensors:
+    """For frozen config dataclasses with ``modules``, ``layers``, ``skip_first`` and ``bias`` fields
+    (prior and merge): ``selection`` is them as a ``Selection``; ``parse_selection(self)`` in their
+    ``__post_init__`` reads them from text."""
+
+    @property
+    def selection(self) -> Selection:
+        layers = self.layers  # type: ignore[attr-defined]
+        return Selection(tuple(self.modules), tuple(layers) if layers is not None else None, self.skip_first, self.bias)  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True)
 class Selection:
     """Which LM-relative tensors to act on.

@@ -218,6 +218,14 @@ class HubStandIn:
             return r.snapshots[rev], None
         return None, _json(404, {"error": "Revision not found"}, {"X-Error-Code": "RevisionNotFound", "X-Error-Message": "Invalid rev id"})
 
+    def _readable(self, req: Request, t: str, repo: str, rev: str) -> tuple[Repo | None, dict[str, bytes] | None, tuple[int, dict[str, str], bytes] | None]:
+        """The repo and its files at ``rev`` when ``req`` may read them; else the error to answer."""
+        r = self._repo(t, repo)
+        files, error = self._revision(r, rev)
+        if error is None and r is not None and r.private and not self._authorized(req):
+            error = _json(401, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+        return r, files, error
+
     def _sha(self, r: Repo, rev: str) -> str:
         return r.heads.get(rev, rev)
 
@@ -300,25 +308,19 @@ class HubStandIn:
         return _json(200, {"success": True, "commitOid": oid, "commitUrl": f"{self.url}/{prefix}{repo}/commit/{oid}", "pullRequestUrl": None})
 
     def _info(self, req: Request, t: str, repo: str, rev: str = "main") -> tuple[int, dict[str, str], bytes]:
-        r = self._repo(t, repo)
-        files, error = self._revision(r, rev)
+        r, files, error = self._readable(req, t, repo, rev)
         if error:
             return error
         assert r is not None and files is not None
-        if r.private and not self._authorized(req):
-            return _json(401, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
         siblings = [{"rfilename": name, "size": len(data)} for name, data in sorted(files.items())]
         return _json(200, {"id": r.repo_id, "modelId": r.repo_id, "sha": self._sha(r, rev), "private": r.private, "siblings": siblings, "tags": []})
 
     def _tree(self, req: Request, t: str, repo: str, rev: str, path: str = "") -> tuple[int, dict[str, str], bytes]:
         """The files (and, unless ``recursive``, the folders) under ``path`` at ``rev``."""
-        r = self._repo(t, repo)
-        files, error = self._revision(r, rev)
+        r, files, error = self._readable(req, t, repo, rev)
         if error:
             return error
         assert r is not None and files is not None
-        if r.private and not self._authorized(req):
-            return _json(401, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
         recursive = req.query.get("recursive", ["false"])[0].lower() in ("1", "true")
         prefix = path.strip("/") + "/" if path.strip("/") else ""
         entries, folders = [], set()
@@ -344,13 +346,10 @@ class HubStandIn:
     def _resolve(self, req: Request, t: str, repo: str, rev: str, path: str) -> tuple[int, dict[str, str], bytes]:
         """A file download (GET, or HEAD for its metadata), with the headers the client reads:
         the commit, the ETag (git blob id; sha256 and size as X-Linked-* for LFS files)."""
-        r = self._repo(t, repo)
-        files, error = self._revision(r, rev)
+        r, files, error = self._readable(req, t, repo, rev)
         if error:
             return error
         assert r is not None and files is not None
-        if r.private and not self._authorized(req):
-            return _json(401, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
         if path not in files:
             return _json(404, {"error": f"Entry not found: {path}"}, {"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found"})
         data = files[path]

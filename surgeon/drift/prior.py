@@ -37,7 +37,7 @@ from surgeon.io.repo_ids import REPO_ID
 from surgeon.io.checkpoint import Checkpoint, open_checkpoint
 from surgeon.drift.distance import Distance, summarise
 from surgeon.errors import AlignmentError, CheckpointError, ConfigError
-from surgeon.anatomy.families import DEFAULT_MODULES, Selection, parse_selection
+from surgeon.anatomy.families import SelectsTensors, DEFAULT_MODULES, parse_selection
 from surgeon.anatomy.layout import layer_index
 from surgeon.io.output import DEFAULT_SHARD_SIZE, ShardedWriter, TensorSpec, check_output, output_folder, parse_size
 from surgeon.io.provenance import build_record, read_record, write_record
@@ -49,7 +49,7 @@ _SHORT_NAMES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 
 
 @dataclass(frozen=True)
-class PriorConfig:
+class PriorConfig(SelectsTensors):
     """Options of ``surgeon prior``; each CLI option is one field.
 
     ``modules`` / ``layers`` / ``skip_first`` / ``bias`` form a ``families.Selection``
@@ -73,10 +73,6 @@ class PriorConfig:
     def __post_init__(self) -> None:
         parse_selection(self)
         object.__setattr__(self, "shard_size", parse_size(self.shard_size))
-
-    @property
-    def selection(self) -> Selection:
-        return Selection(tuple(self.modules), tuple(self.layers) if self.layers is not None else None, self.skip_first, self.bias)
 
 
 @dataclass(frozen=True)

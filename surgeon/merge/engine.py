@@ -31,7 +31,7 @@ import torch
 from surgeon.anatomy.align import Alignment, Pair, align
 from surgeon.io.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint, open_checkpoint
 from surgeon.errors import ConfigError, SelectionError
-from surgeon.anatomy.families import Selection, family_examples, parse_selection
+from surgeon.anatomy.families import SelectsTensors, Selection, family_examples, parse_selection
 from surgeon.anatomy.layout import layer_index
 from surgeon.merge.method import MergeMethod, TensorContext
 from surgeon.merge.thresholds import MagnitudeThresholds, kept_count
@@ -46,7 +46,7 @@ FUSED_DTYPES = {"BF16", "F16", "F32"}
 
 
 @dataclass(frozen=True)
-class MergeConfig:
+class MergeConfig(SelectsTensors):
     """Options of ``surgeon merge``; each CLI option is one field.
 
     ``weight`` / ``density`` / ``seed``: None means the method's default; giving one the method
@@ -73,10 +73,6 @@ class MergeConfig:
         object.__setattr__(self, "reasoning", (self.reasoning,) if isinstance(self.reasoning, str) else tuple(self.reasoning))
         parse_selection(self)
         object.__setattr__(self, "shard_size", parse_size(self.shard_size))
-
-    @property
-    def selection(self) -> Selection:
-        return Selection(tuple(self.modules), tuple(self.layers) if self.layers is not None else None, self.skip_first, self.bias)
 
 
 @dataclass(frozen=True)
