@@ -19,13 +19,14 @@ from surgeon.commands._console import emit_json, human_bytes, human_count, out
 def command(checkpoint: str, revision: str | None, as_json: bool) -> None:
     """Describe CHECKPOINT (a local folder or a Hub repo id) from its config and tensor headers.
 
-    Reads no weights: prints the architecture, sizes, dtype, shards, and parameter counts split
+    Reads no weights (for a repo id, only config.json and the safetensors headers are fetched):
+    prints the architecture, sizes, dtype, shards, and parameter counts split
     into language model / vision tower / projector / other.
     """
     from surgeon.io.checkpoint import open_checkpoint
     from surgeon.anatomy.inspect import inspect_checkpoint
 
-    with open_checkpoint(checkpoint, revision) as ckpt:
+    with open_checkpoint(checkpoint, revision, headers_only=True) as ckpt:
         report = inspect_checkpoint(ckpt)
     if as_json:
         emit_json(report.to_dict())

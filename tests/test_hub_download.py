@@ -4,9 +4,11 @@ inspect, prior and load what was pushed; a server that answers with an error is 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
 import torch
-from helpers import assert_one_line_error, logits
+from helpers import assert_one_line_error, logits, run_without_torch
 
 TOKEN = "hf_surgeonStandInToken0123456789abcdefXY"
 
@@ -31,6 +33,49 @@ def test_push_then_pull_end_to_end(cli, hub_standin, vlm, llm, tmp_path):
     local = surgeon.load_model(str(vlm)).eval()
     ids = {"input_ids": torch.randint(20, 400, (1, 7))}
     assert torch.equal(logits(model, **ids), logits(local, **ids))
+
+
+def _two_shards(src, dst):
+    """``src`` with its weights split over two files and an index, as sharded releases are saved."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from surgeon.io.safetensors import write_file
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors"))
+    tensors = load_file(str(src / "model.safetensors"))
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, part in halves.items():
+        write_file(dst / file, {n: tensors[n] for n in part}, {"format": "pt"})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+             "weight_map": {n: f for f, part in halves.items() for n in part}}  # fmt: skip
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    return dst
+
+
+def test_inspect_of_a_repo_id_fetches_only_the_config_and_the_headers(cli, hub_standin, vlm, tmp_path):
+    from huggingface_hub import constants
+
+    from surgeon.errors import CheckpointError
+    from surgeon.io.checkpoint import open_checkpoint
+
+    for repo, folder in (("acme/one", vlm), ("acme/sharded", _two_shards(vlm, tmp_path / "sharded"))):
+        assert cli("push", folder, "--repo", repo, "--token", TOKEN).exit_code == 0
+        before = len(hub_standin.requests)
+        shown = cli("inspect", repo, "--json")
+        assert shown.exit_code == 0, shown.output
+        assert {**json.loads(shown.stdout), "source": ""} == {**json.loads(cli("inspect", folder, "--json").stdout), "source": ""}
+        weights = [r for r in hub_standin.requests[before:] if r.path.endswith(".safetensors")]
+        assert weights and all(r.method == "GET" and r.headers.get("range", "").startswith("bytes=") for r in weights), weights
+        blocked = run_without_torch(["inspect", repo, "--json"])  # and without torch
+        assert blocked.returncode == 0 and json.loads(blocked.stdout) == json.loads(shown.stdout), blocked.stderr[-1000:]
+    assert not list(Path(constants.HF_HUB_CACHE).rglob("*.safetensors"))  # no weights were downloaded
+    with open_checkpoint("acme/sharded", headers_only=True) as ckpt:
+        assert len(ckpt.files) == 2 and ckpt.commit
+        with pytest.raises(CheckpointError, match="headers only"):
+            ckpt.read(next(iter(ckpt.tensors)))
 
 
 def test_a_server_that_answers_an_error_is_not_called_unreachable(cli, hub_standin, vlm):

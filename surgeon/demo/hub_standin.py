@@ -356,6 +356,12 @@ class HubStandIn:
         headers = {"Content-Type": "application/octet-stream", "X-Repo-Commit": self._sha(r, rev), "ETag": f'"{git_blob_oid(data)}"'}
         if self._lfs(path, data):
             headers |= {"X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Linked-Size": str(len(data))}
+        wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", req.headers.get("range", "").strip())
+        if wanted and req.method == "GET":  # a byte range, as the Hub's storage serves it
+            a, b = int(wanted.group(1)), min(int(wanted.group(2) or len(data) - 1), len(data) - 1)
+            if a >= len(data):
+                return 416, {"Content-Range": f"bytes */{len(data)}"}, b""
+            return 206, headers | {"Content-Range": f"bytes {a}-{b}/{len(data)}"}, data[a : b + 1]
         return 200, headers, data
 
     def _refs(self, req: Request, t: str, repo: str) -> tuple[int, dict[str, str], bytes]:

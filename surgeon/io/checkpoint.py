@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from surgeon.errors import CheckpointError
-from surgeon.io.header import FormatError, TensorInfo, read_header
+from surgeon.io.header import FormatError, TensorInfo, parse_header, read_header
 from surgeon.io.repo_ids import PINNED, REPO_ID
 
 if TYPE_CHECKING:  # torch is imported when a tensor is read: opening and inspecting need only headers
@@ -27,6 +27,8 @@ if TYPE_CHECKING:  # torch is imported when a tensor is read: opening and inspec
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
+
+_NOWHERE = Path("/nonexistent-surgeon-headers")  # the folder of a headers-only repo with no config or index
 
 _SCALE_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".qweight", ".scales", ".qzeros", ".SCB")
 
@@ -44,11 +46,16 @@ class Checkpoint:
         files: the safetensors files, in order.
     """
 
-    def __init__(self, path: Path, source: str | None = None, revision: str | None = None, commit: str | None = None):
+    def __init__(
+        self, path: Path, source: str | None = None, revision: str | None = None, commit: str | None = None,
+        headers: dict[str, tuple[bytes, int | None]] | None = None,
+    ):  # fmt: skip
         self.path = Path(path)
         self.source = source if source is not None else str(path)
         self.revision = revision
         self.commit = commit
+        self.headers_only = headers is not None  # the weights are not here: names, shapes and dtypes only
+        self._headers = headers or {}
         self._handles: dict[str, BinaryIO] = {}
         self._lock = threading.Lock()
         self.config = self._load_config()
@@ -76,7 +83,7 @@ class Checkpoint:
             except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
                 raise CheckpointError(self.source, f"{INDEX_NAME} is not a valid index", "restore it from the original model") from None
             files = sorted(set(weight_map.values()))
-            missing = [f for f in files if not (self.path / f).is_file()]
+            missing = [f for f in files if not (f in self._headers if self.headers_only else (self.path / f).is_file())]
             if missing:
                 raise CheckpointError(
                     self.source,
@@ -85,14 +92,14 @@ class Checkpoint:
                 )
             metadata = data.get("metadata") or {}
         else:
-            files = sorted(p.name for p in self.path.glob("*.safetensors"))
+            files = sorted(self._headers) if self.headers_only else sorted(p.name for p in self.path.glob("*.safetensors"))
             weight_map, metadata = {}, {}
         if not files:
             self._raise_no_weights()
         tensors: dict[str, TensorInfo] = {}
         for name in files:
             try:
-                found, _ = read_header(self.path / name, name)
+                found, _ = parse_header(*self._headers[name], name) if self.headers_only else read_header(self.path / name, name)
             except FormatError as e:
                 raise CheckpointError(self.source, f"{name} {e}", "download or copy this file again") from None
             except OSError as e:
@@ -147,6 +154,8 @@ class Checkpoint:
 
     def handle(self, file: str) -> BinaryIO:
         """The open binary handle of one of ``files`` (opened once, closed by ``close()``)."""
+        if self.headers_only:
+            raise CheckpointError(self.source, "was opened for its headers only", "open it with open_checkpoint(source) to read weights")
         with self._lock:  # block streaming reads on background threads
             f = self._handles.get(file)
             if f is None:
@@ -220,12 +229,14 @@ class Checkpoint:
         return f"Checkpoint({self.source!r}, {len(self.tensors)} tensors in {len(self.files)} file(s))"
 
 
-def open_checkpoint(source: str | Path, revision: str | None = None) -> Checkpoint:
+def open_checkpoint(source: str | Path, revision: str | None = None, headers_only: bool = False) -> Checkpoint:
     """Open a local folder, or resolve a Hub repo id (``org/name``, or ``org/name@revision`` to
     pin a branch, tag or commit) through the Hub cache.
 
     Repo ids download only config, safetensors and processor/tokenizer files, use the
-    huggingface_hub cache, and honour ``HF_HOME`` and ``HF_HUB_OFFLINE``.
+    huggingface_hub cache, and honour ``HF_HOME`` and ``HF_HUB_OFFLINE``. ``headers_only``: for a
+    repo id, fetch only the config and the safetensors headers (byte ranges; offline, the cached
+    snapshot); the checkpoint then describes its tensors but cannot read them.
     """
     text = str(source)
     if not text.strip():
@@ -246,6 +257,9 @@ def open_checkpoint(source: str | Path, revision: str | None = None) -> Checkpoi
     if REPO_ID.match(text) and not text.startswith("."):
         from surgeon.io import download as hub
 
+        if headers_only and not hub.offline():
+            small, commit, headers = hub.checkpoint_headers(text, revision)
+            return Checkpoint(Path(small) if small else _NOWHERE, text, revision, commit, headers=headers)
         folder, commit = hub.download_checkpoint(text, revision)
         return Checkpoint(Path(folder), text, revision, commit)
     raise CheckpointError(text, "no such folder", "check the path, or give a Hub repo id as org/name")

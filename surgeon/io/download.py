@@ -1,15 +1,18 @@
 """Reading checkpoints from the Hugging Face Hub, through the real ``huggingface_hub`` client.
 
 ``download_checkpoint(repo_id, revision)`` fetches (or finds in the cache) what a checkpoint needs,
-never a pickle; ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE=1`` point every read at another endpoint or at
+never a pickle; ``checkpoint_headers`` fetches only its config and the safetensors headers (HTTP
+byte ranges, as ``huggingface_hub.get_safetensors_metadata`` does), for what needs no weights; ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE=1`` point every read at another endpoint or at
 the cache alone. Failures leave as one-line ``HubError``s (``surgeon.io.hub_errors``).
 """
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 from surgeon.errors import CheckpointError
+from surgeon.io.header import MAX_HEADER
 from surgeon.io.hub_errors import offline, translated
 
 # What a checkpoint needs: config, weights, tokenizer/processor/chat-template files, and the
@@ -78,3 +81,58 @@ def _refuse_pickle_only(repo_id: str, revision: str | None) -> None:
             f"holds only pickle weights ({', '.join(pickles[:3])}); surgeon never unpickles files",
             "ask for a safetensors revision (many repos have refs/pr/N with one) or convert it yourself",
         )
+
+
+HEAD_BYTES = 100_000  # the first request of a header: most safetensors headers are shorter
+
+
+def checkpoint_headers(repo_id: str, revision: str | None = None) -> tuple[str | None, str, dict[str, tuple[bytes, int | None]]]:
+    """The config/index folder, the commit, and ``{file: (header bytes, file size)}`` of every
+    safetensors file of a repo, fetched with byte-range requests: no weights are downloaded.
+    Returns (the snapshot folder holding config.json and the index, or None when the repo has
+    neither; the commit; the headers)."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    name = _named(repo_id, revision)
+    with translated(name):
+        info = HfApi().model_info(repo_id, revision=revision)
+    commit = str(info.sha)
+    present = {s.rfilename for s in info.siblings or []}
+    folder = None
+    for small in ("config.json", "model.safetensors.index.json"):
+        if small in present:
+            with translated(name):
+                folder = str(Path(hf_hub_download(repo_id, small, revision=commit)).parent)
+    files = sorted(f for f in present if f.endswith(".safetensors") and "/" not in f)
+    if not files:
+        _refuse_pickle_only(repo_id, commit)
+        raise CheckpointError(repo_id, "has no safetensors weights (no *.safetensors files)", "check the repo id and revision")
+    return folder, commit, {f: _remote_header(repo_id, f, commit, name) for f in files}
+
+
+def _remote_header(repo_id: str, filename: str, commit: str, name: str) -> tuple[bytes, int | None]:
+    """(header bytes without the length prefix, file size or None if the server did not say) of
+    one safetensors file on the Hub."""
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    url = hf_hub_url(repo_id, filename, revision=commit)
+
+    def get(first: int, last: int) -> tuple[bytes, int | None]:
+        with translated(f"{name}: {filename}"):
+            response = get_session().get(url, headers={**build_hf_headers(), "range": f"bytes={first}-{last}"}, timeout=30)
+            hf_raise_for_status(response)
+        body = response.content
+        if response.status_code != 206:  # a server that ignores ranges sends the whole file
+            return body[first : last + 1], len(body)
+        total = response.headers.get("content-range", "").rpartition("/")[2]
+        return body, int(total) if total.isdigit() else None
+
+    head, size = get(0, HEAD_BYTES - 1)
+    if len(head) < 8:
+        raise CheckpointError(repo_id, f"{filename} is {size} bytes long, too short to be a safetensors file", "check the repo's files")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > MAX_HEADER or (size is not None and n > size - 8):
+        raise CheckpointError(repo_id, f"{filename} has a corrupt header (declared length {n})", "check the repo's files")
+    raw = head[8 : 8 + n] if len(head) >= 8 + n else get(8, 8 + n - 1)[0]
+    return raw, size

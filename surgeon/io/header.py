@@ -75,8 +75,13 @@ def read_header(path: Path, file_name: str | None = None) -> tuple[dict[str, Ten
     Raises FormatError for a corrupt header, unknown dtype, inconsistent offsets, or a file whose
     data section is shorter than the header promises (a truncated download or copy).
     """
-    size = Path(path).stat().st_size
-    raw = raw_header(path)
+    return parse_header(raw_header(path), Path(path).stat().st_size, file_name or Path(path).name)
+
+
+def parse_header(raw: bytes, size: int | None, file_name: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """``read_header`` for header bytes already in hand (``raw``, without the 8-byte length) of a
+    file of ``size`` bytes named ``file_name``: the same checks, the same result (``size`` None:
+    unknown, so the data section's length is not checked)."""
     n = len(raw)
     try:
         header = json.loads(raw)
@@ -86,7 +91,7 @@ def read_header(path: Path, file_name: str | None = None) -> tuple[dict[str, Ten
         raise FormatError("has a corrupt header (not a JSON object)")
     meta = header.pop("__metadata__", None) or {}
     base = 8 + n
-    data_len = size - base
+    data_len = size - base if size is not None else None
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         try:
@@ -98,7 +103,7 @@ def read_header(path: Path, file_name: str | None = None) -> tuple[dict[str, Ten
         expected = math.prod(shape) * DTYPE_SIZES[dtype]
         if not (0 <= b <= e) or e - b != expected:
             raise FormatError(f"has inconsistent offsets for {name!r} ({b}..{e} for {expected} bytes)")
-        tensors[name] = TensorInfo(name, dtype, shape, file_name or path.name, base + b, base + e)
+        tensors[name] = TensorInfo(name, dtype, shape, file_name, base + b, base + e)
     # As the format requires: the tensors' byte ranges tile the data section, with no overlap and no gap.
     position = base
     for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
@@ -106,9 +111,9 @@ def read_header(path: Path, file_name: str | None = None) -> tuple[dict[str, Ten
             what = "overlaps the tensor before it" if info.start < position else "leaves a gap before it"
             raise FormatError(f"has invalid offsets: {info.name!r} {what} (bytes {info.start - base}..{info.end - base})")
         position = info.end
-    if position - base > data_len:
+    if data_len is not None and position - base > data_len:
         raise FormatError(f"is truncated: the header needs {position - base} bytes of tensor data, the file holds {data_len}")
-    if position - base < data_len:
+    if data_len is not None and position - base < data_len:
         raise FormatError(f"has {data_len - (position - base)} bytes after its last tensor, which the format does not allow")
     ordered = dict(sorted(tensors.items(), key=lambda kv: kv[1].start))
     return ordered, {str(k): str(v) for k, v in meta.items()}
