@@ -143,6 +143,15 @@ def test_adapter_and_merged_folders_load_in_transformers_and_peft(vlm, data, tmp
         merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")(input_ids=ids).logits
     assert not torch.allclose(plain, tuned)
     assert torch.allclose(tuned, merged, atol=1e-5)
+    import warnings
+
+    import surgeon
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no library warning reaches the user who loads the adapter
+        loaded = surgeon.load_model(tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, tuned, atol=1e-6)
 
 
 def test_lora_with_train_vision_saves_the_vision_tower_in_the_adapter(vlm, data, tmp_path):

@@ -12,8 +12,11 @@ folder carries for ``trust_remote_code=True`` loading without surgeon.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -209,7 +212,17 @@ def _load_adapter(path: Path, **kwargs: Any) -> Any:
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(weights[name.split(f"{modeling.MODULE_ATTR}.", 1)[1]])
-    return PeftModel.from_pretrained(model, str(path))
+    with peft_quietly():
+        return PeftModel.from_pretrained(model, str(path))
+
+
+@contextlib.contextmanager
+def peft_quietly() -> Iterator[None]:
+    """peft reads transformers' deprecated ``is_gradient_checkpointing``: keep its FutureWarning
+    out of the user's output."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def load_eval_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> Any:

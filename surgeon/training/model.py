@@ -15,6 +15,7 @@ import torch
 
 from surgeon.anatomy.model import language_model, lm_parameters, module_path, vision_modules
 from surgeon.errors import ConfigError, SelectionError
+from surgeon.modules.folders import peft_quietly
 
 # Leaf module names of the language model that LoRA may wrap, by preset (peft's usual choices).
 LORA_PRESETS = {
@@ -70,10 +71,7 @@ def apply_lora(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_regex(model, targets), bias="none",
         modules_to_save=save,
     )  # fmt: skip
-    import warnings
-
-    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
-        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+    with peft_quietly():
         return get_peft_model(model, config)
 
 
