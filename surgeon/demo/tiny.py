@@ -13,7 +13,7 @@ tokens and chat template of the Qwen-VL family; LLaVA uses the same tokenizer wi
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -69,30 +69,39 @@ CORPUS = [
 ]
 
 
-@functools.lru_cache(maxsize=1)
-def _tokenizer_json() -> str:
+def train_tokenizer(corpus: Iterable[str], vocab_size: int = 420, split_digits: bool = False) -> str:
+    """A byte-level BPE trained on ``corpus`` with the Qwen-VL special tokens, as JSON text for
+    ``tokenizer(tokenizer_json=…)``. ``split_digits`` makes every digit its own token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    digits = [pre_tokenizers.Digits(individual_digits=True)] if split_digits else []
+    tok.pre_tokenizer = pre_tokenizers.Sequence([*digits, byte_level]) if digits else byte_level
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=420,
+        vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS * 20, trainer)
+    tok.train_from_iterator(corpus, trainer)
     return tok.to_str()
 
 
-def tokenizer(image_token: str = "<|image_pad|>") -> Any:
-    """The tiny Qwen-style tokenizer with the family's chat template."""
+@functools.lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    return train_tokenizer(CORPUS * 20)
+
+
+def tokenizer(image_token: str = "<|image_pad|>", tokenizer_json: str | None = None) -> Any:
+    """The tiny Qwen-style tokenizer with the family's chat template (``tokenizer_json``: one
+    from ``train_tokenizer`` instead of the built-in one)."""
     from tokenizers import Tokenizer
     from transformers import Qwen2Tokenizer
 
     tok = Qwen2Tokenizer(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        tokenizer_object=Tokenizer.from_str(tokenizer_json or _tokenizer_json()),
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         extra_special_tokens={"image_token": image_token} if image_token else {},
@@ -388,16 +397,24 @@ PARTNERS: dict[str, tuple[str, dict]] = {
 }
 
 
-def build(family: str, out: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32, **text: Any) -> Path:
+def build(
+    family: str,
+    out: str | Path,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    tokenizer_json: str | None = None,
+    **text: Any,
+) -> Path:
     """Build a tiny random model of ``family`` and save it (safetensors + processor) to ``out``.
 
-    ``text`` overrides text-config fields, e.g. ``vocab_size=520`` or ``tie_word_embeddings=True``.
+    ``text`` overrides text-config fields, e.g. ``vocab_size=520`` or ``tie_word_embeddings=True``;
+    ``tokenizer_json`` replaces the built-in tokenizer (see ``train_tokenizer``).
     """
     if family not in FAMILIES:
         raise ConfigError("family", f"unknown tiny model family {family!r}", f"choose one of {', '.join(FAMILIES)}")
     fn, image_token = FAMILIES[family]
     torch.manual_seed(seed)
-    model, proc = fn(tokenizer(image_token), text)
+    model, proc = fn(tokenizer(image_token, tokenizer_json), text)
     model = model.to(dtype)
     out = Path(out)
     from transformers.utils import logging as hf_logging
