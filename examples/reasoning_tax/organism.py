@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw
 from surgeon.data.encoding import SampleEncoder, collate
 from surgeon.data.formats import parse_record
 from surgeon.demo import tiny
+from surgeon.demo.tokenizer import tokenizer, train_tokenizer
 from surgeon.demo.synthetic import COLOURS as PALETTE
 
 NAMES = ("Ann", "Bob", "Cal", "Dan", "Eve", "Fay", "Gus", "Hal")
@@ -199,7 +200,7 @@ def tokenizer_json(size: Size) -> str:
     corpus += [perception_sample(rng, "x")[0]["messages"] for _ in range(200)]
     texts = [p["text"] for msgs in corpus for m in msgs for p in m["content"] if p["type"] == "text"]
     texts += ["user assistant system You are a helpful assistant."] * 20
-    return tiny.train_tokenizer(texts, vocab_size=size.vocab, split_digits=True)
+    return train_tokenizer(texts, vocab_size=size.vocab, split_digits=True)
 
 
 def text_config(size: Size, vocab: int) -> dict:
@@ -276,7 +277,7 @@ def build(work: Path, size: Size, device: str = "cpu", log: Any = print) -> dict
     hf_logging.disable_progress_bar()
     data = work / "data"
     tok_json = tokenizer_json(size)
-    vocab = tiny.tokenizer(tokenizer_json=tok_json).__len__()
+    vocab = len(tokenizer(tokenizer_json=tok_json))
     text = text_config(size, -(-vocab // 64) * 64)
     n = size.batch * max(size.base_steps, size.vlm_steps) // 4
 

@@ -71,11 +71,16 @@ class Condition:
         )
 
 
-TRAIN = ("train", "{vlm}", "--data", "{sft}", "-o", "{out}", "--max-steps", "{steps}", "--batch-size", "{batch}",
-         "--seed", "{seed}", "--threads", "{threads}", "--overwrite")  # fmt: skip
-FULL = (*TRAIN, "--full", "--lr", "{full_lr}")
-LORA = (*TRAIN, "--lora-rank", "{lora_rank}", "--lora-alpha", "{lora_alpha}", "--lr", "{lora_lr}")
-MERGE = ("merge", "--reasoning", "{reasoning}", "--vlm", "{vlm}", "-o", "{out}", "--overwrite", "--method")
+def _args(line: str) -> tuple[str, ...]:
+    return tuple(line.split())
+
+
+TRAIN = _args(
+    "train {vlm} --data {sft} -o {out} --max-steps {steps} --batch-size {batch} --seed {seed} --threads {threads} --overwrite"
+)
+FULL = (*TRAIN, *_args("--full --lr {full_lr}"))
+LORA = (*TRAIN, *_args("--lora-rank {lora_rank} --lora-alpha {lora_alpha} --lr {lora_lr}"))
+MERGE = _args("merge --reasoning {reasoning} --vlm {vlm} -o {out} --overwrite --method")
 
 
 def _drift(scale: str, alpha: str) -> tuple[str, ...]:
@@ -83,50 +88,25 @@ def _drift(scale: str, alpha: str) -> tuple[str, ...]:
 
 
 def _iada(mode: str) -> tuple[tuple[str, ...], ...]:
-    inject = (
-        "inject-iada",
-        "{vlm}",
-        "-o",
-        "{out}-model",
-        "--block-size",
-        "{block}",
-        "--mode",
-        mode,
-        "--overwrite",
-    )
+    inject = _args(f"inject-iada {{vlm}} -o {{out}}-model --block-size {{block}} --mode {mode} --overwrite")
     return inject, tuple(a if a != "{vlm}" else "{out}-model" for a in LORA)
 
 
+def _text_model(name: str, what: str, model: str) -> Condition:
+    return Condition(name, what, (), model=model, seeded=False, text_only=True)
+
+
 CONDITIONS = [
-    Condition(
-        "base LM",
-        "the pretrained text LM both models start from (text only)",
-        (),
-        model="{base}",
-        seeded=False,
-        text_only=True,
-    ),
-    Condition(
-        "reasoning LLM",
-        "the reasoning LLM itself (text only)",
-        (),
-        model="{reasoning}",
-        seeded=False,
-        text_only=True,
-    ),
+    _text_model("base LM", "the pretrained text LM both models start from (text only)", "{base}"),
+    _text_model("reasoning LLM", "the reasoning LLM itself (text only)", "{reasoning}"),
     Condition("VLM, no SFT", "the VLM before visual SFT", (), model="{vlm}", seeded=False),
     Condition("SFT LoRA", "plain visual SFT, LoRA on attention and MLP", (LORA,)),
     Condition("SFT full", "plain visual SFT, full fine-tuning of the language model", (FULL,)),
-    Condition(
-        "merge task arithmetic",
-        "reasoning LLM merged into the VLM, w 0.5 (no SFT)",
-        ((*MERGE, "task-arithmetic"),),
-        seeded=False,
-    ),
+    Condition("merge task arithmetic", "w 0.5 (no SFT)", ((*MERGE, "task-arithmetic"),), seeded=False),
     Condition("merge TIES", "w 0.5, density 0.2 (no SFT)", ((*MERGE, "ties"),), seeded=False),
     Condition(
         "merge DARE",
-        "dare-linear, w 0.5, density 0.5, seeded (no SFT)",
+        "dare-linear, w 0.5, density 0.5 (no SFT)",
         ((*MERGE, "dare-linear", "--seed", "{seed}"),),
     ),
     Condition(
@@ -140,34 +120,21 @@ CONDITIONS = [
         "Image-LoRA",
         "value adapters at visual tokens of the selected heads (a quarter of the KV heads), r 8",
         (
-            (
-                "score-heads",
-                "{vlm}",
-                "--data",
-                "{sft}",
-                "-o",
-                "{out}-heads.json",
-                "--steps",
-                "{probe_steps}",
-                "--seed",
-                "{seed}",
-                "--overwrite",
+            _args(
+                "score-heads {vlm} --data {sft} -o {out}-heads.json --steps {probe_steps} --seed {seed} --overwrite"
             ),
             (*TRAIN, "--image-lora", "{out}-heads.json", "--lr", "{lora_lr}"),
         ),
-    ),  # fmt: skip
+    ),
     Condition(
-        "SFT full, perception λ 0.5",
-        "L = 0.5·L_perception + 0.5·L_reasoning",
-        ((*FULL, "--perception-weight", "0.5"),),
+        "SFT full, perception λ 0.5", "L = 0.5·L_p + 0.5·L_r", ((*FULL, "--perception-weight", "0.5"),)
     ),
     Condition(
         "SFT full, perception λ dynamic",
-        "λ = ‖g_r‖/(‖g_p‖+‖g_r‖) every step",
+        "λ = ‖g_r‖/(‖g_p‖+‖g_r‖)",
         ((*FULL, "--perception-weight", "dynamic"),),
     ),
 ]
-QUICK_CONDITIONS = [c.name for c in CONDITIONS]  # every command path, at the quick size
 
 
 @dataclass
@@ -283,7 +250,7 @@ def prepare(work: Path, size: str, budget: Budget, device: str, log) -> dict[str
     return places
 
 
-def summarise(runs: list[Run], seeds: int) -> list[dict]:
+def summarise(runs: list[Run]) -> list[dict]:
     rows = []
     for cond in CONDITIONS:
         mine = [r for r in runs if r.condition == cond.name]
@@ -375,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.render:
         saved = json.loads((args.workdir / "results.json").read_text())
-        rows = summarise([Run(**r) for r in saved["runs"]], saved["seeds"])
+        rows = summarise([Run(**r) for r in saved["runs"]])
         (args.workdir / "results.md").write_text(table(rows) + "\n")
         print(table(rows))
         return 0
@@ -412,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  {run.condition} seed {run.seed}: text {run.text} perception {run.perception} "
                 f"end-to-end {run.end_to_end} ({run.seconds} s)")  # fmt: skip
     runs.sort(key=lambda r: ([c.name for c in CONDITIONS].index(r.condition), r.seed))
-    rows = summarise(runs, seeds)
+    rows = summarise(runs)
     organism_info = json.loads((work / "organism" / "done.json").read_text())
     result = {
         "command": "python examples/reasoning_tax/run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),

@@ -6,19 +6,20 @@
 
 Every family shares one language-model shape per text architecture (hidden 64, 4 layers, 4
 attention heads, 2 KV heads, vocab 512), so any tiny VLM pairs with the tiny LLM of its text
-architecture. The tokenizer is a byte-level BPE trained on a few sentences, with the special
-tokens and chat template of the Qwen-VL family; LLaVA uses the same tokenizer with ``<image>``.
+architecture. The tokenizer (``surgeon.demo.tokenizer``) is a byte-level BPE trained on a few
+sentences, with the special tokens and chat template of the Qwen-VL family; LLaVA uses the same
+tokenizer with ``<image>``.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from surgeon.demo.tokenizer import SPECIAL_TOKENS, tokenizer
 from surgeon.errors import ConfigError
 
 TEXT: dict[str, Any] = dict(
@@ -30,84 +31,6 @@ TEXT: dict[str, Any] = dict(
     vocab_size=512,
     max_position_embeddings=2048,
 )
-SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-    "<image>",
-    "<video>",
-    "<perception>",
-    "</perception>",
-]
-QWEN_VL_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}<|vision_start|>{{ IMAGE }}<|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-CORPUS = [
-    "The red circle is above the blue square.",
-    "Count the shapes: there are three triangles and two circles.",
-    "First, look at the chart. The tallest bar is green, so the answer is green.",
-    "Let me think step by step. 3 + 4 = 7, then 7 * 2 = 14. Answer: 14",
-    "What color is the largest shape? Which shape is on the left? How many bars are there?",
-    "The image shows a yellow star next to a purple triangle on a white background.",
-    "Therefore the total is 12. The final answer is 12.",
-    "user assistant system You are a helpful assistant.",
-    "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20",
-]
-
-
-def train_tokenizer(corpus: Iterable[str], vocab_size: int = 420, split_digits: bool = False) -> str:
-    """A byte-level BPE trained on ``corpus`` with the Qwen-VL special tokens, as JSON text for
-    ``tokenizer(tokenizer_json=…)``. ``split_digits`` makes every digit its own token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    digits = [pre_tokenizers.Digits(individual_digits=True)] if split_digits else []
-    tok.pre_tokenizer = pre_tokenizers.Sequence([*digits, byte_level]) if digits else byte_level
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer)
-    return tok.to_str()
-
-
-@functools.lru_cache(maxsize=1)
-def _tokenizer_json() -> str:
-    return train_tokenizer(CORPUS * 20)
-
-
-def tokenizer(image_token: str = "<|image_pad|>", tokenizer_json: str | None = None) -> Any:
-    """The tiny Qwen-style tokenizer with the family's chat template (``tokenizer_json``: one
-    from ``train_tokenizer`` instead of the built-in one)."""
-    from tokenizers import Tokenizer
-    from transformers import Qwen2Tokenizer
-
-    tok = Qwen2Tokenizer(
-        tokenizer_object=Tokenizer.from_str(tokenizer_json or _tokenizer_json()),
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        extra_special_tokens={"image_token": image_token} if image_token else {},
-    )
-    tok.chat_template = QWEN_VL_TEMPLATE.replace("{{ IMAGE }}", image_token)
-    return tok
 
 
 def _token_ids(tok: Any) -> dict[str, int]:
@@ -161,7 +84,10 @@ def _qwen_vl_processor(tok: Any, cls_name: str, patch: int, video_cls: Callable[
     image_processor = transformers.Qwen2VLImageProcessor(patch_size=patch, **pixels)
     video_processor = video_cls(patch_size=patch, **pixels)
     return getattr(transformers, cls_name)(
-        image_processor=image_processor, tokenizer=tok, video_processor=video_processor, chat_template=tok.chat_template
+        image_processor=image_processor,
+        tokenizer=tok,
+        video_processor=video_processor,
+        chat_template=tok.chat_template,
     )
 
 
@@ -240,14 +166,23 @@ def _idefics3(tok: Any, t: dict) -> tuple[Any, Any]:
 
     cfg = Idefics3Config(
         text_config=_text(t, model_type="llama", bos_token_id=None, **_eos(tok)),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        ),
         image_token_id=_token_ids(tok)["llava_image"],
         scale_factor=2,
     )
     return Idefics3ForConditionalGeneration(cfg), tok
 
 
-def _vlm_only(cls_name: str, cfg_name: str, text: dict, vision: dict, **top: Any) -> Callable[[Any, dict], tuple[Any, Any]]:
+def _vlm_only(
+    cls_name: str, cfg_name: str, text: dict, vision: dict, **top: Any
+) -> Callable[[Any, dict], tuple[Any, Any]]:
     """A VLM family built for its layout only: saved with the tokenizer, no image processor."""
 
     def build(tok: Any, t: dict) -> tuple[Any, Any]:
@@ -255,7 +190,9 @@ def _vlm_only(cls_name: str, cfg_name: str, text: dict, vision: dict, **top: Any
 
         ids = _token_ids(tok)
         cfg = getattr(transformers, cfg_name)(
-            text_config=_text(t, **{"bos_token_id": None, **_eos(tok), **text}), vision_config=vision, **{k: ids[v] for k, v in top.items()}
+            text_config=_text(t, **{"bos_token_id": None, **_eos(tok), **text}),
+            vision_config=vision,
+            **{k: ids[v] for k, v in top.items()},
         )
         return getattr(transformers, cls_name)(cfg), tok
 
@@ -292,6 +229,7 @@ LAYOUT_ONLY = {
     ),
 }  # fmt: skip
 
+
 def _model(cls_name: str, cfg_name: str, **fixed: Any) -> Callable[[Any, dict], tuple[Any, Any]]:
     """A text LLM family, or a VLM whose config takes the text settings at its top level."""
 
@@ -304,7 +242,9 @@ def _model(cls_name: str, cfg_name: str, **fixed: Any) -> Callable[[Any, dict], 
     return build
 
 
-_MOE = dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1)
+_MOE = dict(
+    head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1
+)
 _MLA = dict(
     model_type="deepseek_v3", moe_intermediate_size=16, first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2,
     n_shared_experts=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1,
@@ -363,7 +303,9 @@ def _phi4(tok: Any, t: dict) -> tuple[Any, Any]:
     cfg = transformers.Phi4MultimodalConfig(
         **_text(t, **{**_eos(tok), "bos_token_id": None}),
         vision_config=dict(_SMALL_VISION, num_hidden_layers=6, image_size=28, patch_size=14),
-        audio_config=dict(hidden_size=32, intermediate_size=64, num_blocks=1, num_attention_heads=2, nemo_conv_channels=32),
+        audio_config=dict(
+            hidden_size=32, intermediate_size=64, num_blocks=1, num_attention_heads=2, nemo_conv_channels=32
+        ),
     )
     return transformers.Phi4MultimodalForCausalLM(cfg), tok
 
@@ -411,7 +353,9 @@ def build(
     ``tokenizer_json`` replaces the built-in tokenizer (see ``train_tokenizer``).
     """
     if family not in FAMILIES:
-        raise ConfigError("family", f"unknown tiny model family {family!r}", f"choose one of {', '.join(FAMILIES)}")
+        raise ConfigError(
+            "family", f"unknown tiny model family {family!r}", f"choose one of {', '.join(FAMILIES)}"
+        )
     fn, image_token = FAMILIES[family]
     torch.manual_seed(seed)
     model, proc = fn(tokenizer(image_token, tokenizer_json), text)
