@@ -20,6 +20,7 @@ Models (every stage is ordinary next-token training of the answer tokens, with A
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -221,14 +222,15 @@ def fit(
     model: Any,
     encoder: SampleEncoder,
     records: list[dict],
-    base: Path,
+    *,
     steps: int,
-    batch: int,
     lr: dict[str, float],
     seed: int,
+    label: str,
+    base: Path,
+    batch: int,
     device: str,
     log: Any = print,
-    label: str = "",
 ) -> None:
     """AdamW on the answer tokens, cosine schedule with 5 % warm-up; ``lr`` maps a parameter-name
     prefix ('' for the rest) to its peak learning rate."""
@@ -280,42 +282,27 @@ def build(work: Path, size: Size, device: str = "cpu", log: Any = print) -> dict
     vocab = len(tokenizer(tokenizer_json=tok_json))
     text = text_config(size, -(-vocab // 64) * 64)
     n = size.batch * max(size.base_steps, size.vlm_steps) // 4
+    stage = functools.partial(fit, base=data, batch=size.batch, device=device, log=log)
 
     base = work / "base"
     tiny.build("qwen2", base, seed=0, tokenizer_json=tok_json, **text)
     model = Qwen2ForCausalLM.from_pretrained(base)
     tok = AutoTokenizer.from_pretrained(base)
     pretrain = text_set(n, 1, {1: 0.45, 2: 0.45, 3: 0.1})
-    fit(
-        model,
-        SampleEncoder(tok),
-        pretrain,
-        data,
-        size.base_steps,
-        size.batch,
-        {"": 3e-3},
-        1,
-        device,
-        log,
-        "base",
-    )
+    stage(model, SampleEncoder(tok), pretrain, steps=size.base_steps, lr={"": 3e-3}, seed=1, label="base")
     model.save_pretrained(base)
 
     reasoning = work / "reasoning-llm"
     tok.save_pretrained(reasoning)
     chains = text_set(n, 2, {2: 0.2, 3: 0.5, 4: 0.3})
-    fit(
+    stage(
         model,
         SampleEncoder(tok),
         chains,
-        data,
-        size.reasoning_steps,
-        size.batch,
-        {"": 1e-3},
-        2,
-        device,
-        log,
-        "reasoning",
+        steps=size.reasoning_steps,
+        lr={"": 1e-3},
+        seed=2,
+        label="reasoning",
     )
     model.save_pretrained(reasoning)
 
@@ -333,8 +320,6 @@ def build(work: Path, size: Size, device: str = "cpu", log: Any = print) -> dict
     records += text_set(len(records), 4, {1: 0.45, 2: 0.45, 3: 0.1})
     lrs = {"": 2e-4, "model.visual": 3e-3}
     processor = AutoProcessor.from_pretrained(vlm)
-    fit(
-        model, SampleEncoder(processor), records, data, size.vlm_steps, size.batch, lrs, 3, device, log, "vlm"
-    )
+    stage(model, SampleEncoder(processor), records, steps=size.vlm_steps, lr=lrs, seed=3, label="vlm")
     model.save_pretrained(vlm)
     return {"base": base, "reasoning": reasoning, "vlm": vlm}
