@@ -120,3 +120,19 @@ def test_reasoning_tax_quick_runs_every_condition_through_surgeon(tmp_path):
     # Image-LoRA adapts only visual tokens of a frozen language model: text answers are the VLM's
     assert runs["Image-LoRA"]["text"] == runs["VLM, no SFT"]["text"]
     assert "| SFT full + DRIFT adaptive_cosine | 1 |" in (work / "results.md").read_text()
+
+
+def test_reasoning_tax_refuses_bad_options_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    script = str(EXAMPLES / "reasoning_tax" / "run.py")
+    for extra, says in (
+        (["--device", "tpu"], "--device tpu: no such device here"),
+        (["--conditions", "sft-full,sft-fool"], "no condition sft-fool; choose from base-lm"),
+        (["--render"], "results.json does not exist"),
+    ):
+        done = subprocess.run([sys.executable, script, "--workdir", str(tmp_path / "rt"), *extra], capture_output=True, text=True)
+        assert done.returncode == 2 and done.stderr.startswith("Error: ") and says in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "rt").exists()  # nothing written

@@ -341,24 +341,36 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.render:
+        if not (args.workdir / "results.json").is_file():
+            print(
+                f"Error: {args.workdir / 'results.json'} does not exist; run the study first", file=sys.stderr
+            )
+            return 2
         saved = json.loads((args.workdir / "results.json").read_text())
         rows = summarise([Run(**r) for r in saved["runs"]])
         (args.workdir / "results.md").write_text(table(rows) + "\n")
         print(table(rows))
         return 0
 
+    if args.device != "cpu":
+        import torch
+
+        if not args.device.startswith("cuda") or not torch.cuda.is_available():
+            print(f"Error: --device {args.device}: no such device here; use --device cpu", file=sys.stderr)
+            return 2
     size = args.size or ("quick" if args.quick else "gpu" if args.device.startswith("cuda") else "cpu")
     budget = BUDGETS[size]
     seeds = args.seeds or (1 if args.quick else 3)
     jobs = args.jobs or (1 if args.device.startswith("cuda") else 2)
     threads = max(1, (os.cpu_count() or 2) // jobs)
+    wanted = args.conditions.split(",") if args.conditions else [c.slug for c in CONDITIONS]
+    chosen = [c for c in CONDITIONS if c.slug in wanted]
+    if unknown := sorted(set(wanted) - {c.slug for c in CONDITIONS}):
+        names = ", ".join(c.slug for c in CONDITIONS)
+        print(f"Error: --conditions: no condition {', '.join(unknown)}; choose from {names}", file=sys.stderr)
+        return 2
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    chosen = [c for c in CONDITIONS if not args.conditions or c.slug in args.conditions.split(",")]
-    if not chosen:
-        names = ", ".join(c.slug for c in CONDITIONS)
-        print(f"Error: --conditions matches none of: {names}", file=sys.stderr)
-        return 2
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
