@@ -1,7 +1,7 @@
 """The reasoning-tax study: build a tiny model organism, run every surgeon method on it through the
 `surgeon` commands, and measure text reasoning, perception and end-to-end accuracy.
 
-    python examples/reasoning_tax/run.py --workdir rt/            # the study (about 25 min on 2 cores)
+    python examples/reasoning_tax/run.py --workdir rt/            # the study (about 20 min on 2 cores)
     python examples/reasoning_tax/run.py --workdir rt/ --quick    # a smoke run of every condition
     python examples/reasoning_tax/run.py --workdir rt/ --device cuda --size gpu
 
