@@ -31,6 +31,11 @@ _CARD = {
 @click.option("--token", default=None, metavar="TOKEN", help="Hub token with write access (default: HF_TOKEN, then the `hf auth login` token). Never stored.")
 @click.option("--dry-run", is_flag=True, help="Print the files with their sizes, the model card and what would be refused; send nothing.")
 @click.option("--overwrite-card", is_flag=True, help="Replace a README.md in FOLDER by the card built from surgeon.json.")
+@click.option(
+    "--allow-file", multiple=True, metavar="PATTERN",
+    help="Send files matching PATTERN (a glob on the path in FOLDER or the file name) although they look like credentials "
+    "or hold key-shaped text; repeatable. The token in use is never sent.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def command(folder: str, as_json: bool, **options: object) -> None:
     """Upload FOLDER (the output of a surgeon command) to the Hub repo ORG/NAME.

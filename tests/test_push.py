@@ -210,7 +210,9 @@ def test_token_or_local_path_stops_the_push(cli, hub_standin, folder, monkeypatc
     src = folder("merge")
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**cfg, "note": TOKEN}))
-    assert_one_line_error(cli("push", src, "--repo", "acme/leak", "--token", TOKEN), "config.json", "access token", "hf_surg…")
+    leaked = cli("push", src, "--repo", "acme/leak", "--token", TOKEN)
+    assert_one_line_error(leaked, "config.json", "access token in use")
+    assert TOKEN[3:12] not in leaked.output  # no part of the token is printed
     (src / "config.json").write_text(json.dumps({**cfg, "origin": str(src.parent / "elsewhere" / "vlm")}))
     assert_one_line_error(cli("push", src, "--repo", "acme/leak", "--token", TOKEN), "config.json:", "local path", str(src.parent))
     assert hub_standin.requests == []

@@ -34,6 +34,7 @@ class PushConfig:
     token: str | None = field(default=None, repr=False)  # None: HF_TOKEN, then the stored `hf auth login` token
     dry_run: bool = False  # plan, check and build the card; send nothing
     overwrite_card: bool = False  # replace a README.md in the folder by the card built from surgeon.json
+    allow_file: tuple[str, ...] = ()  # globs of files to send although they look like credentials (never the token in use)
 
 
 @dataclass(frozen=True)
@@ -136,17 +137,21 @@ def push_folder(folder: str | Path, config: PushConfig, *, endpoint: str | None 
     typed = (((record or {}).get("inputs") or {}).get("model") or {}).get("source")  # a local base, as the user typed it
     base = bases[0] if bases else typed if isinstance(typed, str) and typed else None
     token = config.token or stored_token()
-    plan = plan_upload(path, card, record, token, base)
+    plan = plan_upload(path, card, record, token, base, allow=tuple(config.allow_file))
     revision = config.revision or "main"
     root = (endpoint or _endpoint()).rstrip("/")
+    from surgeon.hub.secrets import mask
+
+    shown_files = tuple((mask(rel), size) for rel, size in plan.files)  # what is printed never holds a key
+    shown_refused = tuple((mask(rel), problem) for rel, problem in plan.refused)
     result = PushResult(
-        config.repo, revision, f"{root}/{config.repo}", None, None, plan.files, sent_card, card_source, notes + plan.notes,
-        config.dry_run, plan.refused,
+        config.repo, revision, f"{root}/{config.repo}", None, None, shown_files, sent_card, card_source, notes + plan.notes,
+        config.dry_run, shown_refused,
     )  # fmt: skip
     if config.dry_run:
         return result
     if plan.refused:
-        raise refusal_error(plan.refused)
+        raise refusal_error(shown_refused)
 
     from huggingface_hub import HfApi
 
@@ -165,6 +170,8 @@ def refusal_error(refused: tuple[tuple[str, str], ...]) -> CheckpointError:
     """The one-line error for files that must not be published (the first, and how many more)."""
     (first, problem), more = refused[0], len(refused) - 1
     hint = "remove it (or replace it with a Hub repo id) and push again; surgeon push never uploads credentials or local paths"
+    if ("credential" in problem or "looks like" in problem) and "token in use" not in problem:
+        hint = "remove it and push again, or pass --allow-file PATTERN if it is no secret; surgeon push never uploads credentials"
     if more:
         hint = f"{more} more file{'s' if more > 1 else ''} would be refused (surgeon push --dry-run lists them); " + hint
     return CheckpointError(first, problem, hint)

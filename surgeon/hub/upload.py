@@ -11,9 +11,15 @@ Policy (every entry under the folder, ``.git`` and ``.cache`` aside):
 - **Links.** A symlink (file or folder) whose target lies outside the folder is refused by name;
   links inside the folder, and a Hub cache snapshot's links into its own ``blobs/``, are followed.
   Anything that is not a regular file (a pipe, a socket, a device) is refused.
-- **Tokens.** Every file is scanned, streamed, whatever its size, for what looks like a Hub access
-  token (``hf_…``, ``api_org_…``) and for the token in use; a safetensors file's tensor data is
-  binary and is skipped, its header (names and metadata) is scanned.
+- **Credentials.** A credential file (``.env*``, ``id_rsa``, ``*.pem``, ``.netrc``, ``credentials`` …)
+  is refused by its name, and so is a file whose name holds a key. Every file is scanned, streamed,
+  whatever its size, for the token in use and for the shapes of keys and tokens (Hub, ``sk-…``,
+  ``AKIA…``, ``ghp_…``, private-key blocks …; ``surgeon.hub.secrets``), also as UTF-16/UTF-32
+  text and behind JSON escapes. A safetensors file must be valid as a whole (its tensors tile its
+  data exactly, nothing after the last one); its tensor data is binary and is skipped, its header
+  (names and metadata) is scanned. ``allow`` (``--allow-file``) exempts the files it matches from
+  the name and shape rules, never from the token in use. A refusal names the kind of key and its
+  pattern, never the key.
 - **Local paths.** No text file sends an absolute local path: a path under this folder, its parent,
   the home, working, temporary or Hugging Face cache folders, or any absolute path whose top
   folder exists on this machine outside the system ones (``/usr``, ``/etc`` …). surgeon's own
@@ -40,11 +46,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from surgeon.io.header import FormatError, raw_header
+from surgeon.hub.secrets import OVERLAP, Scanner, credential_file, find_secret, unescape
+from surgeon.io.header import FormatError, parse_header, raw_header
 from surgeon.io.provenance import is_local_path, local_name
 
 CARD = "README.md"
-_TOKEN = re.compile(rb"(?<![A-Za-z0-9])(hf_[A-Za-z0-9]{30,}|api_org_[A-Za-z0-9]{30,})")
 # an absolute path of two or more parts (POSIX), a home-relative one, or a Windows drive path
 _PATH = re.compile(rb"(?<![\w.~:/\\-])(/(?:[\w.@+~-]+/)+[\w.@+~-]*|~/[\w.@+~/-]+|[A-Za-z]:\\[\w.@+~ \\-]+)")
 _SYSTEM_DIRS = {"usr", "etc", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "proc", "sys", "dev", "var", "opt", "boot", "run", "srv", "snap"}
@@ -54,7 +60,6 @@ _DROP_KEYS = {"_name_or_path", "name_or_path", "model_name_or_path"}
 _BASE_KEY = "base_model_name_or_path"
 _SKIP_DIRS = {".git", ".cache"}
 _CHUNK = 1 << 20
-_OVERLAP = 8192  # bytes kept between chunks, so a token or path across a chunk boundary is still seen
 
 
 @dataclass(frozen=True)
@@ -122,14 +127,15 @@ def _inside(path: Path, roots: list[Path]) -> bool:
 
 
 def plan_upload(
-    folder: Path, card: str | None, record: dict | None, token: str | None, hub_base: str | None = None
+    folder: Path, card: str | None, record: dict | None, token: str | None, hub_base: str | None = None, allow: tuple[str, ...] = ()
 ) -> UploadPlan:
     """Check every file that would be sent and decide the cleaned copies. Reads only; never raises
     for what it finds (``refused`` lists it).
 
     ``card``: README.md text to send instead of the folder's (None keeps the folder's).
     ``hub_base``: the base model's Hub id (or the name it was typed as), for a local
-    ``base_model_name_or_path``.
+    ``base_model_name_or_path``. ``allow``: glob patterns (on the path inside the folder, or its
+    name) of files the user means to publish although they look like credentials.
     """
     folder = Path(folder)
     files, refused = local_files(folder)
@@ -148,7 +154,7 @@ def plan_upload(
             if cleaned is not None:
                 replaced[rel] = cleaned
     for rel in sorted(set(files) | set(replaced)):
-        problem = _check_file(rel, replaced.get(rel), files.get(rel), secret, roots)
+        problem = _check_file(rel, replaced.get(rel), files.get(rel), secret, roots, allowed(rel, allow))
         if problem:
             refused.append((rel, problem))
     sizes = {rel: path.stat().st_size for rel, path in files.items()}
@@ -177,33 +183,58 @@ def staged(folder: Path, plan: UploadPlan) -> Iterator[Path]:
 # ---------------------------------------------------------------------------- scanning
 
 
-def _check_file(rel: str, data: bytes | None, path: Path | None, secret: bytes | None, roots: list[bytes]) -> str | None:
+def allowed(rel: str, allow: tuple[str, ...]) -> bool:
+    """Whether ``--allow-file`` patterns match the path ``rel`` (or its file name)."""
+    import fnmatch
+
+    return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(Path(rel).name, p) for p in allow)
+
+
+def _check_file(
+    rel: str, data: bytes | None, path: Path | None, secret: bytes | None, roots: list[bytes], allow: bool = False
+) -> str | None:
     """The first problem of one file as it would be sent (``data`` when replaced), or None."""
     name = Path(rel).name
+    if not allow:
+        kind = credential_file(rel)
+        if kind:
+            return f"is {kind}, which would publish a credential (--allow-file {name} if you mean to)"
+        kind = find_secret(rel.encode())
+        if kind:
+            return f"has a name that holds what looks like {kind}"
+    scanner = Scanner(secret, shapes=not allow)
     if data is None and path is not None and name.endswith(".safetensors"):
-        head = _safetensors_header(path)
-        if head is None:
-            return "is not a readable safetensors file"
-        return _scan(iter([head]), secret, roots if rel != "" else [], paths=True)
-    chunks = iter([data]) if data is not None else _read_chunks(path)  # type: ignore[arg-type]
-    if data is None and path is not None and not _is_text(path):
-        return _scan(chunks, secret, [], paths=False)
-    return _scan(chunks, secret, roots, paths=name not in _VOCAB)
+        try:
+            head = raw_header(path)
+            parse_header(head, path.stat().st_size, name)  # valid as a whole: nothing hidden after the tensors
+        except FormatError as e:
+            return f"is not a valid safetensors file: it {e}"
+        except OSError as e:
+            return f"cannot be read ({e.strerror or e})"
+        return _scan(iter([head]), scanner, roots, paths=True)
+    if data is not None:
+        return _scan(iter([data]), scanner, roots, paths=name not in _VOCAB)
+    encoding = text_encoding(path)  # type: ignore[arg-type]
+    if encoding != "utf-8":  # binary, or UTF-16/32 text: the raw bytes first (keys in them are seen with NULs removed)
+        problem = _scan(_read_chunks(path), scanner, [], paths=False)  # type: ignore[arg-type]
+        if problem or encoding is None:
+            return problem
+        scanner = Scanner(secret, shapes=not allow)
+    return _scan(_decoded(path, encoding), scanner, roots, paths=name not in _VOCAB)  # type: ignore[arg-type]
 
 
-def _scan(chunks: Iterator[bytes], secret: bytes | None, roots: list[bytes], paths: bool) -> str | None:
+def _scan(chunks: Iterator[bytes], scanner: Scanner, roots: list[bytes], paths: bool) -> str | None:
     tail = b""
     for chunk in chunks:
-        window = tail + chunk
-        found = _TOKEN.search(window)
-        if found or (secret and secret in window):
-            shown = (found.group(1) if found else secret or b"")[:7].decode(errors="replace")
-            return f"holds what looks like a Hub access token ({shown}…), which would be published"
+        kind = scanner.feed(chunk)
+        if kind:
+            return f"holds what looks like {kind}, which would be published"
         if paths:
-            hit = _local_path(window, roots)
+            window = tail + chunk
+            hit = _local_path(window, roots) or (_local_path(unescape(window), roots) if b"\\" in window else None)
             if hit:
                 return f"holds the local path {hit!r}, which would be published"
-        tail = window[-_OVERLAP:]
+            tail = window[-OVERLAP:]
     return None
 
 
@@ -229,18 +260,45 @@ def _read_chunks(path: Path) -> Iterator[bytes]:
             yield chunk
 
 
-def _is_text(path: Path) -> bool:
-    """Whether a file reads as text: no NUL byte in its first 8 KB (git's rule)."""
+_PRINTABLE = frozenset(range(0x20, 0x7F)) | {0x09, 0x0A, 0x0D}
+_BOMS = ((b"\xff\xfe\x00\x00", "utf-32-le"), (b"\x00\x00\xfe\xff", "utf-32-be"), (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
+
+
+def text_encoding(path: Path) -> str | None:
+    """How a file's text is encoded (``utf-8``, ``utf-16-le`` …), or None for binary: a byte-order
+    mark says so, else UTF-16/32 whose ASCII leaves NUL bytes in fixed places; other text has no
+    NUL byte in its first 8 KB (git's rule)."""
     with open(path, "rb") as f:
-        return b"\0" not in f.read(8192)
+        head = f.read(8192)
+    for bom, encoding in _BOMS:
+        if head.startswith(bom):
+            return encoding
+    if b"\0" not in head:
+        return "utf-8"
+    for width, order in ((4, "le"), (4, "be"), (2, "le"), (2, "be")):
+        body = head[: len(head) - len(head) % width]
+        units = [body[i : i + width] for i in range(0, len(body), width)]
+        if len(units) >= 4:  # ASCII text: the low byte printable, the others NUL, in (nearly) every unit
+            text = sum(
+                (u[1:] if order == "le" else u[:-1]) == b"\0" * (width - 1) and (u[0] if order == "le" else u[-1]) in _PRINTABLE
+                for u in units
+            )
+            if text >= 0.9 * len(units):
+                return f"utf-{8 * width}-{order}"
+    return None
 
 
-def _safetensors_header(path: Path) -> bytes | None:
-    """The JSON header of a safetensors file (tensor names, dtypes, shapes, metadata)."""
-    try:
-        return raw_header(path)
-    except (OSError, FormatError):
-        return None
+def _decoded(path: Path, encoding: str) -> Iterator[bytes]:
+    """A text file's chunks as UTF-8 (undecodable bytes replaced)."""
+    import codecs
+
+    if encoding == "utf-8":
+        yield from _read_chunks(path)
+        return
+    decoder = codecs.getincrementaldecoder(encoding)(errors="replace")
+    for chunk in _read_chunks(path):
+        yield decoder.decode(chunk).encode()
+    yield decoder.decode(b"", final=True).encode()
 
 
 def local_roots(folder: Path, record: dict | None = None) -> list[bytes]:
