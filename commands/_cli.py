@@ -41,8 +41,20 @@ def error_line(exc: BaseException) -> str:
     if isinstance(exc, MemoryError):
         return "out of memory; use a machine with more RAM or a smaller --shard-size / batch"
     if isinstance(exc, OSError):
+        import errno
+
         where = f": {exc.filename}" if exc.filename else ""
-        return f"{exc.strerror or exc}{where}; check free disk space and permissions, then run the command again"
+        hint = {
+            errno.ENOSPC: "free some disk space (or write elsewhere), then run the command again",
+            errno.EDQUOT: "free some of your disk quota (or write elsewhere), then run the command again",
+            errno.EACCES: "check the permissions of that path, or write elsewhere",
+            errno.EPERM: "check the permissions of that path, or write elsewhere",
+            errno.EROFS: "that file system is read-only: write elsewhere",
+            errno.ENAMETOOLONG: "choose a shorter name or a shallower folder",
+            errno.ENOENT: "check that the path exists",
+            errno.EMFILE: "raise the open-file limit (ulimit -n), then run the command again",
+        }.get(exc.errno or 0, "check the path, free disk space and permissions, then run the command again")
+        return f"{exc.strerror or exc}{where}; {hint}"
     text = " ".join(str(exc).split()) or "no message"
     return f"unexpected {type(exc).__name__}: {text}; run with SURGEON_DEBUG=1 for the traceback and report it"
 

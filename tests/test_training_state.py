@@ -57,7 +57,7 @@ def test_checkpoint_round_trip_continues_exactly(tmp_path):
 
     params2, opt2, sched2 = fresh()
     assert latest_intact(tmp_path) == (tmp_path / "checkpoint-3", [])
-    step = load_checkpoint(tmp_path / "checkpoint-3", "abc", {"a": params2[0], "b": params2[1]}, opt2, sched2)
+    step = load_checkpoint(tmp_path / "checkpoint-3", Progress(0, "abc"), {"a": params2[0], "b": params2[1]}, opt2, sched2)
     assert step == 3
     _run(4, params2, opt2, sched2)
     for a, b in zip(expected, params2):
@@ -71,4 +71,4 @@ def test_resume_refuses_other_settings(tmp_path):
     sched = get_cosine_schedule_with_warmup(opt, 0, 4)
     save_checkpoint(tmp_path / "checkpoint-1", Progress(1, "one"), {"p": p}, opt, sched)
     with pytest.raises(ConfigError, match="different training settings"):
-        load_checkpoint(tmp_path / "checkpoint-1", "two", {"p": p}, opt, sched)
+        load_checkpoint(tmp_path / "checkpoint-1", Progress(0, "two"), {"p": p}, opt, sched)

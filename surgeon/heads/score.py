@@ -261,8 +261,10 @@ def check_plot(path: str | Path, overwrite: bool) -> None:
 
 def _write_atomic(path: Path, write: Any) -> None:
     """Call ``write(tmp)`` for a hidden sibling file, then rename it to ``path``."""
+    from surgeon.io.output import sibling
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.surgeon-tmp-{secrets.token_hex(4)}{path.suffix}"
+    tmp = sibling(path, f"tmp-{secrets.token_hex(4)}")
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -289,6 +291,9 @@ def write_heads(result: HeadScores, output: str | Path, overwrite: bool = False,
     return path / HEADS_FILE
 
 
+MAX_HEADS_BYTES = 64 * 10**6  # a heads.json holds a few numbers per KV head
+
+
 def heads_file(path: str | Path) -> Path:
     """``path`` itself, or the heads.json inside a folder."""
     p = Path(path)
@@ -297,7 +302,13 @@ def heads_file(path: str | Path) -> Path:
 
 def read_heads(path: str | Path, field_name: str = "heads") -> HeadScores:
     """Read a heads.json (or a folder holding one) written by ``surgeon score-heads``."""
+    from surgeon.io.paths import special_kind
+
     p = heads_file(path)
+    kind = special_kind(p)
+    if kind or (p.is_file() and p.stat().st_size > MAX_HEADS_BYTES):
+        problem = f"is {kind}, not a heads.json" if kind else f"is {p.stat().st_size / 1e6:.0f} MB, too large for a heads.json"
+        raise ConfigError(field_name, f"{path}: {problem}", "give the heads.json of surgeon score-heads")
     try:
         data = json.loads(p.read_text())
     except FileNotFoundError:

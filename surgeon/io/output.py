@@ -51,11 +51,80 @@ def parse_size(text: str | int, field: str = "shard_size") -> int:
     return value
 
 
+NAME_MAX = 255  # bytes in one file name on the file systems surgeon writes to (ext4, xfs, btrfs, NFS)
+MADE_MARK = ".surgeon-made"
+_LONGEST_TAG = len("tmp-shared-00000000")  # the longest tag ``sibling`` is given  # a file surgeon writes into a folder it makes and may remove later
+
+
+def absolute(path: str | Path) -> Path:
+    """``path`` made absolute without following links (``.`` and ``..`` resolved as written)."""
+    return Path(os.path.abspath(os.path.expanduser(str(path))))
+
+
+def name_limit(folder: Path) -> int:
+    """The longest file name, in bytes, that ``folder``'s file system takes."""
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        return NAME_MAX
+
+
+def sibling(final: Path, tag: str) -> Path:
+    """The hidden sibling ``.<name>.surgeon-<tag>`` of ``final`` (temporary folders, the lock); for a
+    name so long that it would pass the file system's limit, ``.<hash of the name>.surgeon-<tag>``."""
+    stem = f".{final.name}.surgeon-"
+    if len(stem.encode()) + _LONGEST_TAG > name_limit(final.parent if final.parent.exists() else Path("/")):
+        import hashlib
+
+        stem = f".{hashlib.sha256(final.name.encode()).hexdigest()[:16]}.surgeon-"
+    return final.parent / (stem + tag)
+
+
+def check_name(path: str | Path, field: str = "output", extra: str = "") -> None:
+    """ConfigError when the last part of ``path`` (plus ``extra``, e.g. ``-checkpoints``) is longer
+    than the file system takes."""
+    final = absolute(path)
+    parent = next((p for p in (final.parent, *final.parent.parents) if p.exists()), Path("/"))
+    size, limit = len((final.name + extra).encode()), name_limit(parent)
+    if size > limit:
+        shown = final.name if len(final.name) <= 40 else final.name[:20] + "…" + final.name[-12:]
+        what = f"the name {shown}{extra}" + (" (the folder beside the output that the run needs)" if extra else "")
+        raise ConfigError(field, f"{what} is {size} bytes, over the file system's limit of {limit}", f"choose a name of at most {limit - len(extra.encode())} bytes")
+
+
+def check_removable(path: str | Path, field: str = "output") -> None:
+    """ConfigError for an output that would replace the current folder, a folder holding it, the
+    home folder or the root: surgeon never renames a folder away from under its user."""
+    final = absolute(path)
+    cwd = absolute(os.getcwd())
+    if final == cwd or final in cwd.parents:
+        relation = "is the current folder" if final == cwd else "holds the current folder"
+        raise ConfigError(field, f"{path} {relation}, which an output would replace", "give a new folder for the output, e.g. -o ./out")
+    if final == absolute(Path.home()) or final.parent == final:
+        raise ConfigError(field, f"{path} is {'the home folder' if final.parent != final else 'the root folder'}", "give a new folder for the output")
+
+
+def mark_made(folder: Path, kind: str) -> None:
+    """Record in ``folder`` that surgeon made it (``remove_made`` removes only such folders)."""
+    (Path(folder) / MADE_MARK).write_text(json.dumps({"made_by": "surgeon", "kind": kind}) + "\n")
+
+
+def made_by_surgeon(folder: Path, kind: str) -> bool:
+    """Whether ``folder`` holds the mark ``mark_made(folder, kind)`` wrote."""
+    try:
+        return json.loads((Path(folder) / MADE_MARK).read_text()).get("kind") == kind
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def check_output(path: str | Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> None:
     """Raise OutputExistsError for an existing non-empty output unless ``overwrite``; ConfigError
     for an output that is, lies inside, or contains one of the local ``inputs`` (with
-    ``--overwrite`` it would replace the input; surgeon never edits its inputs)."""
-    p = Path(path)
+    ``--overwrite`` it would replace the input; surgeon never edits its inputs), that is or holds
+    the current folder, or whose name (or its temporary siblings') the file system cannot take."""
+    p = absolute(path)
+    check_name(p)
+    check_removable(p)
     check_apart(path, inputs)
     if p.exists() and not p.is_dir():
         raise ConfigError("output", f"{path} exists and is a file", "give a folder path for the output")
@@ -65,7 +134,7 @@ def check_output(path: str | Path, overwrite: bool, inputs: Iterable[str | Path 
 
 def check_apart(path: str | Path, inputs: Iterable[str | Path | None]) -> None:
     """ConfigError if output ``path`` is, lies inside, or contains a local input (a folder or file)."""
-    out = Path(path).resolve()
+    out = Path(os.path.realpath(absolute(path)))
     for given in inputs:
         if given is None or not str(given) or not Path(given).exists():
             continue  # a Hub repo id, or nothing
@@ -88,9 +157,10 @@ def claim(path: str | Path) -> Iterator[None]:
     output, whose owners are gone since they no longer hold the claim, are removed (and logged)."""
     import fcntl
 
-    final = Path(path)
+    final = absolute(path)
+    check_name(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    lock = str(final.parent.resolve() / f".{final.name}.surgeon-lock")
+    lock = str(sibling(final, "lock"))
     if lock in _HELD:
         fd, depth = _HELD[lock]
         _HELD[lock] = (fd, depth + 1)
@@ -129,10 +199,16 @@ def claim(path: str | Path) -> Iterator[None]:
         os.close(fd)
 
 
+_STALE = re.compile(r"\.surgeon-(tmp|old)-[0-9a-f]{8}")
+
+
 def _remove_stale(final: Path) -> None:
-    """Remove the temporary (and superseded) folders that killed runs left for ``final``."""
-    for stale in sorted(final.parent.glob(f".{final.name}.surgeon-*")):
-        if stale.name.endswith(".surgeon-lock") or not stale.is_dir():
+    """Remove the temporary (and superseded) folders that killed runs left for ``final``: only
+    the names surgeon gives them (``.<name>.surgeon-tmp-<8 hex>``, ``….surgeon-old-<8 hex>``)."""
+    prefixes = {sibling(final, "").name}
+    for stale in sorted(final.parent.glob(".*.surgeon-*")):
+        head, sep, tail = stale.name.rpartition(".surgeon-")
+        if head + sep not in prefixes or not _STALE.fullmatch(sep + tail) or stale.is_symlink() or not stale.is_dir():
             continue
         size = sum(f.stat().st_size for f in stale.rglob("*") if f.is_file())
         shutil.rmtree(stale, ignore_errors=True)
@@ -143,10 +219,10 @@ def _remove_stale(final: Path) -> None:
 def output_folder(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; rename it to ``path`` only when the block succeeds. The
     output is claimed (``claim``) for the whole block, so no other run can write it meanwhile."""
-    final = Path(path)
+    final = absolute(path)
     with claim(final):
         check_output(final, overwrite)
-        tmp = final.parent / f".{final.name}.surgeon-tmp-{secrets.token_hex(4)}"
+        tmp = sibling(final, f"tmp-{secrets.token_hex(4)}")
         tmp.mkdir()
         try:
             yield tmp
@@ -154,7 +230,7 @@ def output_folder(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         if final.exists():
-            old = final.parent / f".{final.name}.surgeon-old-{secrets.token_hex(4)}"
+            old = sibling(final, f"old-{secrets.token_hex(4)}")
             final.rename(old)
             tmp.rename(final)
             shutil.rmtree(old, ignore_errors=True)

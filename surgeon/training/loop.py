@@ -26,7 +26,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +48,6 @@ class TrainResult:
     main_process: bool = True  # False on the other ranks of a multi-process run
 
 
-def checkpoint_root(output: str | Path) -> Path:
-    """Where intermediate checkpoints of a run writing ``output`` live."""
-    out = Path(output)
-    return out.parent / f"{out.name}-checkpoints"
-
-
 def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: Callable[[str], None] | None = None) -> TrainResult:
     """Run ``config`` to the end and write its output folder; ``on_step`` receives each step's metrics.
 
@@ -66,8 +60,7 @@ def train(config: TrainConfig, on_step: StepCallback | None = None, on_status: C
     from surgeon.errors import ConfigError, Interrupted
     from surgeon.io.output import claim
     from surgeon.training.parallel import default_threads, deepspeed_requested, return_freed_memory
-    from surgeon.training.state import latest_intact
-
+    from surgeon.training.state import checkpoint_root, latest_intact
     from surgeon.training.tracking import check_tracker
 
     config.require_io()
@@ -111,15 +104,19 @@ def _train(
     from surgeon.training.parallel import Replicated, Sharded, fsdp_requested
     from surgeon.training.tracking import numbers, open_tracker
     from surgeon.errors import CheckpointError
-    from surgeon.training.state import Progress, latest_intact, load_checkpoint, remove_stale, save_checkpoint
+    from surgeon.training.state import (
+        Progress, check_root, checkpoint_root, latest_intact, load_checkpoint, make_root, remove_root, remove_stale, save_checkpoint,
+    )  # fmt: skip
 
     status = on_status if (on_status is not None and state.is_main_process) else (lambda text: None)
     precision = resolve_precision(config, not cpu and torch.cuda.is_bf16_supported())
     sharded = fsdp_requested(config.fsdp) and state.num_processes > 1
     if fsdp_requested(config.fsdp) and not sharded:
         status("one process: --fsdp has nothing to shard over, so this run trains unsharded")
-    check_output(config.output, config.overwrite, [config.model, config.data, config.prior, config.image_lora])  # type: ignore[arg-type]
+    inputs = [config.model, config.data, config.prior, config.image_lora]
+    check_output(config.output, config.overwrite, inputs)  # type: ignore[arg-type]
     ckpt_root = checkpoint_root(config.output)  # type: ignore[arg-type]
+    replace_root = check_root(config.output, inputs, config.resume, config.overwrite)  # type: ignore[arg-type]
     resume_from = None
     if config.resume:
         resume_from, damaged = latest_intact(ckpt_root)
@@ -130,14 +127,9 @@ def _train(
             raise CheckpointError(str(path), f"is damaged: {problem}", "no intact checkpoint is left to resume from: start over with --overwrite")
         for path, problem in damaged:
             status(f"{path.name} is damaged ({problem}); resuming from {resume_from.name} instead")
-    if not config.resume and ckpt_root.exists():  # without a checkpoint in it: metrics of a run that stopped early
-        if not config.overwrite and any(ckpt_root.glob("checkpoint-*")):
-            raise ConfigError(
-                "output", f"{ckpt_root} holds checkpoints of an earlier run", "pass --resume to continue it, or --overwrite to start over"
-            )
-        state.wait_for_everyone()
-        if state.is_main_process:
-            shutil.rmtree(ckpt_root, ignore_errors=True)
+    state.wait_for_everyone()  # every process has checked the folders before the main one changes them
+    if state.is_main_process and replace_root:
+        shutil.rmtree(ckpt_root)
     if state.is_main_process and ckpt_root.exists():
         remove_stale(ckpt_root)  # temporary checkpoint folders of a killed run (this run holds the output's claim)
     state.wait_for_everyone()
@@ -179,12 +171,15 @@ def _train(
         status(f"DRIFT biases {len(drift.params)} tensors ({drift.numel:,} parameters), {config.drift_scale}, α={config.drift_alpha}{zero}")
     dynamic = PerceptionGradients(params) if config.perception_weight == "dynamic" else None
     fingerprint = config.fingerprint() + run.data_fingerprint
+    progress = Progress(0, fingerprint, setup.input_identities(run, config))
 
     start = 0
     if config.resume:
-        start = load_checkpoint(resume_from, fingerprint, run.trainable, optimizer, scheduler, engine)  # type: ignore[arg-type]
+        start = load_checkpoint(resume_from, progress, run.trainable, optimizer, scheduler, engine, config.resume_anyway, status)  # type: ignore[arg-type]
         status(f"resumed from {resume_from} at step {start}")
 
+    if engine.is_main:
+        make_root(ckpt_root)
     log = _MetricsLog(ckpt_root / "metrics.jsonl", start) if engine.is_main else None
     tracker = open_tracker(config.report_to, Path(config.output).name, ckpt_root / "logs", asdict(config)) if engine.is_main else None  # type: ignore[arg-type]
     metrics: dict[str, Any] = {}
@@ -265,7 +260,7 @@ def _train(
         if on_step is not None and engine.is_main:
             on_step(metrics)
         if config.save_steps and (step + 1) % config.save_steps == 0 and step + 1 < total:
-            save_checkpoint(ckpt_root / f"checkpoint-{step + 1}", Progress(step + 1, fingerprint), run.trainable, optimizer, scheduler, engine)
+            save_checkpoint(ckpt_root / f"checkpoint-{step + 1}", replace(progress, step=step + 1), run.trainable, optimizer, scheduler, engine)
             engine.barrier()
 
     stats = {**run.stats, "steps": total, "world_size": world, "threads": torch.get_num_threads(), "global_batch": order.global_batch,
@@ -285,8 +280,7 @@ def _train(
     if log is not None:
         log.close()
         setup.save_output(run, final, config, stats, ckpt_root / "metrics.jsonl")
-        if not any(ckpt_root.glob("checkpoint-*")):  # nothing to resume from: the metrics are in the output now
-            shutil.rmtree(ckpt_root, ignore_errors=True)
+        remove_root(ckpt_root)  # nothing to resume from: the metrics are in the output now
     engine.barrier()
     return TrainResult(config.output, total, metrics, stats, engine.is_main)  # type: ignore[arg-type]
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from surgeon.errors import CheckpointError, ConfigError
-from surgeon.io.output import output_folder
+from surgeon.io.output import MADE_MARK, check_apart, check_name, made_by_surgeon, mark_made, output_folder, sibling
 from surgeon.io.safetensors import write_file
 from surgeon.shards import local
 
@@ -36,10 +36,12 @@ STATE_FILE = "state.json"
 
 @dataclass(frozen=True)
 class Progress:
-    """Where a run is: optimiser steps done and the fingerprint of the settings that shape it."""
+    """Where a run is: optimiser steps done, the fingerprint of the settings that shape it, and
+    the identity of the inputs it trains from (``{"model": Checkpoint.identity(), …}``)."""
 
     step: int
     fingerprint: str
+    inputs: dict[str, str] = field(default_factory=dict)
 
 
 def _suffix(engine: Any) -> str:
@@ -65,7 +67,7 @@ def save_checkpoint(
                 _write_tensors(tmp, "", trainable, optimizer)
                 _write_state(tmp, progress, optimizer, scheduler, engine)
         return Path(folder)
-    tmp = folder.parent / f".{folder.name}.surgeon-tmp-shared"
+    tmp = sibling(folder, "tmp-shared")
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -106,6 +108,7 @@ def _write_state(
     state = {
         "step": progress.step,
         "fingerprint": progress.fingerprint,
+        "inputs": progress.inputs,
         "world_size": engine.world if engine is not None else 1,
         "sharded": bool(engine is not None and engine.sharded),
         "param_groups": opt["param_groups"],
@@ -115,6 +118,68 @@ def _write_state(
         "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
     }
     (tmp / STATE_FILE).write_text(json.dumps(state))
+
+
+ROOT_KIND = "checkpoints"
+_ROOT_FILES = ("metrics.jsonl", "logs")  # what a run writes into its checkpoint folder besides checkpoints
+
+
+def checkpoint_root(output: str | Path) -> Path:
+    """Where intermediate checkpoints (and the metrics while a run lasts) of a run writing ``output`` live."""
+    out = Path(output)
+    return out.parent / f"{out.name}-checkpoints"
+
+
+def check_root(output: str | Path, inputs: list[Any], resume: bool, overwrite: bool) -> bool:
+    """Check the checkpoint folder of a run writing ``output`` before anything is written; True
+    when an existing one must be removed before the run starts (``shutil.rmtree``, by the main
+    process, holding the output's claim). Refuses (ConfigError) a folder that is, holds or lies
+    inside an input, and a name too long for the file system. Without ``resume`` an existing
+    folder may go only when surgeon made it (its mark) and it holds no checkpoint, or with
+    ``overwrite``; anything else stops the run."""
+    root = checkpoint_root(output)
+    check_name(output, extra="-checkpoints")
+    check_apart(root, inputs)
+    if not root.exists() and not root.is_symlink():
+        return False
+    if root.is_symlink() or not root.is_dir():
+        raise ConfigError("output", f"{root} exists and is not a folder", "move it away, or choose another output")
+    ours = made_by_surgeon(root, ROOT_KIND) or latest_intact(root)[0] is not None  # (older versions left no mark)
+    if resume:
+        return False
+    if any(root.glob("checkpoint-*")) and not overwrite:
+        raise ConfigError("output", f"{root} holds checkpoints of an earlier run", "pass --resume to continue it, or --overwrite to start over")
+    if not ours and not overwrite:
+        raise ConfigError(
+            "output", f"{root} exists and was not made by surgeon train (a run keeps its checkpoints there)",
+            "move it away, choose another output, or pass --overwrite to replace it",
+        )  # fmt: skip
+    return True
+
+
+def make_root(root: Path) -> None:
+    """Create the checkpoint folder (if missing) with surgeon's mark."""
+    root.mkdir(parents=True, exist_ok=True)
+    if not made_by_surgeon(root, ROOT_KIND):
+        mark_made(root, ROOT_KIND)
+
+
+def remove_root(root: Path) -> bool:
+    """At the end of a run: remove the checkpoint folder when surgeon made it and it holds no
+    checkpoint (its metrics are in the output by then). Only what a run writes there is removed;
+    a folder holding anything else is left. Returns whether it is gone."""
+    if not made_by_surgeon(root, ROOT_KIND) or any(root.glob("checkpoint-*")):
+        return False
+    for name in _ROOT_FILES:
+        entry = root / name
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        elif entry.exists() or entry.is_symlink():
+            entry.unlink()
+    if {p.name for p in root.iterdir()} <= {MADE_MARK}:
+        shutil.rmtree(root)
+        return True
+    return False
 
 
 def remove_stale(root: Path) -> None:
@@ -132,6 +197,21 @@ _STATE_FIELDS = {
     "step": int, "fingerprint": str, "param_groups": list, "optimizer_scalars": dict, "scheduler": dict,
     "python_rng": list, "numpy_rng": list,
 }  # fmt: skip
+
+
+def _check_inputs(folder: Path, saved: dict, now: dict[str, str], anyway: bool, warn: Any) -> None:
+    """ConfigError (or, ``anyway``, a warning) when an input a checkpoint was trained from changed."""
+    changed = [name for name in now if name in saved and saved[name] != now[name]]
+    if not changed:
+        return
+    what = " and ".join(changed)
+    if not anyway:
+        raise ConfigError(
+            "resume", f"the {what} changed since {folder} was written (its weights differ)",
+            f"resume with the same {what}, or pass --resume-anyway to continue on the changed one",
+        )  # fmt: skip
+    if warn is not None:
+        warn(f"the {what} changed since {folder.name} was written; continuing on it as --resume-anyway asks")
 
 
 def checkpoint_problem(folder: Path) -> str | None:
@@ -186,16 +266,20 @@ def latest_intact(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
 
 def load_checkpoint(
     folder: Path,
-    fingerprint: str,
+    progress: Progress,
     trainable: dict[str, torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     engine: Any = None,
+    anyway: bool = False,
+    warn: Any = None,
 ) -> int:
     """Restore a checkpoint into live objects; returns the step to continue from.
 
-    Refuses a checkpoint made with settings that change the run (model, data, batch, seed …), and
-    a sharded checkpoint on another number of processes or without sharding (and the reverse).
+    Refuses a checkpoint made with settings that change the run (model, data, batch, seed …:
+    ``progress.fingerprint``), a sharded checkpoint on another number of processes or without
+    sharding (and the reverse), and one whose inputs changed since it was written (the base
+    model's weights, the prior: ``progress.inputs``) unless ``anyway`` (then ``warn`` is told).
     """
     from safetensors.torch import load_file
 
@@ -205,7 +289,8 @@ def load_checkpoint(
             str(folder), f"is damaged: {problem}", "resume from an earlier checkpoint (move this one away), or start over with --overwrite"
         )
     state = json.loads((folder / STATE_FILE).read_text())
-    if state["fingerprint"] != fingerprint:
+    _check_inputs(folder, state.get("inputs") or {}, progress.inputs, anyway, warn)
+    if state["fingerprint"] != progress.fingerprint:
         raise ConfigError(
             "resume",
             f"{folder} was made with different training settings",
