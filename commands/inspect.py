@@ -39,9 +39,10 @@ def command(checkpoint: str, revision: str | None, as_json: bool) -> None:
         ("checkpoint", report.source),
         ("architecture", f"{report.architecture} ({report.model_type}), {kind}" if report.architecture else f"unknown (no config.json), {kind}"),
         ("language model", f"{report.lm_prefix}{report.layer_word}.* ({report.num_layers} layers), head: {report.lm_head or 'tied to embeddings'}"),
-        ("hidden size", report.hidden_size),
-        ("attention heads", f"{report.num_attention_heads} ({report.num_key_value_heads} KV heads, head dim {report.head_dim})"),
-        ("vocab size", report.vocab_size),
+        ("hidden size", _known(report.hidden_size)),
+        ("attention heads", "unknown" if report.num_attention_heads is None else
+         f"{report.num_attention_heads} ({_known(report.num_key_value_heads)} KV heads, head dim {_known(report.head_dim)})"),
+        ("vocab size", _known(report.vocab_size)),
         ("tied embeddings", "yes" if report.tied_embeddings else "no"),
         ("dtype", report.dtype if report.quantization is None else f"{report.dtype}, quantized ({report.quantization})"),
     ]
@@ -72,3 +73,8 @@ def command(checkpoint: str, revision: str | None, as_json: bool) -> None:
     out.print(shards)
     for note in report.notes:
         out.print(f"note: {note}", highlight=False)
+
+
+def _known(value: object) -> str:
+    """A fact, or ``unknown`` where config.json (missing) would have said it."""
+    return "unknown" if value is None else str(value)

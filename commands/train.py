@@ -61,6 +61,10 @@ from surgeon.commands._hub import push_to_hub_option, push_written
 @click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for activation memory.")
 @click.option("--save-steps", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: never).")
 @click.option("--resume", is_flag=True, help="Continue exactly from the latest checkpoint in OUTPUT-checkpoints/.")
+@click.option(
+    "--resume-anyway", is_flag=True,
+    help="With --resume: continue although the base model's (or prior's) weights changed since the checkpoint (a warning says so).",
+)
 @click.option("--merge-lora", is_flag=True, help="Write a standard merged model folder instead of a peft adapter.")
 @click.option("--prior", default=None, help="DRIFT: a prior folder from `surgeon prior` (needs --full).")
 @click.option("--drift-alpha", type=float, default=1.0, show_default=True, help="DRIFT strength α.")

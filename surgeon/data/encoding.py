@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from surgeon.data.samples import BadSample, ImagePart, Sample
+from surgeon.data.templates import TemplateTooCostly, bounded, install
 from surgeon.errors import DataError
 
 IGNORE_INDEX = -100
@@ -55,6 +56,9 @@ VISION_KEYS = (
 )
 _PAD_VALUES = {"labels": IGNORE_INDEX, "perception_mask": False}
 _PROBE = "SURGEONPROBE"
+RENDER_FACTOR = 4  # a chat template may write this many times the conversation's text (plus a fixed allowance)
+CHARS_PER_TOKEN = 16  # a first guess at the characters that ``max_length`` tokens take (grown until enough)
+_SPARE_TOKENS = 64  # tokens past ``max_length`` that a shortened text must still give
 Progress = Callable[[str, int, int], None]
 
 
@@ -132,6 +136,9 @@ class SampleEncoder:
             hint = "use a chat/instruct model folder (with chat_template.jinja or tokenizer_config.json)"
             raise DataError(name, "has no chat template", hint)
         self._template = owner
+        templates = owner.chat_template if isinstance(owner.chat_template, dict) else {"default": owner.chat_template}
+        for template in templates.values():
+            install(template if isinstance(template, str) else None)
         try:
             probe = self._render([self._message("user", ["Hi"]), self._message("assistant", [_PROBE])])
         except BadSample as bad:
@@ -172,14 +179,18 @@ class SampleEncoder:
         return {"role": role, "content": content}
 
     def _render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """The conversation as the chat template writes it, at most ``RENDER_FACTOR`` times its own
+        text (and at least ``templates.MIN_CHARS``) within ``templates.MAX_SECONDS``."""
         from jinja2.exceptions import TemplateError
 
+        size = sum(len(p.get("text", "")) if isinstance(p, dict) else len(p) for m in messages for p in _parts(m["content"]))
         try:
-            text = self._template.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
+            with bounded(chars=RENDER_FACTOR * size):
+                text = self._template.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         except TemplateError as exc:
             raise BadSample("chat template refuses the conversation", " ".join(str(exc).split())) from None
+        except TemplateTooCostly as exc:
+            raise BadSample("chat template too costly", str(exc)) from None
         return text if isinstance(text, str) else text[0]
 
     def render(self, sample: Sample) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
@@ -226,24 +237,15 @@ class SampleEncoder:
             detail = f"the sample has {len(sample.images)} image(s) but {self.name} has no image processor"
             raise BadSample("images for a text-only model", detail)
         text, supervised, perception = self.render(sample)
-        kwargs: dict[str, Any] = {"return_offsets_mapping": True, "return_tensors": "pt"}
-        if self.has_images:
-            bos = getattr(self.tokenizer, "bos_token", None)
-            images = [_open_image(p) for p in sample.image_parts]
-            try:
-                out = self.processor(
-                    text=[text], images=images or None, return_text_replacement_offsets=True,
-                    add_special_tokens=not (bos and text.startswith(bos)), **kwargs,
-                )  # fmt: skip
-            except ValueError as exc:  # e.g. a literal placeholder token written in the text
-                raise BadSample("processor refuses the sample", " ".join(str(exc).split())) from None
-            replacements = (out.get("text_replacement_offsets") or [[]])[0]
-            if images and "text_replacement_offsets" not in out:
-                problem = "its processor does not report where it expands image placeholders"
-                raise DataError(self.name, problem, "update transformers (surgeon needs >= 5.0 processors)")
-        else:
-            out = self.tokenizer(text, add_special_tokens=False, **kwargs)
-            replacements = []
+        images = [_open_image(p) for p in sample.image_parts] if self.has_images else []
+        # only as much text as max_length tokens need: memory follows the tokens kept, not the line
+        cut = len(text) if self.max_length is None else CHARS_PER_TOKEN * (self.max_length + _SPARE_TOKENS)
+        cut += _last_placeholder_end(text, self._placeholder_texts)
+        while True:
+            out, replacements = self._tokenize(text if cut >= len(text) else text[: _whitespace_before(text, cut)], images)
+            if cut >= len(text) or out["input_ids"].shape[1] > self.max_length + _SPARE_TOKENS:  # type: ignore[operator]
+                break
+            cut *= 2
         ids = out["input_ids"][0]
         offsets = out["offset_mapping"][0]
         shift = _expansion(replacements)
@@ -268,6 +270,31 @@ class SampleEncoder:
             if not (tokens["labels"] != IGNORE_INDEX).any():
                 raise TooLong("no supervised tokens within max_length")
         return Encoded(tokens, vision, sample.line)
+
+    def _tokenize(self, text: str, images: list[Any]) -> tuple[Any, list[dict]]:
+        """(the processor's output for ``text`` with ``images``, with offsets; its placeholder expansions)."""
+        kwargs: dict[str, Any] = {"return_offsets_mapping": True, "return_tensors": "pt"}
+        if not self.has_images:
+            return self.tokenizer(text, add_special_tokens=False, **kwargs), []
+        bos = getattr(self.tokenizer, "bos_token", None)
+        try:
+            out = self.processor(
+                text=[text], images=images or None, return_text_replacement_offsets=True,
+                add_special_tokens=not (bos and text.startswith(bos)), **kwargs,
+            )  # fmt: skip
+        except ValueError as exc:  # e.g. a literal placeholder token written in the text
+            raise BadSample("processor refuses the sample", " ".join(str(exc).split())) from None
+        if images and "text_replacement_offsets" not in out:
+            problem = "its processor does not report where it expands image placeholders"
+            raise DataError(self.name, problem, "update transformers (surgeon needs >= 5.0 processors)")
+        return out, (out.get("text_replacement_offsets") or [[]])[0]
+
+    @property
+    def _placeholder_texts(self) -> list[str]:
+        """The strings of the processor's image/video placeholder tokens, as they stand in rendered text."""
+        names = [getattr(self.processor, a, None) for a in ("image_token", "video_token")]
+        names += [self.tokenizer.convert_ids_to_tokens(i) for i in self.placeholder_ids]
+        return sorted({n for n in names if isinstance(n, str) and n}, key=len, reverse=True)
 
     def collate(self, items: Sequence[Encoded]) -> dict[str, torch.Tensor]:
         """``collate(items, self.pad_token_id)``, for ``DataLoader(collate_fn=encoder.collate)``."""
@@ -304,6 +331,25 @@ def collate(items: Sequence[Encoded], pad_token_id: int) -> dict[str, torch.Tens
     return batch
 
 
+def _parts(content: object) -> list[Any]:
+    return content if isinstance(content, list) else [content] if isinstance(content, str) else []
+
+
+def _last_placeholder_end(text: str, placeholders: list[str]) -> int:
+    """Where the last image/video placeholder of ``text`` ends (0 without one)."""
+    return max((text.rfind(p) + len(p) for p in placeholders if p in text), default=0)
+
+
+def _whitespace_before(text: str, cut: int) -> int:
+    """``cut`` moved back to just after a whitespace (so that no word is split), if there is one
+    within 1,024 characters."""
+    for ws in (" ", "\n"):
+        at = text.rfind(ws, max(cut - 1024, 0), cut)
+        if at > 0:
+            return at + 1
+    return cut
+
+
 def _insert_after(
     text: str, spans: list[tuple[int, int]], inner: list[tuple[int, int]], insert: str
 ) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
@@ -319,15 +365,27 @@ def _insert_after(
     return "".join(pieces), moved, [(a + d, b + d) for (a, b), d in zip(inner, before)]
 
 
+MAX_IMAGE_PIXELS = 8192 * 8192  # one image (ours): checked from its header before any pixel is decoded
+
+
 def _open_image(part: ImagePart) -> Any:
-    """The image of a part (a file, or the bytes a dataset carries), as RGB."""
+    """The image of a part (a file, or the bytes a dataset carries), as RGB; refused before decoding
+    when it has more than ``MAX_IMAGE_PIXELS`` pixels (a decompression bomb decodes to gigabytes)."""
     import io
+    import warnings
 
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(part.data) if part.data is not None else part.path) as image:
-            return image.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(part.data) if part.data is not None else part.path) as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise BadSample("image too large", f"{part.path.name} is {width}×{height} pixels, over surgeon's limit of 8192×8192")
+                return image.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadSample("image too large", f"{part.path.name}: {' '.join(str(exc).split())[:160]}") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise BadSample("unreadable image", f"{part.path.name}: {' '.join(str(exc).split())}") from None
 

@@ -49,6 +49,7 @@ from surgeon.data.samples import (
 )
 from surgeon.errors import ConfigError
 
+MAX_IMAGES = 256  # images in one sample (ours: far beyond any VLM's context, short of a line that names thousands)
 _CONVERSATION_KEYS = ("messages", "conversations")
 _IMAGE_KEYS = ("images", "image")
 
@@ -73,8 +74,10 @@ def parse_record(
         keys = ", ".join(sorted(record)) or "none"
         raise BadSample("unknown format", f"no 'messages' or 'conversations' list (keys: {keys})")
     listed = _image_list(record)
+    if len(listed) > MAX_IMAGES:
+        raise BadSample("too many images", f"{len(listed)} images listed, more than surgeon's limit of {MAX_IMAGES} for one sample")
     queue = iter(listed)
-    used = 0
+    used = images = 0
     turns: list[Turn] = []
     for n, message in enumerate(record[key], 1):
         role, content = _role_and_content(message, n)
@@ -89,6 +92,9 @@ def parse_record(
                 value = next(queue, None)
                 if value is None:
                     continue  # reported below with the totals
+            images += 1
+            if images > MAX_IMAGES:
+                raise BadSample("too many images", f"more than surgeon's limit of {MAX_IMAGES} images in one sample")
             parts.append(value if isinstance(value, ImagePart) else ImagePart(_resolve(value, base)))
         turns.append(_assistant(parts, pattern, n) if role == "assistant" else Turn(role, tuple(parts)))
     if used != len(listed):
@@ -189,6 +195,10 @@ def _resolve(path: str, base: Path) -> Path:
         detail = f"{path} is a URL; download the images and use paths relative to the data file"
         raise BadSample("remote image", detail)
     resolved = (base / path) if not Path(path).is_absolute() else Path(path)
+    from surgeon.io.paths import special_kind
+
+    if special_kind(resolved):
+        raise BadSample("unreadable image", f"{path} is {special_kind(resolved)}, not an image file")
     if not resolved.is_file():
         raise BadSample("missing image file", f"{path} (looked for {resolved})")
     return resolved

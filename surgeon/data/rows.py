@@ -174,8 +174,11 @@ def looks_like_hub_dataset(text: str) -> bool:
 
 def open_rows(source: str | Path, max_line_bytes: int = MAX_LINE_BYTES) -> JsonlRows | DatasetRows:
     """The rows of a data file, a ``save_to_disk`` folder, or a Hub dataset (see the module docstring)."""
+    from surgeon.io.paths import check_file
+
     path = Path(source)
     text = str(source)
+    check_file(path, "data file")
     if path.is_file():
         if path.suffix == ".parquet":
             return _parquet(path)

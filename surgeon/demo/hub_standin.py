@@ -71,6 +71,8 @@ class HubStandIn:
         self.repos: dict[str, Repo] = {}
         self.blobs: dict[str, bytes] = {}  # LFS objects by sha256
         self._failure: tuple[int, str | None] | None = None
+        self.ignore_ranges = False  # serve whole files to range requests, as some mirrors and proxies do
+        self.sent_bytes = 0  # body bytes the clients took (a client that stops reading takes fewer)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer((host, port), _handler(self))
         self._server.daemon_threads = True
@@ -357,7 +359,7 @@ class HubStandIn:
         if self._lfs(path, data):
             headers |= {"X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Linked-Size": str(len(data))}
         wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", req.headers.get("range", "").strip())
-        if wanted and req.method == "GET":  # a byte range, as the Hub's storage serves it
+        if wanted and req.method == "GET" and not self.ignore_ranges:  # a byte range, as the Hub's storage serves it
             a, b = int(wanted.group(1)), min(int(wanted.group(2) or len(data) - 1), len(data) - 1)
             if a >= len(data):
                 return 416, {"Content-Range": f"bytes */{len(data)}"}, b""
@@ -407,8 +409,12 @@ def _handler(standin: HubStandIn) -> type[BaseHTTPRequestHandler]:
                     self.send_header(k, v)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
+            try:
+                for start in range(0, len(body) if self.command != "HEAD" else 0, 1 << 16):  # counting what the client takes
+                    self.wfile.write(piece := body[start : start + (1 << 16)])
+                    standin.sent_bytes += len(piece)
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
 
         do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _serve
 

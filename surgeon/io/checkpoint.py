@@ -19,12 +19,15 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from surgeon.errors import CheckpointError
 from surgeon.io.header import FormatError, TensorInfo, parse_header, read_header
+from surgeon.io.paths import special_kind
 from surgeon.io.repo_ids import PINNED, REPO_ID
 
 if TYPE_CHECKING:  # torch is imported when a tensor is read: opening and inspecting need only headers
     import torch
 
 INDEX_NAME = "model.safetensors.index.json"
+IDENTITY_SAMPLES = 64  # reads per weight file in ``Checkpoint.identity``
+MAX_CONFIG_BYTES = 64 * 10**6  # config.json holds sizes and names; anything larger is not one
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -66,6 +69,10 @@ class Checkpoint:
         cfg = self.path / "config.json"
         if not cfg.exists():
             return {}
+        kind = special_kind(cfg)
+        if kind or cfg.stat().st_size > MAX_CONFIG_BYTES:
+            problem = f"is {kind}" if kind else f"is {cfg.stat().st_size / 1e6:.0f} MB, too large for a config"
+            raise CheckpointError(self.source, f"config.json {problem}", "restore the file from the original model")
         try:
             data = json.loads(cfg.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -214,6 +221,24 @@ class Checkpoint:
             h.update(cfg.read_bytes())
         for info in self.tensors.values():
             h.update(f"{info.name}|{info.dtype}|{info.shape}|{info.file}|{info.start}|{info.end}\n".encode())
+        return "sha256:" + h.hexdigest()
+
+    def identity(self) -> str:
+        """What the weights are, cheaply: the commit of a Hub snapshot; for a local folder the
+        ``fingerprint`` plus each file's size and a hash of ``IDENTITY_SAMPLES`` reads of 4 KiB
+        spread over its tensor data (a fine-tuned copy of a model differs almost everywhere, so
+        the samples tell it apart without reading the weights)."""
+        if self.commit:
+            return f"commit:{self.commit}"
+        h = hashlib.sha256(self.fingerprint().encode())
+        for file in self.files:
+            path = self.path / file
+            size = path.stat().st_size
+            h.update(f"{file}|{size}\n".encode())
+            with open(path, "rb") as f:
+                for k in range(IDENTITY_SAMPLES):
+                    f.seek(size * k // IDENTITY_SAMPLES)
+                    h.update(f.read(4096))
         return "sha256:" + h.hexdigest()
 
     def describe(self) -> dict:

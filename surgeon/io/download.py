@@ -119,14 +119,23 @@ def _remote_header(repo_id: str, filename: str, commit: str, name: str) -> tuple
     url = hf_hub_url(repo_id, filename, revision=commit)
 
     def get(first: int, last: int) -> tuple[bytes, int | None]:
+        """Bytes ``first..last``; from a server that ignores ranges and sends the whole file, only
+        as many bytes as that takes are read before the connection is closed."""
         with translated(f"{name}: {filename}"):
-            response = get_session().get(url, headers={**build_hf_headers(), "range": f"bytes={first}-{last}"}, timeout=30)
-            hf_raise_for_status(response)
-        body = response.content
-        if response.status_code != 206:  # a server that ignores ranges sends the whole file
-            return body[first : last + 1], len(body)
-        total = response.headers.get("content-range", "").rpartition("/")[2]
-        return body, int(total) if total.isdigit() else None
+            with get_session().stream("GET", url, headers={**build_hf_headers(), "range": f"bytes={first}-{last}"}, timeout=30) as response:
+                if response.status_code >= 400:
+                    response.read()  # the error's body, for the message
+                hf_raise_for_status(response)
+                if response.status_code == 206:
+                    total = response.headers.get("content-range", "").rpartition("/")[2]
+                    return response.read(), int(total) if total.isdigit() else None
+                length = response.headers.get("content-length", "")
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > last:
+                        break
+                return bytes(body[first : last + 1]), int(length) if length.isdigit() else None
 
     head, size = get(0, HEAD_BYTES - 1)
     if len(head) < 8:

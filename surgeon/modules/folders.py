@@ -51,10 +51,20 @@ def load_model(path: str | Path, **kwargs: Any) -> Any:
 
         if REPO_ID.match(str(path)) and (snapshot := adapter_snapshot(str(path), kwargs.get("revision"))):
             return _load_adapter(Path(snapshot), **{k: v for k, v in kwargs.items() if k != "revision"})
+    if Path(path).is_dir():
+        from surgeon.anatomy.limits import check_checkpoint
+        from surgeon.io.checkpoint import open_checkpoint
+
+        with open_checkpoint(path) as ckpt:
+            check_checkpoint(ckpt)  # sizes within limits and matching the weights, before anything is built
     try:
         return modeling.load_model(str(path), **kwargs)
     except modeling.SurgeonModelingError as e:
         raise ConfigError("model", str(e)) from None
+    except RuntimeError as e:  # transformers refusing weights whose shapes its config does not give
+        if "mismatched" not in str(e) and "size mismatch" not in str(e):
+            raise
+        raise CheckpointError(str(path), "its weights do not match the shapes config.json gives", "restore the config the model was saved with") from None
 
 
 def module_parameters(model: Any, kind: str | None = None) -> dict[str, Any]:

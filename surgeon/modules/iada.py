@@ -147,6 +147,9 @@ def plan_iada(
     model_config: dict, config: IadaConfig = IadaConfig(), source: str = "model", replace: bool = False
 ) -> IadaPlan:
     """Plan an injection from ``config.json`` alone. Raises when there is nothing to inject into."""
+    from surgeon.anatomy.limits import check_config
+
+    check_config(model_config, source)
     architecture = (model_config.get("architectures") or [None])[0]
     if not architecture:
         raise CheckpointError(source, "config.json names no architecture", "restore config.json from the model")
@@ -269,6 +272,9 @@ def inject_iada(
     with open_checkpoint(source, revision) as ckpt:
         plan = plan_iada(ckpt.config, config, ckpt.source, replace)
         layout = detect_layout(list(ckpt.tensors), ckpt.config, ckpt.source)
+        from surgeon.anatomy.limits import check_weights
+
+        check_weights(ckpt.config, ckpt.tensors, layout, ckpt.source)
         if layout.num_layers != plan.num_layers:
             raise CheckpointError(
                 source,

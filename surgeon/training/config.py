@@ -12,7 +12,7 @@ from surgeon.errors import ConfigError
 # Fields that do not change what a run computes: excluded from the resume fingerprint. (Whether
 # the model is sharded is checked on resume from the checkpoint itself.)
 _NOT_FINGERPRINTED = {
-    "output", "save_steps", "resume", "overwrite", "fsdp", "gpu_memory", "num_workers", "log_steps", "report_to", "threads",
+    "output", "save_steps", "resume", "resume_anyway", "overwrite", "fsdp", "gpu_memory", "num_workers", "log_steps", "report_to", "threads",
 }  # fmt: skip
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -74,6 +74,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     save_steps: int = 0  # 0: no intermediate checkpoints
     resume: bool = False  # continue from the latest checkpoint in ``<output>-checkpoints/``
+    resume_anyway: bool = False  # resume although the base model (or prior) changed since the checkpoint, with a warning
     merge_lora: bool = False  # write a standard merged model folder instead of an adapter
     prior: str | None = None  # DRIFT prior folder (``surgeon prior``)
     drift_alpha: float = 1.0

@@ -262,7 +262,10 @@ def plan_for(config: TrainConfig, processes: int, device: str = "cuda") -> Memor
     from surgeon.io.output import parse_size
     from surgeon.training.config import resolve_precision
 
+    from surgeon.anatomy.limits import check_config
+
     model_config = _load_config(config.model, None)
+    check_config(model_config, config.model)
     precision = resolve_precision(config, bf16_ok=device == "cuda")
     budget = parse_size(config.gpu_memory, "gpu_memory") if config.gpu_memory else None
     return plan_memory(config, model_config, processes, config.fsdp, precision, device, budget, "budget (--gpu-memory)" if budget else "")

@@ -53,6 +53,9 @@ def check_inputs(config: TrainConfig) -> Any:
 
         open_prior(config.prior).close()
     ckpt = open_checkpoint(config.model)
+    from surgeon.anatomy.limits import check_checkpoint
+
+    check_checkpoint(ckpt)
     if config.image_lora:
         from surgeon.heads.score import read_heads
         from surgeon.anatomy.layout import config_value, text_config
@@ -156,7 +159,10 @@ def empty_model(model_config: dict) -> torch.nn.Module:
 
     from surgeon.modules import modeling_surgeon as modeling
 
-    config = AutoConfig.for_model(**model_config)
+    try:
+        config = AutoConfig.for_model(**model_config)
+    except Exception as e:  # noqa: BLE001 - transformers' own validation of config.json, one line
+        raise ConfigError("model", f"transformers refuses its config.json ({' '.join(str(e).split())[:240]})", "restore the config the model was saved with") from None
     architectures = getattr(config, "architectures", None) or []
     if not architectures:
         raise ConfigError("model", "config.json names no architecture", "give a transformers model folder")
@@ -220,6 +226,18 @@ def _image_lora_report(model: torch.nn.Module, config: TrainConfig, dataset: Any
     flops = flops_report(s["heads"], s["hidden_size"], s["num_kv_heads"], s["head_dim"], tokens, visual, s["rank"])
     params = count_parameters(s["heads"], s["hidden_size"], s["head_dim"], s["rank"])
     return {"heads": s["heads"], "parameters": params, "flops": flops.to_dict()}
+
+
+def input_identities(run: Run, config: TrainConfig) -> dict[str, str]:
+    """What a checkpoint records of the inputs whose change would silently change a resumed run:
+    the base model's weights and the prior's (``Checkpoint.identity``)."""
+    out = {"model": run.checkpoint.identity()}
+    if config.prior:
+        from surgeon.io.checkpoint import open_checkpoint
+
+        with open_checkpoint(config.prior) as prior:
+            out["prior"] = prior.identity()
+    return out
 
 
 def drift_for(run: Run, config: TrainConfig) -> Any:
