@@ -62,7 +62,7 @@ def _data(root: Path, n: int) -> Path:
 def _run(args: list, cwd: Path) -> tuple[float, int]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "surgeon.commands", *map(str, args)], cwd=cwd, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "surgeon.cli", *map(str, args)], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start

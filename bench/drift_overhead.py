@@ -32,7 +32,7 @@ def main() -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from surgeon.drift.bias import Drift, clip_grad_norm
-    from surgeon.anatomy.model import lm_parameters
+    from surgeon.anatomy.decoder import lm_parameters
 
     torch.manual_seed(0)
     cfg = Qwen2Config(

@@ -175,7 +175,7 @@ def run_trl(case: str, paths: dict, data: Path, out: Path, args: argparse.Namesp
     if case == "trl-lora":
         from peft import LoraConfig
 
-        from surgeon.training.model import lora_target_regex
+        from surgeon.training.lora import lora_target_regex
 
         peft_config = LoraConfig(r=16, lora_alpha=32, target_modules=lora_target_regex(model, "attn,mlp"))
     sft = SFTConfig(

@@ -42,7 +42,7 @@ def main() -> None:
     model = Path(args.model) if args.model else Path(args.work) / "1.5b" / "vlm"
     if not args.model:
         build(model, _configs("1.5b")[1], causal_lm=False, seed=1)
-    surgeon = [sys.executable, "-m", "surgeon.commands"]
+    surgeon = [sys.executable, "-m", "surgeon.cli"]
     cases = {
         "surgeon inspect": [*surgeon, "inspect", str(model)],
         "surgeon --help": [*surgeon, "--help"],

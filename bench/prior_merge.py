@@ -202,7 +202,7 @@ def _fsync_folder(folder: Path) -> None:
 
 def _plan(work: Path, out_bytes: int, names: dict[str, list[str]] | None) -> Path:
     """Byte ranges to read: the named tensors of each model (all when ``names`` is None)."""
-    from surgeon.io.checkpoint import open_checkpoint
+    from surgeon.hub.sources import open_checkpoint
 
     reads = []
     for model in ("vlm", "llm"):
@@ -268,7 +268,7 @@ def _mem_available_gb() -> float:
 
 def measure(work: Path, size: str, cold: bool, reference: bool, repeat: int, only: set[str] | None = None) -> dict:
     from surgeon.anatomy.align import align
-    from surgeon.io.checkpoint import open_checkpoint
+    from surgeon.hub.sources import open_checkpoint
     from surgeon.anatomy.families import Selection
 
     vlm, llm, out = work / "vlm", work / "llm", work / "out"
@@ -279,9 +279,9 @@ def measure(work: Path, size: str, cold: bool, reference: bool, repeat: int, onl
         vlm_bytes = sum(i.nbytes for i in v.tensors.values())
         input_bytes = vlm_bytes + sum(i.nbytes for i in r.tensors.values())
     me = [sys.executable, __file__]
-    cli = [sys.executable, "-c", "from surgeon.commands import main; main()", "-q"]
+    cli = [sys.executable, "-c", "from surgeon.cli import main; main()", "-q"]
     cases = {
-        "startup": [sys.executable, "-c", "import torch, surgeon.commands, surgeon.drift.prior, surgeon.merge.engine"],
+        "startup": [sys.executable, "-c", "import torch, surgeon.cli, surgeon.drift.prior, surgeon.merge.engine"],
         "floor-prior": me + ["_floor", str(_plan(work, prior_bytes, prior_names)), str(out)],
         "surgeon-prior": cli + ["prior", "--reasoning", str(llm), "--vlm", str(vlm), "-o", str(out)],
         "reference-prior": me + ["_reference_prior", str(vlm), str(llm), str(out)],

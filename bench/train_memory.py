@@ -9,9 +9,9 @@ random fp32 weights (the language model grows; the vision tower stays tiny) and 
 tagged dataset, then runs ``surgeon train --full`` (fp32, AdamW, seq up to ``--max-length``) as
 fresh processes, one intra-op thread each, alternating the cases ``--repeat`` times:
 
-    one     python -m surgeon.commands train …                         (1 process)
-    ddp     torchrun --nproc-per-node 2 -m surgeon.commands train …     (DDP, gloo)
-    fsdp    torchrun --nproc-per-node 2 -m surgeon.commands train … --fsdp
+    one     python -m surgeon.cli train …                         (1 process)
+    ddp     torchrun --nproc-per-node 2 -m surgeon.cli train …     (DDP, gloo)
+    fsdp    torchrun --nproc-per-node 2 -m surgeon.cli train … --fsdp
 
 Peak memory is the largest ``ru_maxrss`` of the case's processes (``os.wait4`` on the launcher,
 whose children are the ranks), i.e. the peak of the largest rank. Step time is the median of the
@@ -55,7 +55,7 @@ def build(work: Path, size: str) -> tuple[Path, Path]:
 
 def run_case(case: str, model: Path, data: Path, out: Path, args: argparse.Namespace) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    train = ["-m", "surgeon.commands", "train", str(model), "--data", str(data), "-o", str(out), "--full",
+    train = ["-m", "surgeon.cli", "train", str(model), "--data", str(data), "-o", str(out), "--full",
              "--max-steps", str(args.steps), "--batch-size", "1", "--max-length", str(args.max_length), "--lr", "1e-5"]  # fmt: skip
     if case == "one":
         cmd = [sys.executable, *train, "--grad-accum", "2"]
@@ -75,7 +75,7 @@ def run_case(case: str, model: Path, data: Path, out: Path, args: argparse.Names
 
 
 def plan(model: Path, case: str, args: argparse.Namespace) -> int:
-    cmd = [sys.executable, "-m", "surgeon.commands", "train", str(model), "--full", "--batch-size", "1", "--max-length",
+    cmd = [sys.executable, "-m", "surgeon.cli", "train", str(model), "--full", "--batch-size", "1", "--max-length",
            str(args.max_length), "--mixed-precision", "no", "--dry-run", "--json"]  # fmt: skip
     if case != "one":
         cmd += ["--num-processes", "2"] + (["--fsdp"] if case == "fsdp" else [])

@@ -29,7 +29,7 @@ from train_memory import build  # noqa: E402
 
 def step_time(model: Path, data: Path, out: Path, threads: int | None, args: argparse.Namespace) -> tuple[float, int]:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "surgeon.commands", "train", str(model), "--data", str(data), "-o", str(out), "--full",
+    cmd = [sys.executable, "-m", "surgeon.cli", "train", str(model), "--data", str(data), "-o", str(out), "--full",
            "--max-steps", str(args.steps), "--batch-size", "1", "--max-length", str(args.max_length), "--lr", "1e-5"]  # fmt: skip
     if threads is not None:
         cmd += ["--threads", str(threads)]

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from surgeon.demo import tiny
-from surgeon.io.checkpoint import open_checkpoint
+from surgeon.hub.sources import open_checkpoint
 from surgeon.anatomy.inspect import inspect_checkpoint
 
 

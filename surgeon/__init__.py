@@ -1,9 +1,10 @@
 """surgeon: model surgery for fine-tuning vision-language models.
 
 The library behind the ``surgeon`` command, by concern, each package using only those above it
-(``errors`` and ``shards`` serve them all); each command's work is one function here:
+(``errors``, ``dtypes`` and ``dtensor`` serve them all); each command's work is one function here:
 
-    io/          safetensors, checkpoints (local or Hub) read one tensor at a time, streaming, outputs, records
+    io/          local files: safetensors read one tensor at a time, checkpoint folders, streaming, outputs, records
+    hub/         the Hugging Face Hub: repo ids, downloads, opening a folder or repo id, the requests of a push
     anatomy/     where the language model, vision tower and projector are; tensor families; LLM<->VLM pairs
     drift/       the DRIFT reasoning prior, its statistics, and the gradient bias
     merge/       the merge baselines, one file per method
@@ -11,11 +12,13 @@ The library behind the ``surgeon`` command, by concern, each package using only 
     data/        data sources, samples, encoding with the model's processor
     perception/  perception/reasoning reweighting, the perception-aware reward, diagnose
     heads/       head influence scores and the head budget of Image-LoRA
-    hub/         publishing to the Hugging Face Hub: push, what it sends and refuses, model cards
     training/    the trainer (and DRIFT/reweighting for the transformers Trainer and TRL)
+    publish/     publishing an output folder: push, what it sends and refuses, model cards
     demo/        ``surgeon demo``, tiny models, synthetic data, a local Hub stand-in
+    cli/         the ``surgeon`` command line (click and rich), one module per verb
 
-The methods as implemented are described in ``docs/methods.md``.
+The methods as implemented are described in ``docs/methods.md``; the layers and the path of data
+through the main commands in ``docs/architecture.md``.
 """
 
 from __future__ import annotations
@@ -23,11 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from surgeon import _compat
-
 __version__ = "0.1.0"
-
-_compat.install()  # old module paths (``surgeon.prior``, ``surgeon.tiny`` …) import the moved modules
 
 
 def load_model(path: str | Path, **kwargs: Any) -> Any:

@@ -1,7 +1,7 @@
 """Typed errors raised by the library.
 
 Every error renders as one line: what is wrong, then what to do next. The command layer
-(`surgeon.commands`) prints that line as ``Error: …`` and exits with status 1; it never shows a
+(`surgeon.cli`) prints that line as ``Error: …`` and exits with status 1; it never shows a
 traceback unless ``SURGEON_DEBUG=1``. The attributes carry the data the message was built from, so
 callers of the library can react without parsing text.
 """

@@ -117,7 +117,7 @@ def cli():
     """Invoke the real ``surgeon`` entry point in-process; returns the click Result."""
     from click.testing import CliRunner
 
-    from surgeon.commands import main
+    from surgeon.cli import main
 
     runner = CliRunner()
 

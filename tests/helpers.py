@@ -55,7 +55,7 @@ def run_surgeon(args: list[str], nproc: int = 1, threads: int = 1, timeout: floa
                   "--master-addr", "127.0.0.1", "--master-port", str(free_port())]  # fmt: skip
     else:
         launch = [sys.executable]
-    cmd = [*launch, "-m", "surgeon.commands", *[str(a) for a in args]]
+    cmd = [*launch, "-m", "surgeon.cli", *[str(a) for a in args]]
     return subprocess.run(cmd, check=False, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -178,7 +178,7 @@ def trl_rows(data: Path, limit: int | None = None):
 
 def help_examples(cli) -> list[list[str]]:
     """Every command's help examples, as argument lists (without the leading ``surgeon``)."""
-    from surgeon.commands import main
+    from surgeon.cli import main
 
     found = []
     for name in sorted(main.commands):
@@ -195,7 +195,7 @@ class Blocked(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in ("torch", "transformers", "peft", "accelerate", "datasets"):
             raise ImportError(f"{name} is blocked in this test")
 sys.meta_path.insert(0, Blocked())
-from surgeon.commands import main
+from surgeon.cli import main
 main(sys.argv[1:])
 """
 

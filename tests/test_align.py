@@ -6,7 +6,7 @@ import pytest
 
 from surgeon.demo import tiny
 from surgeon.anatomy.align import align
-from surgeon.io.checkpoint import open_checkpoint
+from surgeon.hub.sources import open_checkpoint
 from surgeon.errors import AlignmentError, CheckpointError, ConfigError, SelectionError
 from surgeon.anatomy.families import Selection, family, format_layers, parse_layers, parse_modules, select
 from surgeon.anatomy.layout import detect_layout

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 import importlib.util
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
+@pytest.mark.slow
 def test_gpu_train_benchmark_runs_every_case_on_the_cpu(tmp_path):
     spec = importlib.util.spec_from_file_location("gpu_train", BENCH / "gpu_train.py")
     module = importlib.util.module_from_spec(spec)

@@ -10,10 +10,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from surgeon.io.checkpoint import open_checkpoint
+from surgeon.hub.sources import open_checkpoint
 from surgeon.errors import CheckpointError, HubError
 from surgeon.io.output import ShardedWriter, TensorSpec
-from surgeon.io.safetensors import read_header
+from surgeon.io.header import read_header
 
 
 def test_headers_give_names_shapes_dtypes_without_reading_data(vlm, monkeypatch):

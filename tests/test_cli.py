@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from helpers import assert_one_line_error, run_without_torch
 
 from surgeon import __version__
-from surgeon.commands import main
+from surgeon.cli import main
 
 
 def test_version(cli):

@@ -87,13 +87,14 @@ def _big(tmp_path: Path, vlm: Path, n: int) -> tuple[Path, Path]:
 
 def _peak_rss(args: list, cwd: Path) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "surgeon.commands", *map(str, args)], cwd=cwd, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "surgeon.cli", *map(str, args)], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     _, status, usage = os.wait4(proc.pid, 0)
     assert status == 0, proc.stderr.read().decode()[-2000:] if proc.stderr else status
     return usage.ru_maxrss * 1024
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_the_number_of_samples(vlm, tmp_path):
     model, small = _big(tmp_path, vlm, 200)
     _, large = _big(tmp_path, vlm, 2000)
@@ -103,10 +104,11 @@ def test_peak_memory_does_not_grow_with_the_number_of_samples(vlm, tmp_path):
     assert b / a <= 1.2, (a, b)
 
 
+@pytest.mark.slow
 def test_plain_progress_lines_metrics_per_step_and_tensorboard(cli, vlm, shapes_data, tmp_path):
     out = tmp_path / "run"
     args = ["train", vlm, "--data", shapes_data("trl"), "-o", out, "--max-steps", "6", "--log-steps", "1", "--report-to", "tensorboard"]
-    proc = subprocess.run([sys.executable, "-m", "surgeon.commands", *map(str, args)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "surgeon.cli", *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [x for x in proc.stderr.splitlines() if x.startswith("step ")]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import shlex
 
@@ -14,6 +16,7 @@ def _steps(result):
     return [step["name"] for step in json.loads(result.stdout)["steps"]]
 
 
+@pytest.mark.slow
 def test_demo_runs_every_step_and_pushes_to_a_local_stand_in(cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     work = tmp_path / "demo"
@@ -40,7 +43,7 @@ def test_demo_runs_every_step_and_pushes_to_a_local_stand_in(cli, tmp_path, monk
 def test_demo_without_a_hub_is_a_dry_run(cli, tmp_path, monkeypatch):
     import surgeon.hub.client
 
-    monkeypatch.setattr(surgeon.hub.client, "_endpoint", lambda: "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setattr(surgeon.hub.client, "endpoint_url", lambda: "http://127.0.0.1:9")  # nothing listens there
     result = cli("demo", "--workdir", tmp_path / "demo", "--json")
     assert result.exit_code == 0, result.output
     assert _steps(result) == STEPS and json.loads(result.stdout)["steps"][-1]["output"].startswith("(dry run)")

@@ -11,6 +11,8 @@ Examples on the demo's outputs (``demo/…``) run in test_demo.py, after the dem
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import re
 import shlex
@@ -31,6 +33,7 @@ def _serve(cli, hub_standin, repo: str, folder: Path) -> None:
     assert pushed.exit_code == 0, pushed.output
 
 
+@pytest.mark.slow
 def test_every_help_example_runs(cli, hub_standin, tmp_path, monkeypatch):
     from surgeon.demo import tiny
     from surgeon.demo.synthetic import make_dataset

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import importlib.util
 from pathlib import Path
 
@@ -87,6 +89,7 @@ def test_reasoning_tax_tasks_are_right():
         assert answer.startswith(f"<perception>There are {count} {colour} tiles.</perception> {count} ")
 
 
+@pytest.mark.slow
 def test_reasoning_tax_quick_runs_every_condition_through_surgeon(tmp_path):
     """The study's --quick run: every condition's commands run and their outputs are evaluated."""
     import json

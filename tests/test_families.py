@@ -49,7 +49,7 @@ def _memory_lm(folder: Path) -> dict[str, torch.Tensor]:
     that transformers fuses in memory also under their per-expert names (gate and up are the two
     halves of gate_up_proj[e], gate first). The library and the remote-code file find the same decoder."""
 
-    from surgeon.anatomy.model import language_model, lm_parameters
+    from surgeon.anatomy.decoder import language_model, lm_parameters
     from surgeon.modules.modeling_surgeon import decoder_of
 
     model = _auto(folder).from_pretrained(folder)

@@ -126,7 +126,7 @@ def test_gate_probe_ranks_the_planted_head_first_and_rank1_runs(planted, shapes_
 
 # --------------------------------------------------------------------------------------- the CLI
 def test_cli_writes_heads_json_plot_and_a_pushable_folder(cli, vlm, shapes_data, tmp_path):
-    from surgeon.hub.card import build_card
+    from surgeon.publish.card import build_card
 
     data = shapes_data("trl")
     result = cli("score-heads", vlm, "--data", data, "-o", tmp_path / "heads.json", "--steps", "2", "--tau", "0",

@@ -59,7 +59,7 @@ def test_inspect_of_a_repo_id_fetches_only_the_config_and_the_headers(cli, hub_s
     from huggingface_hub import constants
 
     from surgeon.errors import CheckpointError
-    from surgeon.io.checkpoint import open_checkpoint
+    from surgeon.hub.sources import open_checkpoint
 
     for repo, folder in (("acme/one", vlm), ("acme/sharded", _two_shards(vlm, tmp_path / "sharded"))):
         assert cli("push", folder, "--repo", repo, "--token", TOKEN).exit_code == 0

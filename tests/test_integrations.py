@@ -32,7 +32,7 @@ def prior(vlm, tmp_path_factory):
 def _model(vlm):
     from transformers import AutoModelForImageTextToText
 
-    from surgeon.training.model import set_trainable
+    from surgeon.training.lora import set_trainable
 
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_pretrained(vlm)
@@ -82,7 +82,7 @@ def _trainers():
 def test_drift_callback_alpha_zero_is_the_plain_run_and_alpha_pulls_toward_the_prior(vlm, rows, prior, tmp_path, kind):
     from surgeon import DriftCallback
     from surgeon.drift.prior import open_prior
-    from surgeon.anatomy.model import lm_parameters
+    from surgeon.anatomy.decoder import lm_parameters
 
     cls, sft = _trainers()[kind]
     plain, _ = _train(cls, vlm, rows, tmp_path, "plain", sft=sft)

@@ -92,7 +92,7 @@ def test_a_huge_data_line_is_a_bad_line_not_unbounded_memory(cli, vlm, shapes_da
 
 
 def test_diagnose_truncates_to_a_default_length(cli):
-    from surgeon.commands import main
+    from surgeon.cli import main
 
     option = next(p for p in main.commands["diagnose"].params if p.name == "max_length")
     assert option.default == 2048

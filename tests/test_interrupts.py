@@ -3,6 +3,8 @@ clear line, exit 143); two runs never write one output; a stopped training run s
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import signal
@@ -22,7 +24,7 @@ SLOW = textwrap.dedent(
         time.sleep(float({delay!r}))
         return write(self, *a, **k)
     output.ShardedWriter.write_rows = slow
-    from surgeon.commands import main
+    from surgeon.cli import main
     main(sys.argv[1:])
     """
 )
@@ -62,6 +64,7 @@ def test_sigterm_mid_merge_leaves_nothing_and_a_second_writer_fails_at_once(cli,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["slow.py"]  # no temp folder, no lock file, no output
 
 
+@pytest.mark.slow
 def test_a_stopped_training_run_keeps_its_checkpoint_and_says_how_to_resume(vlm, shapes_data, tmp_path):
     out = tmp_path / "run"
     args = ["train", vlm, "--data", shapes_data("trl"), "-o", out, "--max-steps", "400", "--save-steps", "1", "--batch-size", "1"]

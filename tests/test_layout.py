@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from surgeon.io.checkpoint import open_checkpoint
+from surgeon.hub.sources import open_checkpoint
 from surgeon.errors import LayoutError
 from surgeon.anatomy.inspect import inspect_checkpoint
 from surgeon.anatomy.layout import detect_layout, layer_index

@@ -10,7 +10,7 @@ import torch
 from helpers import assert_one_line_error
 
 from surgeon.demo import tiny
-from surgeon.io.checkpoint import open_checkpoint
+from surgeon.hub.sources import open_checkpoint
 from surgeon.anatomy.layout import detect_layout, layer_index
 from surgeon.merge import METHODS
 from surgeon.merge.engine import MergeConfig, merge_models
@@ -265,7 +265,7 @@ def test_merged_folder_loads_and_runs_with_an_image(tmp_path, vlm, reasoning):
 
 
 def test_cli_registry_and_help_agree(cli):
-    from surgeon.commands.merge import METHOD_NAMES
+    from surgeon.cli.merge import METHOD_NAMES
 
     assert METHOD_NAMES == list(METHODS)
     help_text = cli("merge", "--help").stdout

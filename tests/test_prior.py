@@ -9,7 +9,7 @@ import torch
 from helpers import assert_one_line_error
 
 from surgeon.demo import tiny
-from surgeon.io.checkpoint import open_checkpoint
+from surgeon.hub.sources import open_checkpoint
 from surgeon.errors import CheckpointError
 from surgeon.drift.prior import PriorConfig, compute_prior, open_prior
 

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 
 from surgeon import __version__
-from surgeon.io.checkpoint import open_checkpoint
+from surgeon.hub.sources import open_checkpoint
 from surgeon.io.provenance import build_record, read_record, write_record
 
 

@@ -96,7 +96,7 @@ def _run_snippet(card: str, local: dict[str, Path]) -> dict:
 
 
 def test_load_snippets_load_what_the_folder_holds(outputs):
-    from surgeon.hub.card import build_card, load_snippet
+    from surgeon.publish.card import build_card, load_snippet
     from surgeon.io.provenance import read_record
 
     made, models = outputs
@@ -120,7 +120,7 @@ def test_load_snippets_load_what_the_folder_holds(outputs):
 def test_card_sections_follow_surgeon_json(outputs, tmp_path):
     import torch
 
-    from surgeon.hub.card import build_card, card_metadata, load_snippet
+    from surgeon.publish.card import build_card, card_metadata, load_snippet
 
     made, _ = outputs
     prior = build_card(made["prior"], "acme/p")
@@ -298,8 +298,8 @@ def test_push_to_hub_option_for_folder_writing_commands(hub_standin, folder, mon
     import click
     from click.testing import CliRunner
 
-    from surgeon.commands._cli import SurgeonGroup
-    from surgeon.commands._hub import push_to_hub_option, push_written
+    from surgeon.cli.group import SurgeonGroup
+    from surgeon.cli.push_option import push_to_hub_option, push_written
 
     src = folder("prior")
     ran = []
@@ -331,7 +331,7 @@ def test_timeouts_and_wrapped_errors_translate_to_one_line():
     import httpx2
 
     from surgeon.errors import HubError
-    from surgeon.io.hub_errors import translated as _translated
+    from surgeon.hub.errors import translated as _translated
 
     with pytest.raises(HubError, match=r"acme/x: the Hub at http://h did not answer in time; check the network"):
         with _translated("acme/x", writing=True, endpoint="http://h"):
@@ -351,7 +351,7 @@ def test_library_push_to_an_explicit_endpoint_without_xet_settings(hub_standin, 
     """What ``surgeon demo`` does: push_folder(..., endpoint=standin.url), whatever HF_ENDPOINT says."""
     from huggingface_hub import constants
 
-    from surgeon.hub.client import PushConfig, push_folder
+    from surgeon.publish.push import PushConfig, push_folder
     from surgeon.demo.hub_standin import unreachable_url
 
     monkeypatch.setattr(constants, "ENDPOINT", unreachable_url())
@@ -367,9 +367,9 @@ def test_library_push_to_an_explicit_endpoint_without_xet_settings(hub_standin, 
 def test_plan_checks_the_built_card_and_safetensors_metadata(folder):
     import torch
 
-    from surgeon.hub.card import build_card
+    from surgeon.publish.card import build_card
     from surgeon.io.provenance import read_record
-    from surgeon.hub.upload import plan_upload
+    from surgeon.publish.upload import plan_upload
 
     src = folder("prior")
     record = read_record(src)
@@ -384,7 +384,7 @@ def test_plan_checks_the_built_card_and_safetensors_metadata(folder):
 
 def test_every_folder_writing_command_pushes_with_push_to_hub(cli, hub_standin, vlm, llm, tmp_path, monkeypatch):
     """``surgeon prior/merge/inject-iada/score-heads/train … --push-to-hub`` upload what they wrote."""
-    from surgeon.commands import main
+    from surgeon.cli import main
 
     monkeypatch.setenv("HF_TOKEN", "hf_test_token_123")
     writers = {"prior", "merge", "inject-iada", "score-heads", "train"}

@@ -21,6 +21,7 @@ def refused(cli, src: Path, *args: str) -> dict[str, str]:
     return dict(line.split(": ", 1) for line in lines)
 
 
+@pytest.mark.slow
 def test_tokens_are_found_in_files_of_any_name_and_size(cli, folder, hub_standin, monkeypatch):
     src = folder("merge")
     (src / "NOTES").write_text(f"remember: {TOKEN}\n")

@@ -186,7 +186,7 @@ def test_allow_file_sends_what_the_user_means_but_never_the_token_in_use(cli, fo
 
 
 def test_key_shapes_are_not_found_in_ordinary_text():
-    from surgeon.hub.secrets import credential_file, find_secret
+    from surgeon.publish.secrets import credential_file, find_secret
 
     for text in ("task-0123456789abcdefghijklmn", "mask-and-risk-assessment-report-v2", "AKIA is a word", "hf_hub_download(repo)",
                  "ghp_short", "BEGIN PUBLIC KEY", "scikit-learn sklearn sk-learn"):  # fmt: skip
@@ -310,8 +310,8 @@ def test_a_long_line_is_tokenised_only_as_far_as_max_length_needs(vlm, tmp_path,
 def test_inspect_of_a_server_that_ignores_ranges_reads_only_the_header(hub_standin, vlm, tmp_path):
     from safetensors.torch import load_file
 
-    from surgeon.hub.client import PushConfig, push_folder
-    from surgeon.io.checkpoint import open_checkpoint
+    from surgeon.publish.push import PushConfig, push_folder
+    from surgeon.hub.sources import open_checkpoint
     from surgeon.io.safetensors import write_file
 
     src = _copy(vlm, tmp_path / "big")

@@ -1,7 +1,9 @@
-"""Sharded tensors (``surgeon.shards``) and DRIFT on them, on 2 CPU processes (gloo): the
+"""Sharded tensors (``surgeon.dtensor``) and DRIFT on them, on 2 CPU processes (gloo): the
 sharded update, the clipping norm and Δ's memory, against the unsharded formula."""
 
 from __future__ import annotations
+
+import pytest
 
 import os
 import subprocess
@@ -16,7 +18,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 from surgeon.drift.bias import Drift, clip_grad_norm
-from surgeon.shards import global_norm, local, row_range
+from surgeon.dtensor import global_norm, local, row_range
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -57,6 +59,7 @@ dist.destroy_process_group()
 '''
 
 
+@pytest.mark.slow
 def test_drift_on_sharded_parameters_equals_the_unsharded_formula(tmp_path):
     script = tmp_path / "sharded.py"
     script.write_text(SCRIPT)

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from surgeon.io.checkpoint import open_checkpoint
+from surgeon.hub.sources import open_checkpoint
 from surgeon.io.output import ShardedWriter, TensorSpec
 from surgeon.io.safetensors import write_file
 from surgeon.io.streaming import BlockStream, Copy, Job, compute_threads, row_blocks

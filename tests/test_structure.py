@@ -1,5 +1,6 @@
-"""The shape of the library: packages by concern, small modules, imports in layers with no cycle,
-the old import paths kept, and no citation of a methods document the project does not hold."""
+"""The shape of the library: packages by concern, small modules and functions, imports in layers
+with no cycle between files, one import path per name, one build file, and no citation of a
+methods document the project does not hold."""
 
 from __future__ import annotations
 
@@ -17,9 +18,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 LIBRARY = ROOT / "surgeon"
 # Modules that stand beside the packages: shared by every layer, importing none of them.
-BASE_MODULES = {"__init__", "_compat", "errors", "shards"}
+BASE_MODULES = {"__init__", "errors", "dtypes", "dtensor"}
 LONGEST = 450  # lines; the remote-code modeling file is one file by necessity (it ships inside model folders)
 ONE_FILE = {"surgeon/modules/modeling_surgeon.py"}
+LONGEST_FUNCTION = 100  # lines
+# Module ``__getattr__``s that build rather than forward: the façade's lazy ``surgeon.DriftCallback``,
+# and the remote-code file's ``Surgeon<Architecture>`` classes that ``auto_map`` names.
+BUILT_ON_DEMAND = {"surgeon", "surgeon.modules.modeling_surgeon"}
 FOREIGN = "METHODS" + ".md"  # a methods document outside the project (spelt apart so this file does not cite it)
 
 
@@ -79,7 +84,7 @@ def test_the_library_is_a_set_of_packages_by_concern():
     flat = {p.stem for p in LIBRARY.glob("*.py")}
     assert flat <= BASE_MODULES, f"put {sorted(flat - BASE_MODULES)} in the package of its concern"
     packages = {p.name for p in LIBRARY.iterdir() if (p / "__init__.py").is_file()}
-    assert {"io", "anatomy", "drift", "merge", "modules", "heads", "perception", "data", "hub", "training", "demo"} <= packages
+    assert {"io", "hub", "anatomy", "drift", "merge", "modules", "heads", "perception", "data", "training", "publish", "demo", "cli"} <= packages
     for package in packages:  # each package says what it holds, in its docstring
         assert ast.get_docstring(ast.parse((LIBRARY / package / "__init__.py").read_text())), package
 
@@ -115,42 +120,74 @@ def test_packages_import_each_other_in_layers_with_no_cycle():
     for i, unit in enumerate(listed):
         below = units[unit] - BASE_MODULES - {"surgeon"}
         assert below <= set(listed[:i]), f"{unit} uses {sorted(below - set(listed[:i]))}, listed below it"
-    for base in BASE_MODULES - {"__init__", "_compat"}:
-        assert not units.get(base), f"surgeon/{base}.py imports {units[base]}"
+    for base in BASE_MODULES - {"__init__"}:
+        assert not units.get(base, set()) - {"errors"}, f"surgeon/{base}.py imports {units[base]}"
     assert units["io"] <= {"errors"}, "io is the bottom layer"
     # Module by module, what runs at import time: no cycle.
     graphlib.TopologicalSorter(at_import).prepare()
 
 
+def test_files_import_each_other_with_no_cycle_deferred_imports_included():
+    """A circle between two files, even through an import inside a function, means one of them
+    holds two jobs."""
+    modules = _modules()
+    edges: dict[str, set[str]] = defaultdict(set)
+    for module, path in modules.items():
+        for name in _imports(path, module, top_level_only=False):
+            target = name if name in modules else name.rpartition(".")[0]
+            if target in modules and target not in (module, "surgeon") and not module.startswith(target + "."):
+                edges[module].add(target)
+    try:
+        graphlib.TopologicalSorter(edges).prepare()
+    except graphlib.CycleError as e:
+        raise AssertionError(f"import circle: {' -> '.join(e.args[1])}") from None
+
+
+def test_no_function_is_longer_than_a_screen_or_two():
+    long = {}
+    for path in LIBRARY.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > LONGEST_FUNCTION:
+                long[f"{path.relative_to(ROOT)}:{node.lineno} {node.name}"] = node.end_lineno - node.lineno + 1
+    assert not long, f"name the parts of: {long}"
+
+
+def test_only_the_command_line_uses_click_and_rich_and_only_hub_talks_to_the_hub():
+    for module, path in _modules().items():
+        tree = ast.parse(path.read_text())
+        used = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        used |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level}
+        if not module.startswith("surgeon.cli"):
+            assert not used & {"click", "rich"}, module
+        if not module.startswith("surgeon.hub"):
+            assert "huggingface_hub" not in used, module
+
+
 def test_every_module_imports():
     for name in sorted(_modules()):
-        assert importlib.import_module(name).__name__ == name
+        if not name.endswith(".__main__"):  # a program, run by ``python -m``
+            assert importlib.import_module(name).__name__ == name
 
 
-def test_the_old_import_paths_give_the_same_objects():
-    from surgeon._compat import MOVED
+def test_one_import_path_per_name_and_one_build_file():
+    """No forwarding hook: packages do not look names up in their modules (``__getattr__``), the
+    only module ``__getattr__`` is the package façade's lazy ``DriftCallback`` & co., and the build
+    is pyproject.toml alone with the command line inside the package."""
+    for module, path in _modules().items():
+        defined = {n.name for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef)}
+        assert "__getattr__" not in defined or module in BUILT_ON_DEMAND, module
+    assert not (LIBRARY / "_compat.py").exists() and not (ROOT / "setup.py").exists() and not (ROOT / "commands").exists()
+    assert "package-dir" not in (ROOT / "pyproject.toml").read_text()
+    for old in ("surgeon.commands", "surgeon.shards", "surgeon.prior", "surgeon.io.download", "surgeon.training.setup"):
+        with pytest.raises(ImportError):
+            importlib.import_module(old)
+    import surgeon
 
-    for old, new in MOVED.items():
-        assert importlib.import_module(old) is importlib.import_module(new), old
-    import surgeon.checkpoint
-    import surgeon.data
-    import surgeon.encoding
-    import surgeon.hub
-    import surgeon.tiny
-    from surgeon.data import load_samples
-    from surgeon.data.scan import load_samples as moved
-    from surgeon.io.checkpoint import open_checkpoint
-
-    assert load_samples is moved and surgeon.checkpoint.open_checkpoint is open_checkpoint
-    assert surgeon.encoding.LazyDataset is importlib.import_module("surgeon.data.loading").LazyDataset
-    assert surgeon.hub.download_checkpoint is importlib.import_module("surgeon.io.download").download_checkpoint
-    assert surgeon.hub.push_folder is importlib.import_module("surgeon.hub.client").push_folder
-    assert surgeon.tiny.build is importlib.import_module("surgeon.demo.tiny").build
+    assert surgeon.DriftCallback is importlib.import_module("surgeon.training.integrations").DriftCallback
     with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
-        surgeon.data.nothing_here  # noqa: B018
-    # and an old path still runs as a program
-    ran = subprocess.run([sys.executable, "-m", "surgeon.hub_standin", "--help"], capture_output=True, text=True, timeout=60)
-    assert ran.returncode == 0 and "--port" in ran.stdout, ran.stderr[-1000:]
+        surgeon.nothing_here  # noqa: B018
+    ran = subprocess.run([sys.executable, "-m", "surgeon.cli", "--version"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert ran.returncode == 0 and "surgeon, version" in ran.stdout, ran.stderr[-1000:]
 
 
 def test_every_methods_citation_points_at_a_section_that_exists():

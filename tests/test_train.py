@@ -98,7 +98,7 @@ def test_dynamic_lambda_is_the_ratio_of_the_span_gradient_norms(vlm, data, tmp_p
 
     from surgeon.data.encoding import SampleEncoder
     from surgeon.data.scan import load_samples
-    from surgeon.training.model import set_trainable
+    from surgeon.training.lora import set_trainable
 
     samples = load_samples(data)
     result = _run(vlm, data, tmp_path / "dyn", full=True, max_steps=1, batch_size=len(samples), lr=1e-3, perception_weight="dynamic",
@@ -233,7 +233,7 @@ def test_cards_of_real_train_outputs_say_what_trained_and_how_to_load_it(tiny_mo
     """LoRA on a model with IADA blocks: the adapter carries the trained blocks, which plain peft
     cannot load, so the card says to load it with surgeon; --merge-lora is tagged lora."""
     from surgeon import load_model
-    from surgeon.hub.card import build_card, card_metadata
+    from surgeon.publish.card import build_card, card_metadata
     from surgeon.modules.iada import IadaConfig, inject_iada
     from surgeon.io.provenance import read_record
 
@@ -333,7 +333,7 @@ def test_a_damaged_checkpoint_is_named_and_resume_falls_back_to_the_previous_one
     ids=["regex-only", "dynamic", "full"],
 )
 def test_the_record_lists_the_methods_applied_and_the_card_tags_them(vlm, data, tmp_path, options, methods):
-    from surgeon.hub.card import card_metadata
+    from surgeon.publish.card import card_metadata
     from surgeon.io.provenance import read_record
 
     _run(vlm, data, tmp_path / "out", max_steps=1, **options)

@@ -71,6 +71,7 @@ def test_loss_goes_down_with_drift(vlm, data, prior, tmp_path):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_weights_of_one(vlm, data, prior, tmp_path):
     """torchrun, 2 CPU processes (gloo), batch 2 each, versus 1 process with 2 accumulation steps;
     both sides are fresh processes with one intra-op thread, so they reduce in the same order."""

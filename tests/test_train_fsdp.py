@@ -102,6 +102,7 @@ def _args(name: str, vlm, iada_vlm, data, prior, out: Path, accum: int, heads=No
     return [model, *common, *extra, "-o", out, "--grad-accum", accum]
 
 
+@pytest.mark.slow
 def test_two_sharded_processes_give_the_weights_of_one(vlm, iada_vlm, data, prior, heads, tmp_path):
     bf16 = [*_args("lora", vlm, iada_vlm, data, prior, tmp_path / "bf16-2", 1), "--fsdp", "--mixed-precision", "bf16", "--full"]
     drive([*[[*_args(n, vlm, iada_vlm, data, prior, tmp_path / f"{n}-2", 1, heads), "--fsdp"] for n in CASES], bf16], tmp_path, 2)
@@ -131,6 +132,7 @@ def test_two_sharded_processes_give_the_weights_of_one(vlm, iada_vlm, data, prio
     assert weights(tmp_path / "bf16-2")["model.safetensors:lm_head.weight"].dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_sharded_resume_continues_exactly_and_needs_the_same_world_size(vlm, data, prior, tmp_path):
     args = [vlm, "--data", data, "--lr", "1e-3", "--seed", "1", "--batch-size", "1", "--max-steps", "5", "--warmup-ratio", "0",
             "--full", "--prior", prior, "--save-steps", "2", "--fsdp"]  # fmt: skip
@@ -161,13 +163,14 @@ def test_sharded_resume_continues_exactly_and_needs_the_same_world_size(vlm, dat
     assert steps == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow
 def test_accelerate_launch_with_fsdp_shards_and_bad_launches_are_clear(cli, vlm, data, tmp_path, monkeypatch):
     import os
     import subprocess
 
     out = tmp_path / "acc"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--num_processes", "2", "--main_process_port",
-           str(free_port()), "-m", "surgeon.commands", "train", str(vlm), "--data", str(data), "-o", str(out), "--max-steps", "2",
+           str(free_port()), "-m", "surgeon.cli", "train", str(vlm), "--data", str(data), "-o", str(out), "--max-steps", "2",
            "--full", "--batch-size", "1"]  # fmt: skip
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -14,7 +14,7 @@ import sys
 
 def main() -> None:
     import click
-    from surgeon.commands import main as surgeon
+    from surgeon.cli import main as surgeon
 
     from surgeon.training import state
 

@@ -161,7 +161,7 @@ def _surgeon(args: list[str], env: dict[str, str], log: Path) -> None:
         out.write("$ surgeon " + shlex.join(args) + "\n")
         out.flush()
         done = subprocess.run(
-            [sys.executable, "-m", "surgeon.commands", *args], stdout=out, stderr=out, env=env
+            [sys.executable, "-m", "surgeon.cli", *args], stdout=out, stderr=out, env=env
         )
     if done.returncode:
         raise SystemExit(f"Error: `surgeon {shlex.join(args)}` failed (exit {done.returncode}); see {log}")

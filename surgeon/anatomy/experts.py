@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from surgeon.io.header import DTYPE_SIZES, TensorInfo
+from surgeon.io.safetensors import DTYPES
 
 _FUSED = re.compile(r"^(?P<base>.*\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
 _PER_EXPERT = re.compile(r"^(?P<base>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
@@ -183,7 +184,7 @@ def _fuse(
             parts = [llm.read(name) for name in names[e]]
             x = torch.cat(parts, 0) if len(parts) > 1 else parts[0]  # [2f, d] (gate, then up) or [d, f]
             out.append(x if orient == "memory" else x.t())
-        return torch.stack(out).contiguous() if out else torch.empty((0, *info.shape[1:]), dtype=llm.tensors[names[0][0]].torch_dtype)
+        return torch.stack(out).contiguous() if out else torch.empty((0, *info.shape[1:]), dtype=DTYPES[llm.tensors[names[0][0]].dtype])
 
     return Virtual(_virtual_info(info, dtype), rows)
 

@@ -411,11 +411,3 @@ def _covered(offsets: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tenso
         mask |= (starts < b) & (ends > a) & (ends > starts)
     return mask
 
-
-def __getattr__(name: str) -> Any:
-    """The datasets that lived here before ``surgeon.data.loading`` (old imports keep working)."""
-    if name in ("EncodedDataset", "LazyDataset", "CountingCollate", "encode_samples"):
-        from surgeon.data import loading
-
-        return getattr(loading, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

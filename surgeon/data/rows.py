@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from surgeon.errors import DataError
-from surgeon.io.repo_ids import DATASET
+from surgeon.hub.repo_ids import DATASET
 
 MAX_LINE_BYTES = 8 * 2**20  # a JSONL line (one sample) longer than this is a bad line (surgeon's limit)
 MAX_ARRAY_BYTES = 2**30  # a JSON-array file is parsed whole: larger ones must be JSONL

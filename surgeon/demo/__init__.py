@@ -1,7 +1,4 @@
 """Not the library's face: ``surgeon demo`` (``pipeline``), the tiny real models it and the tests
-build (``tiny``), a synthetic dataset (``synthetic``) and a local stand-in of the Hub (``hub_standin``).
+build (``tiny``, ``tokenizer``), a synthetic dataset (``synthetic``) and a local stand-in of the
+Hub (``hub_standin``, ``hub_repos``).
 """
-
-from surgeon._compat import forward
-
-__getattr__ = forward(__name__, "pipeline")

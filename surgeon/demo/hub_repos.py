@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from surgeon.io.repo_ids import REPO_ID
+from surgeon.hub.repo_ids import REPO_ID
 
 # The Hub's accepted values (subset that matters for model cards).
 BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")

@@ -5,7 +5,7 @@ download from it, so that ``surgeon push`` and every command that takes a repo i
 end to end without the internet::
 
     with HubStandIn() as hub:                     # http://127.0.0.1:<free port>
-        # HF_ENDPOINT=hub.url HF_HUB_DISABLE_XET=1 (or surgeon.hub.client.push_folder(..., endpoint=hub.url))
+        # HF_ENDPOINT=hub.url HF_HUB_DISABLE_XET=1 (or surgeon.publish.push.push_folder(..., endpoint=hub.url))
         ...
         hub.files("acme/tiny-merge")              # {path: bytes} of what arrived on "main"
         hub.card("acme/tiny-merge")               # the README.md that arrived
@@ -19,7 +19,7 @@ Endpoints (model, dataset and space repos alike): ``POST /api/repos/create``,
 (NDJSON), ``GET /api/{type}s/{repo}[/revision/{rev}]``, ``GET /api/{type}s/{repo}/refs``,
 ``GET /api/{type}s/{repo}/tree/{rev}[/{path}]``, ``GET``/``HEAD /[{type}s/]{repo}/resolve/{rev}/{path}``
 (a branch or a commit), ``GET /api/whoami-v2`` and ``GET /api/agent-harnesses`` (the client's telemetry registry). Xet
-storage is not served: clients set ``HF_HUB_DISABLE_XET=1`` (``surgeon.hub.client.push_folder`` does so
+storage is not served: clients set ``HF_HUB_DISABLE_XET=1`` (``surgeon.publish.push.push_folder`` does so
 itself for an explicit or loopback endpoint).
 
 Write requests need ``Authorization: Bearer …`` (any token, or one of ``tokens`` when given), as
@@ -43,7 +43,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 
 from surgeon.demo.hub_repos import Commit, Repo, Request, git_blob_oid, validate_card_yaml
-from surgeon.io.repo_ids import REPO_ID
+from surgeon.hub.repo_ids import REPO_ID
 
 # What the Hub's default .gitattributes sends through LFS, plus anything binary or over 10 MB.
 LFS_PATTERNS = (

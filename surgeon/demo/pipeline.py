@@ -54,99 +54,138 @@ def _timed(name: str, fn: Callable[[], tuple[Path | str, str]]) -> Step:
     return Step(name, str(output), summary, time.perf_counter() - start)
 
 
+@dataclass(frozen=True)
+class _Paths:
+    """Where each demo step writes, under the work folder; ``hub`` as ``run_demo`` takes it."""
+
+    work: Path
+    hub: str | None
+
+    @property
+    def vlm(self) -> Path:
+        return self.work / "vlm"
+
+    @property
+    def llm(self) -> Path:
+        return self.work / "reasoning-llm"
+
+    @property
+    def data(self) -> Path:
+        return self.work / "data"
+
+    @property
+    def prior(self) -> Path:
+        return self.work / "prior"
+
+    @property
+    def iada(self) -> Path:
+        return self.work / "vlm-iada"
+
+    @property
+    def heads(self) -> Path:
+        return self.work / "heads"
+
+    @property
+    def trained(self) -> Path:
+        return self.work / "trained"
+
+
 def _steps(work: Path, hub: str | None) -> Iterator[Step]:
-    vlm, llm, data = work / "vlm", work / "reasoning-llm", work / "data"
-    prior, iada, heads, trained = work / "prior", work / "vlm-iada", work / "heads", work / "trained"
+    paths = _Paths(work, hub)
+    for name, fn in STEPS:
+        yield _timed(name, lambda fn=fn: fn(paths))  # type: ignore[misc]
 
-    def build() -> tuple[Path, str]:
-        from surgeon.demo import tiny
-        from surgeon.demo.synthetic import make_dataset
 
-        for folder in (vlm, llm, data):  # with --overwrite: replace only the demo's own folders
-            shutil.rmtree(folder, ignore_errors=True)
-        tiny.build("qwen2_5_vl", vlm, seed=0)
-        tiny.build_reasoning_llm(vlm, llm, family="qwen2")
-        make_dataset(data, n=24, seed=0)
-        return work, "tiny Qwen2.5-VL (vlm/), a reasoning LLM sharing its language model, 24 tagged samples (data/)"
+def _build(p: _Paths) -> tuple[Path, str]:
+    from surgeon.demo import tiny
+    from surgeon.demo.synthetic import make_dataset
 
-    def inspect() -> tuple[Path, str]:
-        from surgeon.io.checkpoint import open_checkpoint
-        from surgeon.anatomy.inspect import inspect_checkpoint
+    for folder in (p.vlm, p.llm, p.data):  # with --overwrite: replace only the demo's own folders
+        shutil.rmtree(folder, ignore_errors=True)
+    tiny.build("qwen2_5_vl", p.vlm, seed=0)
+    tiny.build_reasoning_llm(p.vlm, p.llm, family="qwen2")
+    make_dataset(p.data, n=24, seed=0)
+    return p.work, "tiny Qwen2.5-VL (vlm/), a reasoning LLM sharing its language model, 24 tagged samples (data/)"
 
-        with open_checkpoint(vlm) as ckpt:
-            r = inspect_checkpoint(ckpt)
-        p = r.params
-        return vlm, f"{r.architecture}: {r.num_layers} layers, {p['language_model']:,} LM / {p['vision']:,} vision / {p['projector']:,} projector params"
 
-    def make_prior() -> tuple[Path, str]:
-        from surgeon.drift.prior import PriorConfig, compute_prior
+def _inspect(p: _Paths) -> tuple[Path, str]:
+    from surgeon.hub.sources import open_checkpoint
+    from surgeon.anatomy.inspect import inspect_checkpoint
 
-        r = compute_prior(PriorConfig(reasoning=str(llm), vlm=str(vlm), output=str(prior), overwrite=True))
-        t = r.total
-        return prior, f"Δ for {r.counts['selected']} tensors ({r.selection}): ‖Δ‖/‖θ‖ {t['relative_distance']:.4f}, cos {t['cosine']:.6f}"
+    with open_checkpoint(p.vlm) as ckpt:
+        r = inspect_checkpoint(ckpt)
+    n = r.params
+    return p.vlm, f"{r.architecture}: {r.num_layers} layers, {n['language_model']:,} LM / {n['vision']:,} vision / {n['projector']:,} projector params"
 
-    def merge() -> tuple[Path, str]:
-        from surgeon.merge.engine import MergeConfig, merge_models
 
-        config = MergeConfig(reasoning=(str(llm),), vlm=str(vlm), output=str(work / "merged"), method="task-arithmetic", overwrite=True)
-        r = merge_models(config)
-        return work / "merged", f"task arithmetic (w={r.params['weight']}): {r.counts['merged']} LM tensors merged, {r.counts['vision']} vision tensors copied"
+def _make_prior(p: _Paths) -> tuple[Path, str]:
+    from surgeon.drift.prior import PriorConfig, compute_prior
 
-    def inject() -> tuple[Path, str]:
-        from surgeon.modules.iada import IadaConfig, inject_iada
+    r = compute_prior(PriorConfig(reasoning=str(p.llm), vlm=str(p.vlm), output=str(p.prior), overwrite=True))
+    t = r.total
+    return p.prior, f"Δ for {r.counts['selected']} tensors ({r.selection}): ‖Δ‖/‖θ‖ {t['relative_distance']:.4f}, cos {t['cosine']:.6f}"
 
-        result = inject_iada(str(vlm), iada, IadaConfig(block_size=2), overwrite=True)
-        after = ", ".join(str(b.after_layers) for b in result.plan.boundaries)
-        return iada, f"IADA blocks after layers {after}: +{result.plan.params:,} parameters, same outputs until trained"
 
-    def score() -> tuple[Path, str]:
-        from surgeon.heads.score import ScoreHeadsConfig, score_heads
+def _merge(p: _Paths) -> tuple[Path, str]:
+    from surgeon.merge.engine import MergeConfig, merge_models
 
-        r = score_heads(ScoreHeadsConfig(model=str(vlm), data=str(data / "data.jsonl"), output=str(heads), steps=4, overwrite=True))
-        return heads, (
-            f"{r.probe} scores of {r.num_layers}×{r.num_kv_heads} KV heads; {r.budget} selected for Image-LoRA, "
-            f"adapter FLOPs {r.flops['ratio']:.1%} of v_proj LoRA at {r.flops['visual_fraction']:.1%} visual tokens"
-        )
+    config = MergeConfig(reasoning=(str(p.llm),), vlm=str(p.vlm), output=str(p.work / "merged"), method="task-arithmetic", overwrite=True)
+    r = merge_models(config)
+    return p.work / "merged", f"task arithmetic (w={r.params['weight']}): {r.counts['merged']} LM tensors merged, {r.counts['vision']} vision tensors copied"
 
-    def fine_tune() -> tuple[Path, str]:
-        from surgeon.training.config import TrainConfig
-        from surgeon.training.loop import train
 
-        config = TrainConfig(
-            model=str(iada), data=str(data / "data.jsonl"), output=str(trained), full=True, prior=str(prior),
-            perception_weight="dynamic", max_steps=3, batch_size=2, lr=1e-4, warmup_ratio=0.0, overwrite=True,
-        )  # fmt: skip
-        m = train(config).metrics
-        return trained, (
-            f"3 full steps, DRIFT on {m['drift_tensors']} tensors, IADA trained, dynamic λ {m['lambda']:.2f}: "
-            f"loss {m['loss']:.3f} (perception {m['loss_perception']:.3f}, reasoning {m['loss_reasoning']:.3f})"
-        )
+def _inject(p: _Paths) -> tuple[Path, str]:
+    from surgeon.modules.iada import IadaConfig, inject_iada
 
-    def push() -> tuple[str, str]:
-        from surgeon.hub.client import PushConfig, push_folder
+    result = inject_iada(str(p.vlm), p.iada, IadaConfig(block_size=2), overwrite=True)
+    after = ", ".join(str(b.after_layers) for b in result.plan.boundaries)
+    return p.iada, f"IADA blocks after layers {after}: +{result.plan.params:,} parameters, same outputs until trained"
 
-        if hub is None:
-            r = push_folder(trained, PushConfig(repo=DEMO_REPO, dry_run=True))
-            return f"(dry run) {DEMO_REPO}", f"would send {len(r.files)} files with a card built from surgeon.json; nothing sent"
-        if hub == "local":
-            from surgeon.demo.hub_standin import HubStandIn
 
-            with HubStandIn() as standin:
-                r = push_folder(trained, PushConfig(repo=DEMO_REPO, token="hf_demo"), endpoint=standin.url)
-                arrived = len(standin.files(DEMO_REPO))
-        else:
-            r = push_folder(trained, PushConfig(repo=DEMO_REPO, token="hf_demo"), endpoint=hub)
-            arrived = len(r.files)
-        return r.url, f"pushed {arrived} files in commit {str(r.commit)[:10]} with a card built from surgeon.json"
+def _score(p: _Paths) -> tuple[Path, str]:
+    from surgeon.heads.score import ScoreHeadsConfig, score_heads
 
-    for name, fn in [
-        ("build", build),
-        ("inspect", inspect),
-        ("prior", make_prior),
-        ("merge", merge),
-        ("inject-iada", inject),
-        ("score-heads", score),
-        ("train", fine_tune),
-        ("push", push),
-    ]:
-        yield _timed(name, fn)
+    r = score_heads(ScoreHeadsConfig(model=str(p.vlm), data=str(p.data / "data.jsonl"), output=str(p.heads), steps=4, overwrite=True))
+    return p.heads, (
+        f"{r.probe} scores of {r.num_layers}×{r.num_kv_heads} KV heads; {r.budget} selected for Image-LoRA, "
+        f"adapter FLOPs {r.flops['ratio']:.1%} of v_proj LoRA at {r.flops['visual_fraction']:.1%} visual tokens"
+    )
+
+
+def _fine_tune(p: _Paths) -> tuple[Path, str]:
+    from surgeon.training.config import TrainConfig
+    from surgeon.training.loop import train
+
+    config = TrainConfig(
+        model=str(p.iada), data=str(p.data / "data.jsonl"), output=str(p.trained), full=True, prior=str(p.prior),
+        perception_weight="dynamic", max_steps=3, batch_size=2, lr=1e-4, warmup_ratio=0.0, overwrite=True,
+    )  # fmt: skip
+    m = train(config).metrics
+    return p.trained, (
+        f"3 full steps, DRIFT on {m['drift_tensors']} tensors, IADA trained, dynamic λ {m['lambda']:.2f}: "
+        f"loss {m['loss']:.3f} (perception {m['loss_perception']:.3f}, reasoning {m['loss_reasoning']:.3f})"
+    )
+
+
+def _push(p: _Paths) -> tuple[str, str]:
+    from surgeon.publish.push import PushConfig, push_folder
+
+    if p.hub is None:
+        r = push_folder(p.trained, PushConfig(repo=DEMO_REPO, dry_run=True))
+        return f"(dry run) {DEMO_REPO}", f"would send {len(r.files)} files with a card built from surgeon.json; nothing sent"
+    if p.hub == "local":
+        from surgeon.demo.hub_standin import HubStandIn
+
+        with HubStandIn() as standin:
+            r = push_folder(p.trained, PushConfig(repo=DEMO_REPO, token="hf_demo"), endpoint=standin.url)
+            arrived = len(standin.files(DEMO_REPO))
+    else:
+        r = push_folder(p.trained, PushConfig(repo=DEMO_REPO, token="hf_demo"), endpoint=p.hub)
+        arrived = len(r.files)
+    return r.url, f"pushed {arrived} files in commit {str(r.commit)[:10]} with a card built from surgeon.json"
+
+
+STEPS: list[tuple[str, Callable[[_Paths], tuple[Path | str, str]]]] = [
+    ("build", _build), ("inspect", _inspect), ("prior", _make_prior), ("merge", _merge), ("inject-iada", _inject),
+    ("score-heads", _score), ("train", _fine_tune), ("push", _push),
+]  # fmt: skip

@@ -383,9 +383,9 @@ def build_reasoning_llm(
     of the near-orthogonal weights two independent random inits would have. ``text`` as for
     ``build`` (the VLM's own overrides, e.g. ``num_hidden_layers=28``).
     """
-    from surgeon.io.checkpoint import open_checkpoint
+    from surgeon.hub.sources import open_checkpoint
     from surgeon.anatomy.layout import detect_layout
-    from surgeon.io.safetensors import write_file
+    from surgeon.io.safetensors import DTYPES, write_file
 
     path = build(family, out, seed=seed, **text)
     gen = torch.Generator().manual_seed(seed)
@@ -403,6 +403,6 @@ def build_reasoning_llm(
                 delta = u @ v / (2 * w.shape[1]) ** 0.5
             else:
                 delta = torch.randn(w.shape, generator=gen)
-            tensors[name] = (w + scale * w.std() * delta).to(info.torch_dtype)
+            tensors[name] = (w + scale * w.std() * delta).to(DTYPES[info.dtype])
     write_file(path / "model.safetensors", tensors, {"format": "pt"})
     return path

@@ -14,7 +14,7 @@ micro-batch's backward, before clipping — so the update does not depend on wor
 the batch was split into micro-batches. Δ is moved once onto each parameter's device, in the
 prior's stored dtype (fp32 maths, gradient dtype kept); no host copies happen during training.
 
-Sharded parameters (FSDP2 DTensors, ``surgeon.shards``): Δ is sharded exactly like its
+Sharded parameters (FSDP2 DTensors, ``surgeon.dtensor``): Δ is sharded exactly like its
 parameter (each rank keeps only its own rows, read from the prior's file), ‖g‖, ⟨g,Δ⟩ and the
 norms that clipping needs are summed over ranks from local partial sums in one all-reduce per
 step for all tensors together, and the update is applied to the local rows. The gradient is
@@ -41,7 +41,7 @@ from typing import Any, Literal
 import torch
 
 from surgeon.errors import ConfigError
-from surgeon.shards import global_sums, is_sharded, local, row_range
+from surgeon.dtensor import global_sums, is_sharded, local, row_range
 
 Scale = Literal["adaptive_cosine", "gradnorm", "absolute"]
 SCALES: tuple[str, ...] = ("adaptive_cosine", "gradnorm", "absolute")
@@ -177,7 +177,7 @@ class Drift:
         ``parameters``: the model itself (a transformers VLM or LLM, peft-free: DRIFT biases full
         weights; sharded by FSDP2 or not), or a dict that maps LM-relative names
         (``layers.3.mlp.up_proj.weight``, ``lm_head.weight``; see
-        ``surgeon.anatomy.model.lm_parameters``) to parameters; the prior's tensors are matched
+        ``surgeon.anatomy.decoder.lm_parameters``) to parameters; the prior's tensors are matched
         through the same names, whatever the on-disk layout of the VLM it was made from. Each rank
         reads only the rows of Δ that its shard of the parameter holds.
         ``normalize``: Δ ← Δ·‖θ_VLM‖/max(‖Δ‖, eps) (the reference default; it changes only the
@@ -190,7 +190,7 @@ class Drift:
 
         frozen: set[str] = set()  # buffers the prior may cover (router biases): nothing to bias there
         if isinstance(parameters, torch.nn.Module):
-            from surgeon.anatomy.model import lm_parameters
+            from surgeon.anatomy.decoder import lm_parameters
 
             model = parameters
             parameters = dict(lm_parameters(model))

@@ -32,9 +32,11 @@ from typing import Any
 
 import torch
 
+from surgeon import dtypes
 from surgeon.anatomy.align import Alignment, Pair, align
-from surgeon.io.repo_ids import REPO_ID
-from surgeon.io.checkpoint import Checkpoint, open_checkpoint
+from surgeon.hub.repo_ids import REPO_ID
+from surgeon.io.checkpoint import Checkpoint
+from surgeon.hub.sources import open_checkpoint
 from surgeon.drift.distance import Distance, summarise
 from surgeon.errors import AlignmentError, CheckpointError, ConfigError
 from surgeon.anatomy.families import SelectsTensors, DEFAULT_MODULES, parse_selection
@@ -44,8 +46,6 @@ from surgeon.io.provenance import build_record, read_record, write_record
 from surgeon.io.streaming import BlockStream, Job
 
 Progress = Callable[[str, int, int], None]
-DTYPE_NAMES = {"bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "float16": "F16", "fp32": "F32", "float32": "F32"}
-_SHORT_NAMES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ def compute_prior(config: PriorConfig, progress: Progress | None = None) -> Prio
             )
             inputs: dict = {"reasoning": reasoning, "vlm": vlm, **({"base": base} if base else {})}
             recorded = {k: v for k, v in result.to_dict().items() if k != "output"}
-            resolved = replace(config, dtype=_SHORT_NAMES.get(out_dtype, config.dtype))  # the dtype used, not None
+            resolved = replace(config, dtype=dtypes.from_code(out_dtype) or config.dtype)  # the dtype used, not None
             write_record(tmp, build_record("prior", "prior", resolved, inputs, recorded, methods=("drift", "reasoning-prior")))
     return result
 
@@ -155,10 +155,7 @@ def compute_prior(config: PriorConfig, progress: Progress | None = None) -> Prio
 def _dtype_code(name: str | None) -> str | None:
     if name is None:
         return None
-    code = DTYPE_NAMES.get(name.lower())
-    if code is None:
-        raise ConfigError("dtype", f"unknown dtype {name!r}", "choose bf16, fp16 or fp32 (or leave it out for the VLM's dtype)")
-    return code
+    return dtypes.code(dtypes.short(name))
 
 
 def _check_roles(al: Alignment, config: PriorConfig) -> None:

@@ -30,12 +30,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from surgeon import dtypes
 from surgeon.errors import ConfigError, DataError
 from surgeon.heads.budget import select_heads
 
 HEADS_FILE = "heads.json"
 FORMAT = "surgeon-head-scores/1"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 FLOPS_RANK = 8  # the reference's default rank; the FLOPs ratio does not depend on it
 Progress = Callable[[str, int, int], None]
 
@@ -87,8 +87,7 @@ class ScoreHeadsConfig:
             raise ConfigError("per_layer", "a per-layer count and a global budget exclude each other", "give one of them")
         if not (self.tau >= 0 and math.isfinite(self.tau)):
             raise ConfigError("tau", f"must be a finite number ≥ 0, got {self.tau}")
-        if self.dtype not in DTYPES:
-            raise ConfigError("dtype", f"unknown dtype {self.dtype!r}", f"choose one of {', '.join(DTYPES)}")
+        object.__setattr__(self, "dtype", dtypes.short(self.dtype, extra=("auto",)))
 
 
 @dataclass(frozen=True)
@@ -128,38 +127,82 @@ class HeadScores:
 def score_heads(config: ScoreHeadsConfig, progress: Progress | None = None) -> HeadScores:
     """Score every KV head of ``config.model`` on probe batches of ``config.data``, select heads,
     and write ``config.output`` (and ``config.plot``) when given. ``progress(task, done, total)``."""
-    import torch
-
-    from surgeon.io.checkpoint import open_checkpoint
     from surgeon.data.samples import DataStats
-    from surgeon.data.scan import scan_samples
-    from surgeon.data.encoding import IGNORE_INDEX, SampleEncoder
-    from surgeon.data.loading import encode_samples
     from surgeon.modules.image_lora import flops_report
-    from surgeon.modules.modeling_surgeon import decoder_of, token_context, value_dims, visual_token_ids
-    from surgeon.heads.probes import PROBES
-    from surgeon.perception.reweight import token_losses
+    from surgeon.modules.modeling_surgeon import decoder_of, value_dims
 
     if config.output is not None:
         check_heads_output(config.output, config.overwrite, [config.model, config.data])
     if config.plot is not None:
         check_plot(config.plot, config.overwrite)
     stats = DataStats()
+    scanned, samples = _probe_samples(config, stats)
+    source, encoder, model = _load(config)
+    hidden, kv, head_dim = value_dims(model)
+    num_layers = len(decoder_of(model)[1])
+    select_heads([[0.0] * kv] * num_layers, config.budget, config.tau, config.per_layer)  # bad numbers fail before probing
+    total, counts = _probe(config, model, encoder, samples, stats, num_layers, kv, progress)
+    scores = total.tolist()
+    budgets, selected = select_heads(scores, config.budget, config.tau, config.per_layer)
+    flops = flops_report(selected, hidden, kv, head_dim, counts["tokens"], counts["visual"], FLOPS_RANK)
+    result = HeadScores(
+        model=config.model, probe=config.probe, num_layers=num_layers, num_kv_heads=kv, head_dim=head_dim,
+        hidden_size=hidden, scores=scores, budget=sum(budgets),
+        tau=None if config.per_layer is not None else config.tau, per_layer=config.per_layer,
+        layer_budgets=budgets, selected=selected, batches=counts["batches"], samples=counts["samples"], tokens=counts["tokens"],
+        visual_tokens=counts["visual"], flops=flops.to_dict(), output=config.output,
+    )  # fmt: skip
+    if config.output is not None:
+        from surgeon.io.provenance import build_record
+
+        inputs = {"model": source, "data": {"source": config.data, "sha256": scanned.rows.fingerprint()}}
+        stats_out = {"batches": counts["batches"], "samples": counts["samples"], "tokens": counts["tokens"], "visual_tokens": counts["visual"],
+                     "budget": result.budget, "flops_ratio": flops.ratio, "data": stats.to_dict()}  # fmt: skip
+        record = build_record("score-heads", "head-scores", config, inputs, stats_out, methods=("image-lora", "head-scores"))
+        write_heads(result, config.output, config.overwrite, record)
+    if config.plot is not None:
+        plot_heads(result, config.plot)
+    return result
+
+
+def _probe_samples(config: ScoreHeadsConfig, stats: Any) -> tuple[Any, Any]:
+    """(the scanned data, its samples with images in the seed's order, parsed as the probe reaches them)."""
+    from surgeon.data.scan import scan_samples
+
     scanned = scan_samples(config.data, None, config.skip_bad_lines, None, stats)
     if not scanned.images:
         raise DataError(config.data, "has no sample with an image", "head scores need samples with images")
     order = list(scanned.with_images)
     random.Random(config.seed).shuffle(order)
-    samples = scanned.samples(order)  # parsed as the probe reaches them
+    return scanned, scanned.samples(order)
+
+
+def _load(config: ScoreHeadsConfig) -> tuple[dict, Any, Any]:
+    """(how the model is recorded, its encoder, the model in eval mode on ``config.device``)."""
+    from surgeon.data.encoding import SampleEncoder
+    from surgeon.hub.sources import open_checkpoint
+    from surgeon.modules.folders import load_eval_model
+
     with open_checkpoint(config.model) as ckpt:
         source = ckpt.describe()
         encoder = SampleEncoder.from_pretrained(ckpt.path, config.max_length, name=config.model)
-        from surgeon.modules.folders import load_eval_model
-
         model = load_eval_model(ckpt.path, config.device, config.dtype)
-    hidden, kv, head_dim = value_dims(model)
-    num_layers = len(decoder_of(model)[1])
-    select_heads([[0.0] * kv] * num_layers, config.budget, config.tau, config.per_layer)  # bad numbers fail before probing
+    return source, encoder, model
+
+
+def _probe(
+    config: ScoreHeadsConfig, model: Any, encoder: Any, samples: Any, stats: Any, num_layers: int, kv: int, progress: Progress | None
+) -> tuple[Any, dict[str, int]]:
+    """The summed head scores [layers, KV heads] over ``config.steps`` probe batches of the frozen
+    model, and what the batches held (batches, samples, tokens, visual tokens)."""
+    import torch
+
+    from surgeon.data.encoding import IGNORE_INDEX
+    from surgeon.data.loading import encode_samples
+    from surgeon.heads.probes import PROBES
+    from surgeon.modules.modeling_surgeon import token_context, visual_token_ids
+    from surgeon.perception.reweight import token_losses
+
     model.requires_grad_(False)
     device = next(model.parameters()).device
     probe = PROBES[config.probe](model, token_context(model), config.seed).to(device)
@@ -202,32 +245,11 @@ def score_heads(config: ScoreHeadsConfig, progress: Progress | None = None) -> H
     finally:
         for handle in handles:
             handle.remove()
-    batches, used, tokens, visual = counts["batches"], counts["samples"], counts["tokens"], counts["visual"]
-    if visual == 0:
+    if counts["visual"] == 0:
         raise DataError(config.data, "the probe batches hold no image or video tokens", "check the data's images")
     if not torch.isfinite(total).all():
         raise DataError(config.data, "the probe produced non-finite scores", "score in float32 (--dtype float32)")
-    scores = total.tolist()
-    budgets, selected = select_heads(scores, config.budget, config.tau, config.per_layer)
-    flops = flops_report(selected, hidden, kv, head_dim, tokens, visual, FLOPS_RANK)
-    result = HeadScores(
-        model=config.model, probe=config.probe, num_layers=num_layers, num_kv_heads=kv, head_dim=head_dim,
-        hidden_size=hidden, scores=scores, budget=sum(budgets),
-        tau=None if config.per_layer is not None else config.tau, per_layer=config.per_layer,
-        layer_budgets=budgets, selected=selected, batches=batches, samples=used, tokens=tokens,
-        visual_tokens=visual, flops=flops.to_dict(), output=config.output,
-    )  # fmt: skip
-    if config.output is not None:
-        from surgeon.io.provenance import build_record
-
-        inputs = {"model": source, "data": {"source": config.data, "sha256": scanned.rows.fingerprint()}}
-        stats_out = {"batches": batches, "samples": used, "tokens": tokens, "visual_tokens": visual,
-                     "budget": result.budget, "flops_ratio": flops.ratio, "data": stats.to_dict()}  # fmt: skip
-        record = build_record("score-heads", "head-scores", config, inputs, stats_out, methods=("image-lora", "head-scores"))
-        write_heads(result, config.output, config.overwrite, record)
-    if config.plot is not None:
-        plot_heads(result, config.plot)
-    return result
+    return total, counts
 
 
 # ----------------------------------------------------------------------------------------- files

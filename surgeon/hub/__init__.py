@@ -1,9 +1,6 @@
-"""Publishing to the Hugging Face Hub: ``push`` through the ``huggingface_hub`` client (``client``), what
-a push sends and refuses (``upload``), and the model card (``card``, ``markdown``).
-
-    from surgeon.hub import push_folder      # the names of ``surgeon.hub.client`` are available here
+"""The one boundary to the Hugging Face Hub, through the real ``huggingface_hub`` client: what a
+repo id looks like (``repo_ids``), every client error as one line (``errors``), fetching
+checkpoints, configs and safetensors headers (``download``), opening a model by folder or repo id
+(``sources``), and the requests of a push (``client``). Publishing itself, the upload plan and the
+model card are ``surgeon.publish``.
 """
-
-from surgeon._compat import forward
-
-__getattr__ = forward(__name__, "client", "surgeon.io.download")

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, BinaryIO
 from surgeon.errors import CheckpointError
 from surgeon.io.header import FormatError, TensorInfo, parse_header, read_header
 from surgeon.io.paths import special_kind
-from surgeon.io.repo_ids import PINNED, REPO_ID
 
 if TYPE_CHECKING:  # torch is imported when a tensor is read: opening and inspecting need only headers
     import torch
@@ -31,7 +30,6 @@ MAX_CONFIG_BYTES = 64 * 10**6  # config.json holds sizes and names; anything lar
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-_NOWHERE = Path("/nonexistent-surgeon-headers")  # the folder of a headers-only repo with no config or index
 
 _SCALE_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".qweight", ".scales", ".qzeros", ".SCB")
 
@@ -252,39 +250,3 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.source!r}, {len(self.tensors)} tensors in {len(self.files)} file(s))"
-
-
-def open_checkpoint(source: str | Path, revision: str | None = None, headers_only: bool = False) -> Checkpoint:
-    """Open a local folder, or resolve a Hub repo id (``org/name``, or ``org/name@revision`` to
-    pin a branch, tag or commit) through the Hub cache.
-
-    Repo ids download only config, safetensors and processor/tokenizer files, use the
-    huggingface_hub cache, and honour ``HF_HOME`` and ``HF_HUB_OFFLINE``. ``headers_only``: for a
-    repo id, fetch only the config and the safetensors headers (byte ranges; offline, the cached
-    snapshot); the checkpoint then describes its tensors but cannot read them.
-    """
-    text = str(source)
-    if not text.strip():
-        raise CheckpointError("checkpoint", "the path is empty", "give a model folder or a Hub repo id (org/name)")
-    path = Path(text).expanduser()
-    pinned = PINNED.match(text)
-    if pinned and not path.exists():
-        if revision and revision != pinned.group(2):
-            raise CheckpointError(text, f"names revision {pinned.group(2)} and --revision {revision}", "give one of them")
-        text, revision = pinned.group(1), pinned.group(2)
-        path = Path(text)
-    if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(text, "is a file, not a model folder", "pass the folder that holds config.json and the weights")
-        if revision:
-            raise CheckpointError(text, "is a local folder, so a revision cannot apply", "drop --revision for local folders")
-        return Checkpoint(path, text)
-    if REPO_ID.match(text) and not text.startswith("."):
-        from surgeon.io import download as hub
-
-        if headers_only and not hub.offline():
-            small, commit, headers = hub.checkpoint_headers(text, revision)
-            return Checkpoint(Path(small) if small else _NOWHERE, text, revision, commit, headers=headers)
-        folder, commit = hub.download_checkpoint(text, revision)
-        return Checkpoint(Path(folder), text, revision, commit)
-    raise CheckpointError(text, "no such folder", "check the path, or give a Hub repo id as org/name")

@@ -12,7 +12,6 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 DTYPE_SIZES: dict[str, int] = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -47,12 +46,6 @@ class TensorInfo:
     @property
     def itemsize(self) -> int:
         return DTYPE_SIZES[self.dtype]
-
-    @property
-    def torch_dtype(self) -> Any:
-        from surgeon.io.safetensors import DTYPES
-
-        return DTYPES[self.dtype]
 
 
 def raw_header(path: str | Path) -> bytes:

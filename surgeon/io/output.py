@@ -30,8 +30,8 @@ from typing import BinaryIO
 import torch
 
 from surgeon.errors import ConfigError, OutputBusyError, OutputExistsError
-from surgeon.io.header import DTYPE_SIZES
-from surgeon.io.safetensors import DTYPE_CODES, DTYPES, header_bytes, tensor_bytes
+from surgeon.io.header import DTYPE_SIZES, header_bytes
+from surgeon.io.safetensors import DTYPE_CODES, DTYPES, tensor_bytes
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}

@@ -1,6 +1,6 @@
 """The safetensors file format, read and written one tensor at a time.
 
-Headers are ``surgeon.io.header`` (no torch; its names are available here too). Tensors are read
+Headers are ``surgeon.io.header`` (no torch). Tensors are read
 with ``readinto`` into a fresh tensor (no mmap), so resident memory holds one tensor at a time
 however large the file is.
 """
@@ -13,20 +13,7 @@ from typing import BinaryIO
 
 import torch
 
-from surgeon.io.header import (
-    MAX_HEADER,
-    FormatError,
-    TensorInfo,
-    header_bytes,
-    raw_header,
-    read_header,
-    tensor_names,
-)
-
-__all__ = [
-    "DTYPES", "DTYPE_CODES", "MAX_HEADER", "FormatError", "TensorInfo", "header_bytes", "raw_header", "read_header",
-    "read_into", "read_tensor", "tensor_bytes", "tensor_names", "write_file",
-]  # fmt: skip
+from surgeon.io.header import FormatError, TensorInfo, header_bytes
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -54,7 +41,7 @@ def read_tensor(f: BinaryIO, info: TensorInfo, rows: int | None = None, start: i
         first = min(start, info.shape[0])
         stop = info.shape[0] if rows is None else min(first + rows, info.shape[0])
         shape = (stop - first, *info.shape[1:])
-    out = torch.empty(shape, dtype=info.torch_dtype)
+    out = torch.empty(shape, dtype=DTYPES[info.dtype])
     return read_into(f, info, out, start if info.shape else 0)
 
 
@@ -62,7 +49,7 @@ def read_into(f: BinaryIO, info: TensorInfo, out: torch.Tensor, start: int = 0) 
     """Fill ``out`` (contiguous, the stored dtype, ``len(out)`` rows) with the tensor's rows from
     row ``start`` on, straight from the file: no intermediate copy, no mmap. Reads are positional
     (``preadv``) where the OS has them, so threads may share one file object."""
-    if out.dtype != info.torch_dtype or not out.is_contiguous():
+    if out.dtype != DTYPES[info.dtype] or not out.is_contiguous():
         raise ValueError(f"{info.name}: read_into needs a contiguous {info.dtype} tensor")
     if out.numel() == 0:
         return out

@@ -41,6 +41,7 @@ import torch
 
 from surgeon.io.checkpoint import Checkpoint
 from surgeon.io.output import ShardedWriter
+from surgeon.io.safetensors import DTYPES
 
 BLOCK_ELEMENTS = 1 << 23  # 8M elements per source and block: 16 MB in bf16
 TILE_ELEMENTS = 1 << 17  # 128K elements: a tile's fp32 rows stay in L2
@@ -222,14 +223,14 @@ class BlockStream:
         job, rows = block.job, block.b - block.a
         shape = job.shape or (1,)
         if not job.fp32:  # no conversion: read straight into the stacked block fn gets whole
-            dtype = job.sources[0][0].tensors[job.sources[0][1]].torch_dtype
+            dtype = DTYPES[job.sources[0][0].tensors[job.sources[0][1]].dtype]
             stacked = self._buffer(f"in@{slot}", (len(job.sources) + job.extra, rows, *shape[1:]), dtype)
             for j, (ckpt, name) in enumerate(job.sources):
                 ckpt.read_into(name, stacked[j] if job.shape else stacked[j].view(()), block.a)
             return stacked
         bufs = []
         for j, (ckpt, name) in enumerate(job.sources):
-            buf = self._buffer(f"raw{j}@{slot}", (rows, *shape[1:]), ckpt.tensors[name].torch_dtype)
+            buf = self._buffer(f"raw{j}@{slot}", (rows, *shape[1:]), DTYPES[ckpt.tensors[name].dtype])
             ckpt.read_into(name, buf if job.shape else buf.view(()), block.a)
             bufs.append(buf)
         return bufs

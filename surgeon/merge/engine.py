@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from surgeon.anatomy.align import Alignment, Pair, align
-from surgeon.io.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint, open_checkpoint
+from surgeon.io.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint
+from surgeon.hub.sources import open_checkpoint
 from surgeon.errors import ConfigError, SelectionError
 from surgeon.anatomy.families import SelectsTensors, Selection, family_examples, parse_selection
 from surgeon.anatomy.layout import layer_index

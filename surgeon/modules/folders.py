@@ -46,14 +46,14 @@ def load_model(path: str | Path, **kwargs: Any) -> Any:
     if (Path(path) / "adapter_config.json").exists():
         return _load_adapter(Path(path), **kwargs)
     if not Path(path).exists():
-        from surgeon.io.download import adapter_snapshot
-        from surgeon.io.repo_ids import REPO_ID
+        from surgeon.hub.download import adapter_snapshot
+        from surgeon.hub.repo_ids import REPO_ID
 
         if REPO_ID.match(str(path)) and (snapshot := adapter_snapshot(str(path), kwargs.get("revision"))):
             return _load_adapter(Path(snapshot), **{k: v for k, v in kwargs.items() if k != "revision"})
     if Path(path).is_dir():
         from surgeon.anatomy.limits import check_checkpoint
-        from surgeon.io.checkpoint import open_checkpoint
+        from surgeon.hub.sources import open_checkpoint
 
         with open_checkpoint(path) as ckpt:
             check_checkpoint(ckpt)  # sizes within limits and matching the weights, before anything is built
@@ -138,10 +138,19 @@ def write_module_folder(model: Any, source: Any, folder: Path) -> dict[str, list
     sort after the base weight files, so the new tensors win.) Returns the files linked, copied
     and skipped."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    prefix = modeling.MODULE_ATTR + "."
     shards: dict[str, dict[str, torch.Tensor]] = {}
     for name, p in module_parameters(base).items():
         shards.setdefault(module_shard(name.split(".")[1]), {})[name] = p.detach().contiguous().cpu()
+    return write_beside(source, folder, shards, type(base).__name__, getattr(base.config, modeling.CONFIG_KEY, None) or {})
+
+
+def write_beside(source: Any, folder: Path, shards: dict[str, dict[str, torch.Tensor]], architecture: str, sections: dict) -> dict[str, list[str]]:
+    """The one module-folder writer: ``source``'s files carried into ``folder`` (weights hard-linked,
+    the rest copied), ``shards`` (file -> surgeon tensors) written and indexed beside them, and
+    config.json with ``sections`` under ``"surgeon"``, ``auto_map`` for ``architecture`` and the
+    remote code. Surgeon tensors already in ``source`` leave the index. Returns the files linked,
+    copied and skipped."""
+    prefix = modeling.MODULE_ATTR + "."
     weight_map = {name: info.file for name, info in source.tensors.items() if not name.startswith(prefix)}
     total = sum(info.nbytes for name, info in source.tensors.items() if name in weight_map)
     files: dict[str, list[str]] = {"linked": [], "copied": [], "skipped": []}
@@ -155,7 +164,7 @@ def write_module_folder(model: Any, source: Any, folder: Path) -> dict[str, list
         total += sum(t.numel() * t.element_size() for t in tensors.values())
     write_index(folder / INDEX_NAME, weight_map, total)
     (folder / "config.json").write_text(json.dumps(source.config, indent=2) + "\n")
-    modeling.write_remote_code(folder, type(base).__name__, getattr(base.config, modeling.CONFIG_KEY, None) or {})
+    modeling.write_remote_code(folder, architecture, sections)
     return files
 
 
@@ -198,7 +207,7 @@ def _load_adapter(path: Path, **kwargs: Any) -> Any:
     base_path = settings.get("base_model_name_or_path")
     if not base_path:
         raise ConfigError("model", f"{path}/adapter_config.json names no base model", "set base_model_name_or_path in it")
-    from surgeon.io.repo_ids import REPO_ID
+    from surgeon.hub.repo_ids import REPO_ID
 
     if not Path(base_path).exists() and not REPO_ID.match(base_path):
         raise ConfigError(
@@ -239,7 +248,7 @@ def load_eval_model(path: str | Path, device: str = "auto", dtype: str = "auto")
     """``load_model`` for inference (probes, diagnostics): in eval mode on ``device``.
 
     ``device``: ``auto`` (the first GPU if there is one, else the CPU), ``cpu``, ``cuda[:N]``.
-    ``dtype``: ``auto`` (the checkpoint's on a GPU, float32 on the CPU), or a torch dtype name.
+    ``dtype``: ``auto`` (the checkpoint's on a GPU, float32 on the CPU), or a dtype (``surgeon.dtypes``).
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -249,7 +258,9 @@ def load_eval_model(path: str | Path, device: str = "auto", dtype: str = "auto")
         raise ConfigError("device", f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device", "CUDA is not available on this machine", "use cpu (or auto)")
-    chosen: Any = dtype if dtype != "auto" else ("auto" if kind != "cpu" else "float32")
+    from surgeon import dtypes
+
+    chosen: Any = dtypes.torch_name(dtype) if dtype != "auto" else ("auto" if kind != "cpu" else "float32")
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()

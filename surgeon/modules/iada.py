@@ -18,21 +18,18 @@ At initialisation the gate is 0, so the model computes exactly what the input mo
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from surgeon.modules import modeling_surgeon as modeling
-from surgeon.io.repo_ids import REPO_ID
-from surgeon.io.checkpoint import INDEX_NAME, open_checkpoint
+from surgeon.hub.repo_ids import REPO_ID
+from surgeon.hub.sources import open_checkpoint, open_config
 from surgeon.errors import CheckpointError, ConfigError, LayoutError
 from surgeon.anatomy.layout import config_value, detect_layout, placeholder_token_ids
-from surgeon.modules.folders import carry_files, indexed_names, module_shard
-from surgeon.io.output import check_output, output_folder, write_index
-from surgeon.io.provenance import FILE_NAME as RECORD_NAME
+from surgeon.io.output import check_output, output_folder
 from surgeon.io.provenance import build_record, write_record
-from surgeon.io.safetensors import write_file
+from surgeon.modules.folders import module_shard, write_beside
 
 KIND = "iada"
 SHARD = module_shard(KIND)
@@ -235,22 +232,6 @@ def default_output(source: str) -> Path:
     return path.parent / (path.resolve().name + "-iada")
 
 
-def _load_config(source: str, revision: str | None) -> dict:
-    path = Path(source).expanduser()
-    if path.is_dir():
-        if revision:
-            raise CheckpointError(source, "is a local folder, so a revision cannot apply", "drop --revision for local folders")
-        cfg = path / "config.json"
-        if not cfg.is_file():
-            raise CheckpointError(source, "has no config.json", "point at a model folder")
-        return json.loads(cfg.read_text())
-    if REPO_ID.match(source):
-        from surgeon.io import download as hub
-
-        return json.loads(Path(hub.download_config(source, revision)[0]).read_text())
-    raise CheckpointError(source, "no such folder", "check the path, or give a Hub repo id as org/name")
-
-
 def inject_iada(
     source: str,
     output: str | Path | None = None,
@@ -268,7 +249,7 @@ def inject_iada(
     """
     source = str(source)
     if dry_run:
-        return IadaResult(plan_iada(_load_config(source, revision), config, source, replace), None)
+        return IadaResult(plan_iada(open_config(source, revision), config, source, replace), None)
     with open_checkpoint(source, revision) as ckpt:
         plan = plan_iada(ckpt.config, config, ckpt.source, replace)
         layout = detect_layout(list(ckpt.tensors), ckpt.config, ckpt.source)
@@ -283,28 +264,13 @@ def inject_iada(
             )
         out = Path(output) if output is not None else default_output(source)
         check_output(out, overwrite, [ckpt.path])
-        tensors = _initial_tensors(plan.settings)
-        weight_map = {name: info.file for name, info in ckpt.tensors.items() if not name.startswith(PREFIX)}
-        total = sum(info.nbytes for name, info in ckpt.tensors.items() if name in weight_map)
-        files: dict[str, list[str]] = {"linked": [], "copied": [], "skipped": []}
+        sections = {k: v for k, v in (ckpt.config.get(modeling.CONFIG_KEY) or {}).items() if k != KIND}
+        sections[KIND] = plan.settings
         with output_folder(out, overwrite) as tmp:
-            rename = indexed_names(set(weight_map.values()))
-            carry_files(ckpt.path, tmp, set(weight_map.values()), files, _REWRITTEN, rename)
-            weight_map = {name: rename.get(file, file) for name, file in weight_map.items()}
-            write_file(tmp / SHARD, tensors, {"format": "pt"})
-            weight_map.update(dict.fromkeys(tensors, SHARD))
-            total += sum(t.numel() * t.element_size() for t in tensors.values())
-            write_index(tmp / INDEX_NAME, weight_map, total)
-            sections = {k: v for k, v in (ckpt.config.get(modeling.CONFIG_KEY) or {}).items() if k != KIND}
-            sections[KIND] = plan.settings
-            (tmp / "config.json").write_text(json.dumps(ckpt.config, indent=2) + "\n")
-            modeling.write_remote_code(tmp, plan.architecture, sections)
+            files = write_beside(ckpt, tmp, {SHARD: _initial_tensors(plan.settings)}, plan.architecture, sections)
             stats = {"boundaries": [asdict(b) for b in plan.boundaries], "params": plan.params, "files": files}
             write_record(tmp, build_record("inject-iada", "model+remote-code", config, {"model": ckpt}, stats, methods=("iada",)))
     return IadaResult(plan, str(out), files)
-
-
-_REWRITTEN = {"config.json", INDEX_NAME, RECORD_NAME, modeling.MODELING_FILE, SHARD}
 
 
 def add_iada(model: Any, config: IadaConfig = IadaConfig(), replace: bool = False) -> Any:

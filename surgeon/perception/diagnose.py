@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from surgeon import dtypes
 from surgeon.data.samples import DataStats
 
 from surgeon.data.scan import scan_samples
@@ -21,7 +22,6 @@ from surgeon.data.encoding import Progress, SampleEncoder
 from surgeon.data.loading import encode_samples
 from surgeon.errors import ConfigError
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,7 @@ class DiagnoseConfig:
             raise ConfigError("max_samples", f"must be at least 1, got {self.max_samples}")
         if self.max_length < 2:
             raise ConfigError("max_length", f"must be at least 2, got {self.max_length}")
-        if self.dtype not in DTYPES:
-            raise ConfigError("dtype", f"unknown dtype {self.dtype!r}", f"choose one of {', '.join(DTYPES)}")
+        object.__setattr__(self, "dtype", dtypes.short(self.dtype, extra=("auto",)))
 
 
 @dataclass(frozen=True)
@@ -101,7 +100,7 @@ def diagnose(config: DiagnoseConfig, progress: Progress | None = None) -> Diagno
 
     from surgeon.perception.reweight import span_masks, token_losses
 
-    from surgeon.io.checkpoint import open_checkpoint
+    from surgeon.hub.sources import open_checkpoint
 
     stats = DataStats()
     samples = scan_samples(config.data, config.perception_regex, config.skip_bad_lines, config.max_samples, stats).samples()

@@ -30,7 +30,7 @@ step's token counts (``count_span_tokens`` summed over micro-batches and ranks) 
 Under data parallelism run the backwards without the framework's gradient sync and pass a
 ``reduce`` that sums each buffer over ranks, so the norms are those of the global gradients.
 Under FSDP the backwards reduce-scatter as usual, the buffers hold each rank's rows of the summed
-gradients, and the norms add the ranks' partial sums (``surgeon.shards``); ``reduce`` then
+gradients, and the norms add the ranks' partial sums (``surgeon.dtensor``); ``reduce`` then
 applies only to parameters that are not sharded.
 
 Empty spans (not specified by the paper; surgeon default): a span with no tokens has L = 0 (still
@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from surgeon.shards import global_norm, is_sharded
+from surgeon.dtensor import global_norm, is_sharded
 
 IGNORE_INDEX = -100
 EPS = 1e-12

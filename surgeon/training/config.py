@@ -7,6 +7,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
+from surgeon import dtypes
 from surgeon.errors import ConfigError
 
 # Fields that do not change what a run computes: excluded from the resume fingerprint. (Whether
@@ -14,7 +15,6 @@ from surgeon.errors import ConfigError
 _NOT_FINGERPRINTED = {
     "output", "save_steps", "resume", "resume_anyway", "overwrite", "fsdp", "gpu_memory", "num_workers", "log_steps", "report_to", "threads",
 }  # fmt: skip
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,8 @@ def resolve_precision(config: TrainConfig, bf16_ok: bool) -> Precision:
     """The run's dtypes: ``mixed_precision`` auto is bf16 where the device has it (``bf16_ok``:
     a GPU with bf16), else no; ``param_dtype`` sets the trained parameters' dtype."""
     mixed = config.mixed_precision if config.mixed_precision != "auto" else ("bf16" if bf16_ok else "no")
-    master = "bfloat16" if config.param_dtype == "bf16" else "float32"
-    compute = {"bf16": "bfloat16", "fp16": "float16"}.get(mixed, master)
+    master = dtypes.torch_name(config.param_dtype)
+    compute = dtypes.torch_name(mixed) if mixed in ("bf16", "fp16") else master
     return Precision(mixed, master, frozen=compute, compute=compute)
 
 
@@ -124,16 +124,14 @@ class TrainConfig:
             raise ConfigError("lora_alpha", f"must be positive, got {self.lora_alpha}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError("warmup_ratio", f"must lie in [0, 1), got {self.warmup_ratio}")
-        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            raise ConfigError("mixed_precision", f"unknown value {self.mixed_precision!r}", "choose auto, no, bf16 or fp16")
+        object.__setattr__(self, "mixed_precision", dtypes.short(self.mixed_precision, "mixed_precision", ("bf16", "fp16"), ("auto", "no")))
         if self.num_workers < 0:
             raise ConfigError("num_workers", f"must be ≥ 0, got {self.num_workers}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError("threads", f"must be at least 1, got {self.threads}")
         if self.report_to not in ("none", "tensorboard", "wandb"):
             raise ConfigError("report_to", f"unknown tracker {self.report_to!r}", "choose tensorboard, wandb or none")
-        if self.param_dtype not in ("fp32", "bf16"):
-            raise ConfigError("param_dtype", f"unknown value {self.param_dtype!r}", "choose fp32 or bf16")
+        object.__setattr__(self, "param_dtype", dtypes.short(self.param_dtype, "param_dtype", ("fp32", "bf16")))
         if self.fsdp and self.mixed_precision == "fp16":
             raise ConfigError("mixed_precision", "FSDP runs in bf16 or fp32, without fp16 loss scaling", "use --mixed-precision bf16 (or no)")
         if self.perception_weight is not None and self.perception_weight != "dynamic":

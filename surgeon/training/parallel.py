@@ -157,7 +157,7 @@ class Sharded:
         holds more than one unit of the model unsharded in the master dtype."""
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-        from surgeon.anatomy.model import language_model, vision_modules
+        from surgeon.anatomy.decoder import language_model, vision_modules
 
         p = self.precision
         mixed = p.mixed != "no"

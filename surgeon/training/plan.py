@@ -37,12 +37,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from surgeon import dtypes
 from surgeon.errors import ConfigError
-from surgeon.training.config import DTYPE_BYTES, Precision, TrainConfig
+from surgeon.training.config import Precision, TrainConfig
 
 PARTS = ("weights", "master", "gradients", "optimizer", "delta", "copies", "activations", "runtime")
 RUNTIME_BYTES = {"cuda": 2 * 10**9, "cpu": 10**9}  # surgeon's allowance (see the module docstring)
-PRIOR_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 @dataclass(frozen=True)
@@ -95,8 +95,8 @@ def plan_memory(
     import torch
 
     from surgeon.modules.folders import module_parameters
-    from surgeon.anatomy.model import language_model, lm_parameters, vision_modules
-    from surgeon.training.setup import build_model
+    from surgeon.anatomy.decoder import language_model, lm_parameters, vision_modules
+    from surgeon.training.build import build_model
 
     if processes < 1:
         raise ConfigError("num_processes", f"must be at least 1, got {processes}")
@@ -114,30 +114,12 @@ def plan_memory(
         rows = -(-p.shape[0] // world)
         return rows * (p.numel() // max(p.shape[0], 1)) * nbytes
 
-    b_master, b_frozen = DTYPE_BYTES[precision.master], DTYPE_BYTES[precision.frozen]
-    b_compute = DTYPE_BYTES[precision.compute]
     unique = list({id(p): p for p in model.parameters()}.values())
     trained = [p for p in unique if p.requires_grad]
     frozen = [p for p in unique if not p.requires_grad]
-    parts = dict.fromkeys(PARTS, 0)
-    parts["weights"] = sum(size(p, b_frozen) for p in frozen)
-    parts["master"] = sum(size(p, b_master) for p in trained)
-    grad_copies = 2 if config.perception_weight == "dynamic" else 1
-    parts["gradients"] = grad_copies * sum(size(p, b_master) for p in trained)
-    parts["optimizer"] = 2 * sum(size(p, b_master) for p in trained)
     decoder = language_model(model)
-    layer_params = [list(layer.parameters()) for layer in decoder.layers]
-    largest = max((sum(p.numel() for p in ps) for ps in layer_params), default=0)
-    if sharded:
-        in_layers = {id(p) for ps in layer_params for p in ps}
-        root_numel = sum(p.numel() for p in unique if id(p) not in in_layers and id(p) not in replicated)
-        largest_trained = max((sum(p.numel() for p in ps if p.requires_grad) for ps in layer_params), default=0)
-        parts["copies"] = (root_numel + 2 * largest) * b_compute + largest_trained * 4  # units in flight
-    else:
-        if precision.mixed != "no" and b_compute < b_master:
-            parts["copies"] = sum(p.numel() for p in trained if p.dim() >= 2) * b_compute  # autocast's cached casts
-        if processes > 1:
-            parts["copies"] += sum(p.numel() for p in trained) * b_master  # DDP's gradient buckets
+    parts = _state_parts(config, precision, processes, sharded, unique, decoder, replicated, size)
+    b_compute = dtypes.nbytes(precision.compute)
     notes: list[str] = []
     if config.prior:
         parts["delta"], biased = _delta_bytes(config.prior, dict(lm_parameters(model)), size)
@@ -168,6 +150,36 @@ def plan_memory(
     )
 
 
+def _state_parts(
+    config: TrainConfig, precision: Precision, processes: int, sharded: bool, unique: list, decoder: Any, replicated: set[int], size: Any
+) -> dict[str, int]:
+    """Bytes per process of the weights, master copies, gradients, AdamW state and working copies
+    (FSDP's gathered units in flight, autocast's cached casts, DDP's buckets)."""
+    b_master, b_frozen = dtypes.nbytes(precision.master), dtypes.nbytes(precision.frozen)
+    b_compute = dtypes.nbytes(precision.compute)
+    trained = [p for p in unique if p.requires_grad]
+    frozen = [p for p in unique if not p.requires_grad]
+    parts = dict.fromkeys(PARTS, 0)
+    parts["weights"] = sum(size(p, b_frozen) for p in frozen)
+    parts["master"] = sum(size(p, b_master) for p in trained)
+    grad_copies = 2 if config.perception_weight == "dynamic" else 1
+    parts["gradients"] = grad_copies * sum(size(p, b_master) for p in trained)
+    parts["optimizer"] = 2 * sum(size(p, b_master) for p in trained)
+    layer_params = [list(layer.parameters()) for layer in decoder.layers]
+    largest = max((sum(p.numel() for p in ps) for ps in layer_params), default=0)
+    if sharded:
+        in_layers = {id(p) for ps in layer_params for p in ps}
+        root_numel = sum(p.numel() for p in unique if id(p) not in in_layers and id(p) not in replicated)
+        largest_trained = max((sum(p.numel() for p in ps if p.requires_grad) for ps in layer_params), default=0)
+        parts["copies"] = (root_numel + 2 * largest) * b_compute + largest_trained * 4  # units in flight
+    else:
+        if precision.mixed != "no" and b_compute < b_master:
+            parts["copies"] = sum(p.numel() for p in trained if p.dim() >= 2) * b_compute  # autocast's cached casts
+        if processes > 1:
+            parts["copies"] += sum(p.numel() for p in trained) * b_master  # DDP's gradient buckets
+    return parts
+
+
 def _activations(text: Any, layers: int, tokens: int, b: int, config: TrainConfig, modules: dict) -> int:
     h = text.hidden_size
     heads = getattr(text, "num_attention_heads", 1) or 1
@@ -191,7 +203,10 @@ def _delta_bytes(prior: str, params: dict[str, Any], size: Any) -> tuple[int, in
     record = _prior_record(prior)
     stats = record.get("stats", {})
     dtype = (record.get("config") or {}).get("dtype") or "fp32"
-    nbytes = PRIOR_BYTES.get(str(dtype), 4)
+    try:
+        nbytes = dtypes.nbytes(str(dtype))
+    except ConfigError:
+        nbytes = 4
     total = biased = 0
     for entry in (stats.get("tensors") or {}).values():
         p = params.get(entry.get("relative"))
@@ -203,14 +218,14 @@ def _delta_bytes(prior: str, params: dict[str, Any], size: Any) -> tuple[int, in
 
 
 def _prior_record(prior: str) -> dict:
-    from surgeon.io.repo_ids import REPO_ID
+    from surgeon.hub.repo_ids import REPO_ID
     from surgeon.io.provenance import FILE_NAME
 
     path = Path(prior)
     if path.is_dir():
         file = path / FILE_NAME
     elif REPO_ID.match(prior):
-        from surgeon.io.download import download_file
+        from surgeon.hub.download import download_file
 
         file = Path(download_file(prior, FILE_NAME))
     else:
@@ -258,13 +273,13 @@ def plan_for(config: TrainConfig, processes: int, device: str = "cuda") -> Memor
     """``surgeon train --dry-run``: the plan from ``config.model``'s config.json alone (a folder
     holding just a config works; for a Hub id only config.json is fetched), for a GPU with bf16
     unless ``--mixed-precision`` says otherwise, checked against ``--gpu-memory`` if given."""
-    from surgeon.modules.iada import _load_config
+    from surgeon.hub.sources import open_config
     from surgeon.io.output import parse_size
     from surgeon.training.config import resolve_precision
 
     from surgeon.anatomy.limits import check_config
 
-    model_config = _load_config(config.model, None)
+    model_config = open_config(config.model)
     check_config(model_config, config.model)
     precision = resolve_precision(config, bf16_ok=device == "cuda")
     budget = parse_size(config.gpu_memory, "gpu_memory") if config.gpu_memory else None

@@ -29,7 +29,7 @@ import torch
 from surgeon.errors import CheckpointError, ConfigError
 from surgeon.io.output import MADE_MARK, check_apart, check_name, made_by_surgeon, mark_made, output_folder, sibling
 from surgeon.io.safetensors import write_file
-from surgeon.shards import local
+from surgeon.dtensor import local
 
 STATE_FILE = "state.json"
 
@@ -218,7 +218,7 @@ def checkpoint_problem(folder: Path) -> str | None:
     """What is wrong with a checkpoint folder (``"rng.safetensors: is truncated …"``), or None when
     it is intact: state.json readable with every field, and every tensor file it needs (each
     rank's for a sharded one) present with a valid header."""
-    from surgeon.io.safetensors import FormatError, read_header
+    from surgeon.io.header import FormatError, read_header
 
     folder = Path(folder)
     try:

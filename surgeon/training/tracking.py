@@ -1,4 +1,5 @@
-"""Experiment trackers for ``surgeon train --report-to``: Accelerate's TensorBoard and W&B trackers.
+"""Where a run's metrics go: ``metrics.jsonl`` (``MetricsLog``), and the experiment trackers of
+``surgeon train --report-to``: Accelerate's TensorBoard and W&B trackers.
 
     tracker = open_tracker("tensorboard", "run", logs=Path("run-checkpoints/logs"), config=asdict(config))
     tracker.log({"loss": 1.2}, step=1)
@@ -12,6 +13,7 @@ settings (``WANDB_MODE=offline`` writes a local run). Only numbers are logged.
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 from typing import Any
 
@@ -46,3 +48,24 @@ def open_tracker(name: str, run_name: str, logs: Path, config: dict[str, Any]) -
 
 def numbers(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class MetricsLog:
+    """``metrics.jsonl`` beside the checkpoints: one line per step, written as the step ends. A
+    resumed run first drops the lines of steps after the checkpoint it continues from."""
+
+    def __init__(self, path: Path, start: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if start and path.exists():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= start]
+            path.write_text("".join(line + "\n" for line in kept))
+        elif path.exists():
+            path.unlink()
+        self._file = open(path, "a")
+
+    def write(self, metrics: dict[str, Any]) -> None:
+        self._file.write(json.dumps(metrics) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

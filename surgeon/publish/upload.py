@@ -14,7 +14,7 @@ Policy (every entry under the folder, ``.git`` and ``.cache`` aside):
 - **Credentials.** A credential file (``.env*``, ``id_rsa``, ``*.pem``, ``.netrc``, ``credentials`` …)
   is refused by its name, and so is a file whose name holds a key. Every file is scanned, streamed,
   whatever its size, for the token in use and for the shapes of keys and tokens (Hub, ``sk-…``,
-  ``AKIA…``, ``ghp_…``, private-key blocks …; ``surgeon.hub.secrets``), also as UTF-16/UTF-32
+  ``AKIA…``, ``ghp_…``, private-key blocks …; ``surgeon.publish.secrets``), also as UTF-16/UTF-32
   text and behind JSON escapes. A safetensors file must be valid as a whole (its tensors tile its
   data exactly, nothing after the last one); its tensor data is binary and is skipped, its header
   (names and metadata) is scanned. ``allow`` (``--allow-file``) exempts the files it matches from
@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from surgeon.hub.secrets import OVERLAP, Scanner, credential_file, find_secret, unescape
+from surgeon.publish.secrets import OVERLAP, Scanner, credential_file, find_secret, unescape
 from surgeon.io.header import FormatError, parse_header, raw_header
 from surgeon.io.provenance import is_local_path, local_name
 
@@ -231,7 +231,8 @@ def _scan(chunks: Iterator[bytes], scanner: Scanner, roots: list[bytes], paths: 
             return f"holds what looks like {kind}, which would be published"
         if paths:
             window = tail + chunk
-            hit = _local_path(window, roots) or (_local_path(unescape(window), roots) if b"\\" in window else None)
+            escaped = b"\\/" in window or b"\\u00" in window or b"\\x" in window  # a path written behind JSON escapes
+            hit = _local_path(window, roots) or (_local_path(unescape(window), roots) if escaped else None)
             if hit:
                 return f"holds the local path {hit!r}, which would be published"
             tail = window[-OVERLAP:]

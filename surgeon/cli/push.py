@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from surgeon.commands._cli import build, example
-from surgeon.commands._console import emit_json, err, human_bytes, out
+from surgeon.cli.group import build, example
+from surgeon.cli.console import emit_json, err, human_bytes, out
 
 _CARD = {
     "surgeon.json": "README.md: model card built from surgeon.json",
@@ -47,14 +47,14 @@ def command(folder: str, as_json: bool, **options: object) -> None:
     push before anything is sent (--dry-run lists them all). surgeon's own records go up with
     local paths written as `local <name>`.
     """
-    from surgeon.hub.client import PushConfig, push_folder
+    from surgeon.publish.push import PushConfig, push_folder
 
     config = build(PushConfig, options)
     result = push_folder(folder, config)
     if as_json:
         emit_json(result.to_dict())
         if result.refused:
-            from surgeon.hub.client import refusal_error
+            from surgeon.publish.push import refusal_error
 
             raise refusal_error(result.refused)
         return
@@ -75,7 +75,7 @@ def command(folder: str, as_json: bool, **options: object) -> None:
             out.print(f"refused: {path}: {problem}", highlight=False)
         err.print(f"dry run: nothing was sent (would publish to {result.url})", highlight=False)
         if result.refused:
-            from surgeon.hub.client import refusal_error
+            from surgeon.publish.push import refusal_error
 
             raise refusal_error(result.refused)
     else:

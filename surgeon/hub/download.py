@@ -3,7 +3,7 @@
 ``download_checkpoint(repo_id, revision)`` fetches (or finds in the cache) what a checkpoint needs,
 never a pickle; ``checkpoint_headers`` fetches only its config and the safetensors headers (HTTP
 byte ranges, as ``huggingface_hub.get_safetensors_metadata`` does), for what needs no weights; ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE=1`` point every read at another endpoint or at
-the cache alone. Failures leave as one-line ``HubError``s (``surgeon.io.hub_errors``).
+the cache alone. Failures leave as one-line ``HubError``s (``surgeon.hub.errors``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from surgeon.errors import CheckpointError
 from surgeon.io.header import MAX_HEADER
-from surgeon.io.hub_errors import offline, translated
+from surgeon.hub.errors import offline, translated
 
 # What a checkpoint needs: config, weights, tokenizer/processor/chat-template files, and the
 # modeling/processing code of remote-code models (never run by surgeon: copied into outputs so

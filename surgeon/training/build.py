@@ -1,8 +1,8 @@
-"""Before and after the loop: data, model and trainable parameters in; the output folder out."""
+"""A run built from its config: data encoded lazily, the model loaded (or planned on the meta
+device) with its surgeon modules, LoRA or full fine-tuning, and the trainable parameters chosen."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,17 +11,10 @@ from typing import Any
 import torch
 
 from surgeon.errors import ConfigError
+from surgeon.modules.folders import load_model, module_parameters
 from surgeon.modules.iada import IadaConfig, add_iada
-from surgeon.modules.folders import (
-    load_model,
-    module_parameters,
-    write_adapter_modules,
-    write_model,
-    write_module_folder,
-)
-from surgeon.io.provenance import file_hash
 from surgeon.training.config import Precision, TrainConfig
-from surgeon.training.model import apply_lora, set_trainable, trainable
+from surgeon.training.lora import apply_lora, set_trainable, trainable
 
 
 @dataclass
@@ -37,38 +30,6 @@ class Run:
     data_fingerprint: str
     has_surgeon_modules: bool
     stats: dict[str, Any] = field(default_factory=dict)
-
-
-def check_inputs(config: TrainConfig) -> Any:
-    """Fail fast, before anything slow, on inputs that cannot work; returns the model checkpoint."""
-    from surgeon.io.checkpoint import open_checkpoint
-    from surgeon.errors import DataError
-
-    from surgeon.data.rows import looks_like_hub_dataset
-
-    if not Path(config.data).exists() and not looks_like_hub_dataset(config.data):  # type: ignore[arg-type]
-        raise DataError(config.data, "no such file", "give a .jsonl or .parquet file, a save_to_disk folder, or a Hub dataset id")  # type: ignore[arg-type]
-    if config.prior:
-        from surgeon.drift.prior import open_prior
-
-        open_prior(config.prior).close()
-    ckpt = open_checkpoint(config.model)
-    from surgeon.anatomy.limits import check_checkpoint
-
-    check_checkpoint(ckpt)
-    if config.image_lora:
-        from surgeon.heads.score import read_heads
-        from surgeon.anatomy.layout import config_value, text_config
-
-        layers = config_value(text_config(ckpt.config), "num_hidden_layers")
-        selected = read_heads(config.image_lora, "image_lora").selected
-        if isinstance(layers, int) and len(selected) != layers:
-            raise ConfigError(
-                "image_lora",
-                f"{config.image_lora} selects heads in {len(selected)} layers but {config.model} has {layers}",
-                "score the heads of this model with surgeon score-heads",
-            )
-    return ckpt
 
 
 def prepare(config: TrainConfig, ckpt: Any, precision: Precision, sharded: bool = False) -> Run:
@@ -228,18 +189,6 @@ def _image_lora_report(model: torch.nn.Module, config: TrainConfig, dataset: Any
     return {"heads": s["heads"], "parameters": params, "flops": flops.to_dict()}
 
 
-def input_identities(run: Run, config: TrainConfig) -> dict[str, str]:
-    """What a checkpoint records of the inputs whose change would silently change a resumed run:
-    the base model's weights and the prior's (``Checkpoint.identity``)."""
-    out = {"model": run.checkpoint.identity()}
-    if config.prior:
-        from surgeon.io.checkpoint import open_checkpoint
-
-        with open_checkpoint(config.prior) as prior:
-            out["prior"] = prior.identity()
-    return out
-
-
 def drift_for(run: Run, config: TrainConfig) -> Any:
     """The Drift object for ``config.prior`` (None without a prior): Δ on the parameters' device,
     each rank holding only the rows of its shards when the model is sharded."""
@@ -248,116 +197,3 @@ def drift_for(run: Run, config: TrainConfig) -> Any:
     from surgeon.drift.bias import Drift
 
     return Drift.from_prior(run.model, config.prior, alpha=config.drift_alpha, scale=config.drift_scale, normalize=config.drift_normalize)
-
-
-def check_memory(config: TrainConfig, ckpt: Any, processes: int, sharded: bool, precision: Precision, device: torch.device) -> None:
-    """Stop before loading anything when the run's memory plan does not fit the device it runs
-    on (``--gpu-memory``, or the GPU's memory; on the CPU the memory available to the machine's
-    processes), with the plan in the message."""
-    from surgeon.training.plan import device_budget, plan_memory
-
-    found = device_budget(config.gpu_memory, device, processes)
-    if found is None:
-        return
-    budget, source = found
-    plan = plan_memory(config, ckpt.config, processes, sharded, precision, device.type, budget, source)
-    if not plan.fits:
-        raise ConfigError(
-            "memory",
-            f"the run needs about {plan.describe()} per process, more than the {_gb(budget)} {source}",
-            "shard with --fsdp over more processes, or use --gradient-checkpointing, a smaller --batch-size / --max-length, LoRA or --param-dtype bf16 "
-            "(surgeon train MODEL --dry-run shows the plan)",
-        )
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.1f} GB"
-
-
-def output_model(run: Run, model: torch.nn.Module, config: TrainConfig, precision: Precision, engine: Any) -> torch.nn.Module | None:
-    """The trained model as the main process saves it (None on the other processes).
-
-    Replicated runs: the model itself. Sharded runs: the trained parameters are gathered one
-    tensor at a time (each rank's rows, collected on the main process's CPU) into a copy of the
-    model that the main process loads from the checkpoint (memory-mapped: untouched frozen weights
-    cost no memory) and builds exactly as the run built its own; every rank takes part in each
-    gather, and no process ever holds more than that one copy of the trained weights."""
-    if not engine.sharded:
-        return engine.accelerator.unwrap_model(model)
-    gathered: dict[str, torch.Tensor] = {}
-    for name, p in trainable(model).items():
-        full = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
-        if engine.is_main:
-            gathered[name] = full.detach().to("cpu", copy=True)
-        del full
-    if not engine.is_main:
-        return None
-    twin = build_model(config, run.checkpoint.path, precision.frozen)
-    missing = [name for name in gathered if name not in dict(twin.named_parameters())]
-    if missing:
-        raise RuntimeError(f"the rebuilt model lacks {len(missing)} trained parameters, e.g. {missing[0]}")
-    for name, p in twin.named_parameters():
-        if name in gathered:
-            p.data = gathered.pop(name)
-    return twin
-
-
-def save_output(run: Run, model: torch.nn.Module, config: TrainConfig, stats: dict, metrics: Path) -> Path:
-    """Write the final folder: a peft adapter, a merged model, or full weights; plus the
-    processor, ``metrics.jsonl`` and ``surgeon.json``."""
-    from surgeon.io.output import output_folder
-    from surgeon.io.provenance import build_record, write_record
-
-    with output_folder(config.output, overwrite=config.overwrite) as tmp:
-        if config.full or config.merge_lora:
-            final = model if config.full else model.merge_and_unload()
-            write_model(final, tmp, run.processor)
-            artifact = "model+remote-code" if module_parameters(final) else "model"
-        elif config.image_lora:  # only surgeon modules (and maybe the vision tower) trained
-            if config.train_vision:
-                write_model(model, tmp, run.processor)
-            else:
-                write_module_folder(model, run.checkpoint, tmp)
-            artifact = "model+remote-code"
-        else:
-            base = run.checkpoint  # a Hub id with its revision for peft, or the local folder's full path
-            peft_config = model.peft_config["default"]
-            peft_config.base_model_name_or_path = base.source if base.commit else str(base.path.resolve())
-            peft_config.revision = base.revision if base.commit else None
-            model.save_pretrained(tmp)
-            write_adapter_modules(model, tmp)
-            run.processor.save_pretrained(tmp)
-            artifact = "peft-adapter"
-        if metrics.exists():
-            shutil.copy(metrics, tmp / "metrics.jsonl")
-        if (metrics.parent / "logs").is_dir():  # tracker event files (--report-to tensorboard)
-            shutil.copytree(metrics.parent / "logs", tmp / "logs")
-        inputs: dict[str, Any] = {"model": run.checkpoint, "data": {"source": config.data, "sha256": run.data_fingerprint}}
-        if config.prior:
-            inputs["prior"] = {"source": config.prior}
-        if config.image_lora:
-            from surgeon.heads.score import heads_file
-
-            inputs["heads"] = {"source": config.image_lora, "sha256": file_hash(heads_file(config.image_lora))}
-        record = build_record("train", artifact, config, inputs, stats, methods=applied_methods(config, stats))
-        write_record(tmp, record)
-    return Path(config.output)
-
-
-def applied_methods(config: TrainConfig, stats: dict) -> list[str]:
-    """What a run applied, as recorded in ``surgeon.json`` (and shown as the card's tags): ``drift``
-    (a prior with α > 0), ``iada`` (blocks in the trained model), ``image-lora`` or ``lora`` (also
-    when merged), ``perception-reweighting`` (a perception weight, fixed or dynamic)."""
-    modules = stats.get("surgeon_modules") or []
-    methods = []
-    if config.prior and config.drift_alpha > 0:
-        methods.append("drift")
-    if "iada" in modules:
-        methods.append("iada")
-    if config.image_lora:
-        methods.append("image-lora")
-    elif not config.full:
-        methods.append("lora")
-    if config.perception_weight is not None:
-        methods.append("perception-reweighting")
-    return methods

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import click
 
-from surgeon.commands._console import err, human_bytes
+from surgeon.cli.console import err, human_bytes
 
 _KEY = "surgeon.push_to_hub"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -61,7 +61,7 @@ def push_written(folder: str | Path) -> Any:
     if not repo:
         return None
     from surgeon.errors import HubError, SurgeonError
-    from surgeon.hub.client import PushConfig, push_folder
+    from surgeon.publish.push import PushConfig, push_folder
 
     try:
         result = push_folder(folder, PushConfig(repo=repo))

@@ -6,9 +6,9 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from surgeon.commands._cli import build, example
-from surgeon.commands._hub import push_to_hub_option, push_written, pushing
-from surgeon.commands._console import emit_json, human_count, out, progress, quiet_transformers
+from surgeon.cli.group import DtypeName, build, example
+from surgeon.cli.push_option import push_to_hub_option, push_written, pushing
+from surgeon.cli.console import emit_json, human_count, out, progress, quiet_transformers
 from surgeon.heads.score import HeadScores
 
 
@@ -38,7 +38,7 @@ from surgeon.heads.score import HeadScores
 @click.option("--max-length", default=2048, show_default=True, help="Tokens per sample; longer samples are skipped.")
 @click.option("--seed", default=0, show_default=True, help="Order of the probe samples and the rank1 probe's A.")
 @click.option("--device", default="auto", show_default=True, help="auto (first GPU, else CPU), cpu, cuda, cuda:N.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
+@click.option("--dtype", type=DtypeName(extra=("auto",)), default="auto", show_default=True,
               help="auto: float32 on CPU, the checkpoint's dtype on GPU.")
 @click.option("--skip-bad-lines", is_flag=True, help="Skip and count malformed samples instead of stopping.")
 @click.option("--plot", default=None, help="Also draw the scores into this picture (PNG, SVG, PDF; needs matplotlib).")

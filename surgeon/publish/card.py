@@ -9,7 +9,7 @@ finetune), ``library_name`` (transformers for models, peft for adapters), ``pipe
 Body: what the artifact is, a loading snippet that is correct for what the folder holds, the
 inputs, the method's settings, training data and metrics, and the statistics surgeon computed.
 An input counts as a Hub repo only when ``surgeon.json`` recorded a revision or commit for it.
-The YAML is written by huggingface_hub's ModelCardData through ``surgeon.hub.client.model_card_text``
+The YAML is written by huggingface_hub's ModelCardData through ``surgeon.hub.client.render_card``
 (the one place that imports the Hub client).
 """
 
@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from surgeon.io.repo_ids import REPO_ID
-from surgeon.hub.markdown import flatten, stats_markdown, table
+from surgeon.hub.repo_ids import REPO_ID
+from surgeon.publish.markdown import flatten, stats_markdown, table
 from surgeon.io.header import tensor_names
 from surgeon.io.provenance import is_local_path, local_name, read_record
 
@@ -395,9 +395,9 @@ def is_template_card(text: str) -> bool:
 def build_card(folder: str | Path, repo_id: str, record: dict | None = None) -> str:
     """The complete README.md text for ``folder`` published as ``repo_id``."""
     from surgeon.errors import CheckpointError
-    from surgeon.hub.client import model_card_text
+    from surgeon.hub.client import render_card
 
     record = record if record is not None else read_record(folder)
     if record is None:
         raise CheckpointError(str(folder), "has no surgeon.json to build a model card from", "write README.md yourself")
-    return model_card_text(card_metadata(record, folder), card_body(record, folder, repo_id))
+    return render_card(card_metadata(record, folder), card_body(record, folder, repo_id))

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from surgeon.anatomy.model import language_model, lm_parameters, module_path, vision_modules
+from surgeon.anatomy.decoder import language_model, lm_parameters, module_path, vision_modules
 from surgeon.errors import ConfigError, SelectionError
 from surgeon.modules.folders import peft_quietly
 

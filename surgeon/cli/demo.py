@@ -9,8 +9,8 @@ import time
 import click
 from rich.table import Table
 
-from surgeon.commands._cli import example
-from surgeon.commands._console import emit_json, err, out, quiet_transformers
+from surgeon.cli.group import example
+from surgeon.cli.console import emit_json, err, out, quiet_transformers
 
 
 @click.command(

@@ -1,6 +1,6 @@
 """The ``surgeon`` command line: one module per verb, each a thin layer over one library call.
 
-Installed as ``surgeon.commands`` (the folder is top-level ``commands/`` in the source tree).
+Installed as ``surgeon.cli`` (the folder is top-level ``surgeon/cli/`` in the source tree).
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 from surgeon import __version__
-from surgeon.commands import (
+from surgeon.cli import (
     demo,
     diagnose,
     inject_iada,
@@ -19,8 +19,8 @@ from surgeon.commands import (
     score_heads,
     train,
 )
-from surgeon.commands._cli import SurgeonGroup
-from surgeon.commands._console import setup_logging
+from surgeon.cli.group import SurgeonGroup
+from surgeon.cli.console import setup_logging
 
 
 @click.group(cls=SurgeonGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

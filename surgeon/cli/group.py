@@ -107,6 +107,28 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+class DtypeName(click.ParamType):
+    """A dtype option: any spelling of ``surgeon.dtypes`` (bf16, bfloat16, BF16 …) among ``allowed``,
+    or one of ``extra`` (auto, no); shown and passed on by its short name."""
+
+    name = "dtype"
+
+    def __init__(self, allowed: tuple[str, ...] = ("fp32", "bf16", "fp16"), extra: tuple[str, ...] = ()) -> None:
+        self.allowed, self.extra = allowed, extra
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:  # type: ignore[override]
+        return "[" + "|".join((*self.extra, *self.allowed)) + "]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from surgeon import dtypes
+        from surgeon.errors import ConfigError
+
+        try:
+            return dtypes.short(value, param.name if param and param.name else "dtype", self.allowed, self.extra)
+        except ConfigError as e:
+            self.fail(e.one_line(), param, ctx)
+
+
 def example(*lines: str) -> str:
     """An epilog that ends a command's help with runnable example(s), kept unwrapped."""
     body = "\n".join(f"  {line}" for line in lines)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from surgeon.commands._cli import build, example, selection_options
-from surgeon.commands._hub import push_to_hub_option, push_written
-from surgeon.commands._console import emit_json, err, human_bytes, out, progress
+from surgeon.cli.group import build, example, selection_options
+from surgeon.cli.push_option import push_to_hub_option, push_written
+from surgeon.cli.console import emit_json, err, human_bytes, out, progress
 from surgeon.merge import METHODS, NOTATION
 
 METHOD_NAMES = list(METHODS)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from surgeon.commands._cli import build, example, selection_options
-from surgeon.commands._hub import push_to_hub_option, push_written
-from surgeon.commands._console import emit_json, err, human_bytes, out, progress
+from surgeon.cli.group import DtypeName, build, example, selection_options
+from surgeon.cli.push_option import push_to_hub_option, push_written
+from surgeon.cli.console import emit_json, err, human_bytes, out, progress
 
 
 @click.command(
@@ -22,7 +22,7 @@ from surgeon.commands._console import emit_json, err, human_bytes, out, progress
 @click.option("-o", "--output", required=True, help="Output folder for the prior.")
 @click.option("--base", default=None, help="Two-model mode: Δ = reasoning − base instead of reasoning − VLM.")
 @selection_options(modules="attn,mlp")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None, help="Storage dtype of Δ (default: the VLM's dtype).")
+@click.option("--dtype", type=DtypeName(), default=None, help="Storage dtype of Δ (default: the VLM's dtype).")
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @push_to_hub_option

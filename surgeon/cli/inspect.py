@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from surgeon.commands._cli import example
-from surgeon.commands._console import emit_json, human_bytes, human_count, out
+from surgeon.cli.group import example
+from surgeon.cli.console import emit_json, human_bytes, human_count, out
 
 
 @click.command(
@@ -23,7 +23,7 @@ def command(checkpoint: str, revision: str | None, as_json: bool) -> None:
     prints the architecture, sizes, dtype, shards, and parameter counts split
     into language model / vision tower / projector / other.
     """
-    from surgeon.io.checkpoint import open_checkpoint
+    from surgeon.hub.sources import open_checkpoint
     from surgeon.anatomy.inspect import inspect_checkpoint
 
     with open_checkpoint(checkpoint, revision, headers_only=True) as ckpt:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from surgeon.commands._cli import build, example
-from surgeon.commands._console import emit_json, out, progress
+from surgeon.cli.group import DtypeName, build, example
+from surgeon.cli.console import emit_json, out, progress
 
 
 @click.command(
@@ -30,7 +30,7 @@ from surgeon.commands._console import emit_json, out, progress
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1… (auto: GPU if any).")
 @click.option(
     "--dtype",
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    type=DtypeName(extra=("auto",)),
     default="auto",
     show_default=True,
     help="auto: float32 on CPU, the checkpoint's dtype on GPU.",

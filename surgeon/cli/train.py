@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import click
-from surgeon.commands._cli import build, example
-from surgeon.commands._console import emit_json, err, out, quiet_transformers
-from surgeon.commands._hub import push_to_hub_option, push_written
+from surgeon.cli.group import DtypeName, build, example
+from surgeon.cli.console import emit_json, err, out, quiet_transformers
+from surgeon.cli.push_option import push_to_hub_option, push_written
 
 
 @click.command(
@@ -42,11 +42,11 @@ from surgeon.commands._hub import push_to_hub_option, push_written
 @click.option("--train-vision", is_flag=True, help="Also train the vision tower and projector.")
 @click.option("--max-length", type=int, default=2048, show_default=True, help="Tokens per sample: longer ones are truncated; a sample whose image would be cut is skipped and counted.")
 @click.option(
-    "--mixed-precision", type=click.Choice(["auto", "no", "bf16", "fp16"]), default="auto", show_default=True,
+    "--mixed-precision", type=DtypeName(("bf16", "fp16"), ("auto", "no")), default="auto", show_default=True,
     help="Compute dtype: auto is bf16 on a GPU that has it, else no (fp32). Frozen weights are kept in it.",
 )
 @click.option(
-    "--param-dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+    "--param-dtype", type=DtypeName(("fp32", "bf16")), default="fp32", show_default=True,
     help="Trained parameters (master copies), their gradients and AdamW state: fp32 costs 16 bytes per trained "
     "parameter, bf16 8 (less exact updates).",
 )
@@ -116,8 +116,8 @@ def command(as_json: bool, dry_run: bool, num_processes: int | None, **options: 
 
     \b
     Runs on one CPU or GPU as is, and on several with
-      torchrun --nproc-per-node N -m surgeon.commands train …
-      accelerate launch --multi_gpu --num_processes N -m surgeon.commands train …
+      torchrun --nproc-per-node N -m surgeon.cli train …
+      accelerate launch --multi_gpu --num_processes N -m surgeon.cli train …
     (without --multi_gpu or --use_fsdp, accelerate launch starts a single process). The update does
     not depend on how the global batch (batch size × accumulation × processes) is split.
     --fsdp (or accelerate launch --use_fsdp) shards parameters, gradients, AdamW state and DRIFT's
