@@ -17,6 +17,9 @@ other (the peak memory counter is reset between cases):
     full+drift   surgeon train --full --prior PRIOR
     lora+iada    surgeon train on the model with IADA blocks (surgeon inject-iada): LoRA beside them
     image-lora   surgeon train --image-lora HEADS
+    lora+packed  surgeon train --packing (LoRA), with --attn (flash_attention_2 where flash-attn is installed)
+    full+packed  surgeon train --full --packing
+    full-logits  surgeon train --full --no-chunked-loss (the full [tokens × vocabulary] logits, as before)
     trl-lora     trl.SFTTrainer with the same LoRA (peft_config)
     trl-full     trl.SFTTrainer, full fine-tuning of the same parameters' model
 
@@ -43,7 +46,7 @@ SHAPE_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, nu
 # about 23M parameters: the size at which training memory was compared with TRL on the CPU
 SHAPE_23M = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=7, num_attention_heads=8, num_key_value_heads=8)
 SHAPES = {"tiny": SHAPE_TINY, "23m": SHAPE_23M, "2b": SHAPE_2B}
-CASES = ("lora", "full", "full+drift", "lora+iada", "image-lora", "trl-lora", "trl-full")
+CASES = ("lora", "full", "full+drift", "lora+iada", "image-lora", "lora+packed", "full+packed", "full-logits", "trl-lora", "trl-full")
 
 
 def build(work: Path, shape_name: str, dtype: str) -> dict[str, Path]:
@@ -130,7 +133,9 @@ def run_surgeon(case: str, paths: dict, data: Path, out: Path, args: argparse.Na
     from surgeon.training.loop import train
 
     options = {"lora": {}, "full": {"full": True}, "full+drift": {"full": True, "prior": str(paths["prior"])},
-               "lora+iada": {}, "image-lora": {"image_lora": str(paths["heads"])}}[case]  # fmt: skip
+               "lora+iada": {}, "image-lora": {"image_lora": str(paths["heads"])},
+               "lora+packed": {"packing": True, "attn": args.attn}, "full+packed": {"full": True, "packing": True, "attn": args.attn},
+               "full-logits": {"full": True, "chunked_loss": False}}[case]  # fmt: skip
     config = TrainConfig(
         model=str(paths["vlm-iada" if case == "lora+iada" else "vlm"]), data=str(data), output=str(out), max_steps=args.warmup + args.steps, batch_size=args.batch,
         lr=1e-5, warmup_ratio=0.0, max_length=args.seq * 2, overwrite=True, mixed_precision=args.mixed_precision, **options,
@@ -204,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--attn", default="sdpa", help="attention of the packed cases (flash_attention_2 needs flash-attn)")
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "_work" / "gpu")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda"):

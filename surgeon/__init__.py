@@ -12,6 +12,7 @@ The library behind the ``surgeon`` command, by concern, each package using only 
     data/        data sources, samples, encoding with the model's processor
     perception/  perception/reasoning reweighting, the perception-aware reward, diagnose
     heads/       head influence scores and the head budget of Image-LoRA
+    evaluation/  surgeon eval: answers extracted alike, accuracies with intervals, paired tests, training-time evaluation
     training/    the trainer (and DRIFT/reweighting for the transformers Trainer and TRL)
     publish/     publishing an output folder: push, what it sends and refuses, model cards
     demo/        ``surgeon demo``, tiny models, synthetic data, a local Hub stand-in
@@ -40,9 +41,9 @@ def load_model(path: str | Path, **kwargs: Any) -> Any:
 
 
 def __getattr__(name: str) -> Any:
-    """``DriftCallback``, ``PerceptionLoss``, ``PerceptionCollator`` (``surgeon.training.integrations``), imported
-    on first use so that ``import surgeon`` stays light."""
-    if name in ("DriftCallback", "PerceptionLoss", "PerceptionCollator"):
+    """``DriftCallback``, ``PerceptionLoss``, ``PerceptionCollator``, ``EvalCallback``
+    (``surgeon.training.integrations``), imported on first use so that ``import surgeon`` stays light."""
+    if name in ("DriftCallback", "PerceptionLoss", "PerceptionCollator", "EvalCallback"):
         from surgeon.training import integrations
 
         return getattr(integrations, name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import shlex
 import sys
@@ -18,7 +19,7 @@ def assert_one_line_error(result, *fragments: str) -> None:
     """A failed command: exit 1, one ``Error:`` line on stderr naming the fragments, no traceback
     (``surgeon train``'s status lines may come before it)."""
     assert result.exit_code == 1, (result.exit_code, result.output, result.stderr)
-    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("surgeon train: ")]
+    lines = [line for line in result.stderr.strip().splitlines() if not re.match(r"surgeon [a-z-]+: ", line)]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("Error: "), lines[0]
     assert "Traceback" not in result.output

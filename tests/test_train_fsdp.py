@@ -40,10 +40,24 @@ def iada_vlm(vlm, tmp_path_factory):
     return inject_iada(str(vlm), tmp_path_factory.mktemp("fsdp-iada") / "vlm-iada", IadaConfig(block_size=2)).output
 
 
-def drive(jobs: list, tmp: Path, nproc: int) -> None:
-    """Run the driver's jobs on ``nproc`` processes (torchrun for 2) with one thread each."""
+def drive(jobs: list, tmp: Path, nproc: int, nodes: int = 1) -> None:
+    """Run the driver's jobs on ``nproc`` processes (torchrun for 2) with one thread each; with
+    ``nodes`` = 2, as two torchrun agents of one process each that meet by c10d rendezvous, as two
+    machines would (both on this one)."""
     path = tmp / f"jobs-{nproc}-{len(list(tmp.glob('jobs-*')))}.json"
     path.write_text(json.dumps([[str(a) for a in job] if isinstance(job, list) else job for job in jobs]))
+    if nodes > 1:
+        import os
+        import subprocess
+
+        port, env = free_port(), {**os.environ, "OMP_NUM_THREADS": "1", "SURGEON_DEBUG": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"surgeon-{port}", str(DRIVER), str(path)]  # fmt: skip
+        agents = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(nodes)]
+        outputs = [a.communicate(timeout=900) for a in agents]
+        for agent, (_, err) in zip(agents, outputs):
+            assert agent.returncode == 0, err[-4000:]
+        return
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
                "--master-port", str(free_port()), str(DRIVER), str(path)]  # fmt: skip
@@ -75,12 +89,14 @@ CASES = {
     "drift-cosine": ["--full", "--prior", "PRIOR", "--perception-weight", "0.7"],
     "drift-gradnorm": ["--full", "--prior", "PRIOR", "--drift-scale", "gradnorm", "--drift-alpha", "0.5", "--perception-weight", "0.3"],
     "drift-absolute": ["--full", "--prior", "PRIOR", "--drift-scale", "absolute", "--drift-alpha", "1e-2", "--perception-weight", "0.5"],
-    "dynamic": ["--full", "--perception-weight", "dynamic"],
+    "dynamic": ["--full", "--perception-weight", "dynamic", "--eval-set", "EVAL", "--eval-every", "2", "--eval-limit", "6", "--eval-max-new-tokens", "4"],
     "lora": [],
     "merged-lora": ["--merge-lora"],
     "iada": ["IADA"],
     "vision-checkpointing": ["--train-vision", "--gradient-checkpointing"],
     "image-lora": ["--image-lora", "HEADS"],
+    "packed-dynamic-drift": ["--full", "--prior", "PRIOR", "--perception-weight", "dynamic", "--packing"],
+    "packed-iada-checkpointing": ["IADA", "--packing", "--gradient-checkpointing"],
 }
 
 
@@ -95,7 +111,7 @@ def heads(tmp_path_factory) -> Path:
 
 
 def _args(name: str, vlm, iada_vlm, data, prior, out: Path, accum: int, heads=None) -> list:
-    swap = {"PRIOR": str(prior), "HEADS": str(heads)}
+    swap = {"PRIOR": str(prior), "HEADS": str(heads), "EVAL": f"shapes={data}"}
     extra = [swap.get(a, a) for a in CASES[name] if a != "IADA"]
     model = iada_vlm if "IADA" in CASES[name] else vlm
     common = ["--data", data, "--lr", "1e-3", "--seed", "3", "--batch-size", "2", "--max-steps", "3", "--warmup-ratio", "0"]
@@ -109,11 +125,17 @@ def test_two_sharded_processes_give_the_weights_of_one(vlm, iada_vlm, data, prio
     drive([_args(n, vlm, iada_vlm, data, prior, tmp_path / f"{n}-1", 2, heads) for n in CASES], tmp_path, 1)
     for name in CASES:
         one, two = tmp_path / f"{name}-1", tmp_path / f"{name}-2"
-        assert_same(one, two)
+        assert_same(one, two)  # (evaluating between steps changes nothing of the training)
         record = json.loads((two / "surgeon.json").read_text())["stats"]
         assert record["sharded"] is True and record["world_size"] == 2, name
         lines = (two / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(x)["step"] for x in lines] == [1, 2, 3], name
+    # evaluation while training: the same accuracy and KL(base ‖ current) sharded as on one process
+    evals = [[json.loads(x) for x in (tmp_path / f"dynamic-{n}" / "metrics.jsonl").read_text().splitlines() if "kl_base" in x] for n in (1, 2)]
+    assert [m["step"] for m in evals[0]] == [m["step"] for m in evals[1]] == [2, 3]
+    for a, b in zip(*evals):
+        assert a["eval/shapes/accuracy"] == b["eval/shapes/accuracy"] and a["eval/shapes/n"] == b["eval/shapes/n"] == 6
+        assert a["kl_base"] == pytest.approx(b["kl_base"], rel=1e-3, abs=1e-6)
     # Δ is sharded like its parameters: each rank holds half of it (the tiny model's rows split evenly)
     drift = [json.loads((tmp_path / f"drift-cosine-{n}" / "surgeon.json").read_text())["stats"]["drift"] for n in (1, 2)]
     assert drift[0]["delta_bytes_per_process"] == 4 * drift[0]["parameters"]  # the tiny prior is fp32
@@ -161,6 +183,21 @@ def test_sharded_resume_continues_exactly_and_needs_the_same_world_size(vlm, dat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same ranks, same sums: bit for bit
     steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+def test_two_nodes_by_c10d_rendezvous_train_sharded_and_resume(vlm, data, tmp_path):
+    """Two torchrun agents (one process each, --nnodes 2, c10d rendezvous) train packed and
+    sharded; a run stopped after a checkpoint and resumed on two nodes ends with the weights of one
+    that never stopped, bit for bit."""
+    args = [vlm, "--data", data, "--lr", "1e-3", "--seed", "2", "--batch-size", "2", "--max-steps", "3", "--warmup-ratio", "0",
+            "--full", "--packing", "--save-steps", "1", "--fsdp"]  # fmt: skip
+    drive([[*args, "-o", tmp_path / "whole"], {"args": [str(a) for a in [*args, "-o", tmp_path / "cut"]], "stop_after_checkpoint": 2}], tmp_path, 2, nodes=2)
+    assert (tmp_path / "cut-checkpoints" / "checkpoint-2" / "trainable-rank00001.safetensors").exists()
+    drive([[*args, "-o", tmp_path / "cut", "--resume"]], tmp_path, 2, nodes=2)
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "whole" / "surgeon.json").read_text())["stats"]["world_size"] == 2
 
 
 @pytest.mark.slow

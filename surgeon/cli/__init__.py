@@ -11,6 +11,7 @@ from surgeon import __version__
 from surgeon.cli import (
     demo,
     diagnose,
+    evaluate,
     inject_iada,
     inspect,
     merge,
@@ -42,6 +43,7 @@ def main(verbose: int, quiet: bool) -> None:
       score-heads     which KV heads Image-LoRA adapts: influence scores and a budgeted selection
       train           LoRA / full / Image-LoRA fine-tuning with DRIFT, IADA and perception reweighting
       diagnose        the perception share of a dataset's supervised tokens and loss
+      eval            the reasoning tax: models side by side on your sets, intervals and paired tests
       demo            the whole pipeline on tiny models built on the spot
       push            publish an output folder to the Hub with a model card from surgeon.json
     """
@@ -56,6 +58,7 @@ for _module in (
     score_heads,
     train,
     diagnose,
+    evaluate,
     demo,
     push,
 ):

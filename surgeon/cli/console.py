@@ -11,7 +11,7 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True)
@@ -55,8 +55,9 @@ def progress() -> Iterator[Any]:
         yield lambda task, done, total: None
         return
     bars = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True
-    )
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=err, transient=True,
+    )  # fmt: skip
     tasks: dict[str, Any] = {}
 
     def update(task: str, done: int, total: int) -> None:

@@ -42,6 +42,28 @@ from surgeon.cli.push_option import push_to_hub_option, push_written
 @click.option("--train-vision", is_flag=True, help="Also train the vision tower and projector.")
 @click.option("--max-length", type=int, default=2048, show_default=True, help="Tokens per sample: longer ones are truncated; a sample whose image would be cut is skipped and counted.")
 @click.option(
+    "--packing", is_flag=True,
+    help="Lay each micro-batch's samples end to end in one row with no padding; each sample attends only to itself and "
+    "its positions restart (Qwen-VL: its own 3-D M-RoPE positions).",
+)
+@click.option(
+    "--max-tokens-per-batch", type=int, default=None, metavar="N",
+    help="Fill each micro-batch with samples up to N tokens (summed when packed, longest × count when padded) instead of "
+    "--batch-size samples; the samples' lengths are measured once before training.",
+)
+@click.option(
+    "--group-by-length", is_flag=True,
+    help="Without packing: put samples of similar length in the same micro-batch (sorted within windows of 50 global batches).",
+)
+@click.option(
+    "--chunked-loss/--no-chunked-loss", default=True, show_default=True,
+    help="Compute the loss from the LM head's input in chunks, never holding the [tokens × vocabulary] logits.",
+)
+@click.option(
+    "--attn", type=click.Choice(["sdpa", "eager", "flash_attention_2", "flex_attention"]), default="sdpa", show_default=True,
+    help="The language model's attention (flash_attention_2 needs flash-attn on a GPU; flex_attention trains on GPUs only).",
+)
+@click.option(
     "--mixed-precision", type=DtypeName(("bf16", "fp16"), ("auto", "no")), default="auto", show_default=True,
     help="Compute dtype: auto is bf16 on a GPU that has it, else no (fp32). Frozen weights are kept in it.",
 )
@@ -93,6 +115,12 @@ from surgeon.cli.push_option import push_to_hub_option, push_written
 @click.option("--threads", type=int, default=None,
               help="CPU threads per process for torch's intra-op work. Default: OMP_NUM_THREADS when set (torchrun sets 1 "
                    "for several processes), else this process's cores divided by the processes on this node.")
+@click.option("--eval-set", multiple=True, metavar="NAME=DATA",
+              help="Score this set by greedy generation during training (as surgeon eval does); repeatable. Needs --eval-every.")
+@click.option("--eval-every", type=int, default=None, metavar="N",
+              help="Evaluate every N steps and after the last: each --eval-set's accuracy and KL(base ‖ current) on fixed text-only prompts.")
+@click.option("--eval-limit", type=int, default=200, show_default=True, help="Items of each --eval-set.")
+@click.option("--eval-max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--log-steps", type=int, default=10, show_default=True, help="When stderr is not a terminal: a progress line every N steps.")
 @click.option(
     "--report-to", type=click.Choice(["none", "tensorboard", "wandb"]), default="none", show_default=True,
@@ -237,18 +265,24 @@ class _StepBar:
         self.progress.__exit__(*exc)
 
 
+def _share(m: dict) -> str:
+    """The padding's share of the positions a step computed."""
+    computed = m.get("tokens", 0) + m.get("padding", 0)
+    return f"{100 * m.get('padding', 0) / computed:.0f}%" if computed else "-"
+
+
 def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _line(m: dict, elapsed: float, done: int) -> str:
-    """``step 3/6  loss 6.2719  L_p 6.3012  L_r 6.2503  λ 0.310  lr 1.00e-03  grad 2.16  1234 tok/s  elapsed 0:00:05  ETA 0:00:05``."""
+    """``step 3/6  loss 6.2719  L_p 6.3012  L_r 6.2503  λ 0.310  lr 1.00e-03  grad 2.16  1234 tok/s  pad 12%  elapsed 0:00:05  ETA 0:00:05``."""
     total = m.get("total_steps") or m["step"]
     eta = elapsed / max(done, 1) * (total - m["step"])
     grad = f"{m['grad_norm']:.3g}" if m.get("grad_norm") is not None else "-"
     rate = f"{m['tokens_per_s']:.0f}" if m.get("tokens_per_s") else "-"
     return (
         f"step {m['step']}/{total}  loss {m['loss']:.4f}  L_p {m['loss_perception']:.4f}  L_r {m['loss_reasoning']:.4f}"
-        f"  λ {m['lambda']:.3f}  lr {m['lr']:.2e}  grad {grad}  {rate} tok/s  elapsed {_clock(elapsed)}  ETA {_clock(eta)}"
+        f"  λ {m['lambda']:.3f}  lr {m['lr']:.2e}  grad {grad}  {rate} tok/s  pad {_share(m)}  elapsed {_clock(elapsed)}  ETA {_clock(eta)}"
     )

@@ -193,6 +193,23 @@ class SampleEncoder:
             raise BadSample("chat template too costly", str(exc)) from None
         return text if isinstance(text, str) else text[0]
 
+    def prompt(self, turns: Sequence[Any]) -> str:
+        """The text the model continues from: ``turns`` (``surgeon.data.samples.Turn``) rendered with
+        the chat template's generation prompt (what inference sends)."""
+        try:
+            return self._render([self._message(t.role, t.parts) for t in turns], add_generation_prompt=True)
+        except BadSample as bad:
+            raise DataError(self.name, f"its chat template cannot render a prompt ({bad.detail})") from None
+
+    def stop_token_ids(self) -> list[int]:
+        """Token ids that end a generated answer: EOS, and the end-of-turn marker the template writes."""
+        ids = {self.tokenizer.eos_token_id} if isinstance(self.tokenizer.eos_token_id, int) else set()
+        if self.turn_suffix:
+            suffix = self.tokenizer(self.turn_suffix, add_special_tokens=False)["input_ids"]
+            if len(suffix) == 1:
+                ids.add(suffix[0])
+        return sorted(ids)
+
     def render(self, sample: Sample) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
         """``(text, supervised spans, perception spans)``: character ranges in the rendered text."""
         messages = [self._message(t.role, t.parts) for t in sample.turns]
@@ -321,6 +338,14 @@ def collate(items: Sequence[Encoded], pad_token_id: int) -> dict[str, torch.Tens
             if key in e.tokens:
                 out[i, : len(e)] = e.tokens[key]
         batch[key] = out
+    batch.update(concat_vision(items))
+    return batch
+
+
+def concat_vision(items: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+    """The samples' vision tensors concatenated along dim 0 in sample order (Qwen-VL's flattened
+    patches and grids, LLaVA's images); none for samples without images."""
+    batch: dict[str, torch.Tensor] = {}
     for key in dict.fromkeys(k for e in items for k in e.vision):
         parts = [e.vision[key] for e in items if key in e.vision]
         if len({tuple(p.shape[1:]) for p in parts}) > 1:

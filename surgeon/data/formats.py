@@ -64,9 +64,10 @@ def compile_pattern(perception_regex: str | None) -> re.Pattern | None:
 
 
 def parse_record(
-    record: object, base: Path, pattern: re.Pattern | None = None, line: int = 0, source: str = ""
+    record: object, base: Path, pattern: re.Pattern | None = None, line: int = 0, source: str = "", supervised: bool = True
 ) -> Sample:
-    """One record (a parsed JSON object) -> Sample; raises BadSample explaining what is wrong."""
+    """One record (a parsed JSON object) -> Sample; raises BadSample explaining what is wrong.
+    ``supervised=False`` (evaluation) also takes a conversation without an assistant turn."""
     if not isinstance(record, dict):
         raise BadSample("unknown format", f"expected a JSON object, got {type(record).__name__}")
     key = next((k for k in _CONVERSATION_KEYS if isinstance(record.get(k), list)), None)
@@ -100,7 +101,7 @@ def parse_record(
     if used != len(listed):
         detail = f"{used} image placeholder(s) but {len(listed)} image(s) listed"
         raise BadSample("image count mismatch", detail)
-    if not any(t.role == "assistant" for t in turns):
+    if supervised and not any(t.role == "assistant" for t in turns):
         raise BadSample("no assistant turn", "the conversation has nothing to supervise")
     meta = {k: v for k, v in record.items() if k != key and k not in _IMAGE_KEYS}
     return Sample(tuple(turns), line, source, meta)

@@ -136,11 +136,24 @@ class LazyDataset(torch.utils.data.Dataset):
         return Encoded(tokens, {}, line, skipped=reason)
 
 
-class CountingCollate:
-    """``collate_fn`` for a DataLoader over a LazyDataset: ``(batch, reasons of hollow samples)``."""
+def token_lengths(dataset: torch.utils.data.Dataset, indices: Sequence[int], num_workers: int = 0) -> list[int]:
+    """The token count of each sample at ``indices`` (a hollow stand-in counts its one token),
+    encoded in ``num_workers`` DataLoader processes (images decoded, then dropped)."""
+    subset = torch.utils.data.Subset(dataset, list(indices))
+    loader = torch.utils.data.DataLoader(subset, batch_size=None, collate_fn=len, num_workers=num_workers)
+    return [int(n) for n in loader]
 
-    def __init__(self, encoder: SampleEncoder) -> None:
+
+class CountingCollate:
+    """``collate_fn`` for a DataLoader over a LazyDataset: ``(batch, reasons of hollow samples)``;
+    ``packed``: the batch as one packed row (``surgeon.data.packing``) instead of padded rows."""
+
+    def __init__(self, encoder: SampleEncoder, packed: bool = False) -> None:
         self.encoder = encoder
+        self.packed = packed
 
     def __call__(self, items: Sequence[Encoded]) -> tuple[dict[str, torch.Tensor], list[str]]:
-        return self.encoder.collate(items), [e.skipped for e in items if e.skipped]
+        from surgeon.data.packing import pack
+
+        batch = pack(items, self.encoder.pad_token_id) if self.packed else self.encoder.collate(items)
+        return batch, [e.skipped for e in items if e.skipped]

@@ -52,6 +52,7 @@ class ScannedData:
     pattern: re.Pattern | None
     perception: bool = False
     with_images: Any = field(default_factory=lambda: array("q"))
+    supervised: bool = True  # every row needs an assistant turn (False: evaluation rows may carry an ``answer`` instead)
 
     @property
     def images(self) -> int:
@@ -62,7 +63,7 @@ class ScannedData:
 
     def sample(self, i: int) -> Sample:
         j = self.good[i]
-        return parse_record(self.rows.record(j), self.rows.base, self.pattern, self.rows.line(j), self.rows.source)
+        return parse_record(self.rows.record(j), self.rows.base, self.pattern, self.rows.line(j), self.rows.source, self.supervised)
 
     def samples(self, order: Sequence[int] | None = None) -> SampleView:
         """The usable samples (or those at ``order``) as a sequence parsed on access."""
@@ -88,16 +89,18 @@ def scan_samples(
     skip_bad: bool = False,
     max_samples: int | None = None,
     stats: DataStats | None = None,
+    supervised: bool = True,
 ) -> ScannedData:
     """One validation pass over a data source: every row is parsed and checked (format, roles,
-    image files exist, image counts, perception tags) but no image is opened. Raises DataError at
+    image files exist, image counts, perception tags) but no image is opened. ``supervised=False``
+    takes rows without an assistant turn too (evaluation sets). Raises DataError at
     the first bad row, naming its line, unless ``skip_bad`` (then it is counted in ``stats``)."""
     from surgeon.data.rows import MalformedLine, TooLongLine, open_rows
 
     rows = open_rows(path)
     pattern = compile_pattern(perception_regex)
     stats = stats if stats is not None else DataStats()
-    scanned = ScannedData(rows, array("q"), stats, pattern)
+    scanned = ScannedData(rows, array("q"), stats, pattern, supervised=supervised)
     for j in range(len(rows)):
         if max_samples is not None and len(scanned.good) >= max_samples:
             break
@@ -110,7 +113,7 @@ def scan_samples(
                 raise BadSample("line too long", str(exc)) from None
             except MalformedLine as exc:
                 raise BadSample("malformed JSON", str(exc)) from None
-            sample = parse_record(record, rows.base, pattern, line, rows.source)
+            sample = parse_record(record, rows.base, pattern, line, rows.source, supervised)
         except BadSample as bad:
             if not skip_bad:
                 raise DataError(f"{rows.source}:{line}", str(bad), SKIP_HINT) from None

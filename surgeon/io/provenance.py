@@ -63,6 +63,7 @@ ARTIFACTS = (
     "model+remote-code",  # a model folder with surgeon modules, loaded with trust_remote_code=True
     "peft-adapter",  # a peft adapter folder (PeftModel.from_pretrained)
     "head-scores",  # Image-LoRA head scores and selection (heads.json)
+    "evaluation",  # surgeon eval's report: results.jsonl, summary.json, tax.png
 )
 InputValue = Any  # a surgeon.io.checkpoint.Checkpoint (anything with ``describe()``), a dict or a list
 

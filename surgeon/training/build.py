@@ -91,6 +91,10 @@ def build_model(config: TrainConfig, source: str | Path | dict, dtype: str) -> t
         model = empty_model(source)
     else:
         model = load_model(source, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+    if config.packing or config.attn != "sdpa":
+        from surgeon.training.attention import set_attention
+
+        set_attention(model, config.attn, config.packing)
     if config.iada:
         if module_parameters(model, "iada"):
             raise ConfigError("iada", f"{config.model} already has IADA blocks, which train anyway", "drop --iada")

@@ -13,7 +13,7 @@ from surgeon.errors import ConfigError
 # Fields that do not change what a run computes: excluded from the resume fingerprint. (Whether
 # the model is sharded is checked on resume from the checkpoint itself.)
 _NOT_FINGERPRINTED = {
-    "output", "save_steps", "resume", "resume_anyway", "overwrite", "fsdp", "gpu_memory", "num_workers", "log_steps", "report_to", "threads",
+    "output", "save_steps", "resume", "resume_anyway", "overwrite", "eval_set", "eval_every", "eval_limit", "eval_max_new_tokens", "fsdp", "gpu_memory", "num_workers", "log_steps", "report_to", "threads",
 }  # fmt: skip
 
 
@@ -67,6 +67,11 @@ class TrainConfig:
     lora_targets: str = "attn,mlp"
     train_vision: bool = False  # also train the vision tower and projector (fully)
     max_length: int = 2048
+    packing: bool = False  # each micro-batch as one row without padding; every sample attends to itself only
+    max_tokens_per_batch: int | None = None  # micro-batches filled by tokens instead of --batch-size samples
+    group_by_length: bool = False  # (without packing) samples of similar length in a micro-batch, within a window
+    chunked_loss: bool = True  # span losses from the LM head's input in chunks: the full logits never exist
+    attn: str = "sdpa"  # the language model's attention: sdpa, eager, flash_attention_2 or flex_attention
     mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else no
     param_dtype: str = "fp32"  # trained parameters (master copies), gradients, AdamW state: fp32 or bf16
     fsdp: bool = False  # shard parameters, gradients, optimiser state and Δ over the processes (FSDP2)
@@ -90,6 +95,10 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader worker processes that encode samples (0: the training process)
     threads: int | None = None  # intra-op CPU threads per process (None: ``parallel.default_threads``)
     log_steps: int = 10  # a plain progress line every N steps when stderr is not a terminal
+    eval_set: tuple[str, ...] = ()  # NAME=DATA sets scored by greedy generation during training (surgeon eval's scoring)
+    eval_every: int | None = None  # evaluate every N steps and after the last (the sets' accuracy, KL(base ‖ current))
+    eval_limit: int | None = 200  # items of each eval set
+    eval_max_new_tokens: int = 128
     report_to: str = "none"  # tensorboard, wandb or none (through Accelerate's trackers)
     overwrite: bool = False
 
@@ -159,6 +168,19 @@ class TrainConfig:
             )
         if self.merge_lora and self.full:
             raise ConfigError("merge_lora", "there is no LoRA to merge with --full", "drop --merge-lora")
+        if self.eval_set and not self.eval_every:
+            raise ConfigError("eval_every", "eval sets are given but not how often to evaluate", "add --eval-every N (steps)")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise ConfigError("eval_every", f"must be at least 1, got {self.eval_every}")
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
+            raise ConfigError("max_tokens_per_batch", f"must be at least 1, got {self.max_tokens_per_batch}")
+        if self.group_by_length and (self.packing or self.max_tokens_per_batch):
+            raise ConfigError(
+                "group_by_length", "groups samples by length to save padding, which packing and token budgets already do",
+                "drop --group-by-length",
+            )  # fmt: skip
+        if self.attn not in ("sdpa", "eager", "flash_attention_2", "flex_attention"):
+            raise ConfigError("attn", f"unknown attention backend {self.attn!r}", "choose sdpa, eager, flash_attention_2 or flex_attention")
         if self.perception_weight == "dynamic" and self.mixed_precision == "fp16":
             raise ConfigError("perception_weight", "dynamic λ does not work with fp16 loss scaling", "use --mixed-precision bf16 or no")
 

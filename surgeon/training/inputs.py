@@ -25,10 +25,15 @@ def check_inputs(config: TrainConfig) -> Any:
         from surgeon.drift.prior import open_prior
 
         open_prior(config.prior).close()
+    from surgeon.training.attention import check_attn, check_packable
+
+    check_attn(config.attn, "cuda" if torch.cuda.is_available() else "cpu")
     ckpt = open_checkpoint(config.model)
     from surgeon.anatomy.limits import check_checkpoint
 
     check_checkpoint(ckpt)
+    if config.packing:
+        check_packable(ckpt.config, config.model)
     if config.image_lora:
         from surgeon.heads.score import read_heads
         from surgeon.anatomy.layout import config_value, text_config

@@ -99,14 +99,21 @@ class PerceptionLoss:
     """``compute_loss_func``: ``λ·L_p + (1−λ)·L_r`` with each span normalised by its tokens in the
     whole optimiser step (all micro-batches, all processes). ``attach(trainer)`` installs it; a
     trainer given it only as ``compute_loss_func`` would never see the perception flags, so the
-    loss refuses to run unattached."""
+    loss refuses to run unattached.
 
-    def __init__(self, lam: float) -> None:
+    ``chunked`` (default): while the trainer computes a training loss, the model's LM head hands
+    its input to this loss instead of computing logits, and the loss runs the head chunk by chunk
+    (``surgeon.perception.chunked``), as ``surgeon train`` does: the ``[tokens × vocabulary]``
+    logits never exist. Evaluation and prediction keep the model's own logits."""
+
+    def __init__(self, lam: float, chunked: bool = True) -> None:
         if not 0.0 <= float(lam) <= 1.0:
             raise ConfigError("perception_weight", f"must lie in [0, 1], got {lam}")
         self.lam = float(lam)
+        self.chunked = chunked
         self.counts: tuple[int, int] | None = None
         self.attached = False
+        self._caught: Any = None  # the head's input while a chunked training loss is computed
 
     def attach(self, trainer: Any) -> Any:
         """Use this loss in ``trainer`` and count each span over every optimiser step (the trainer's
@@ -130,14 +137,45 @@ class PerceptionLoss:
             return batches, num_items
 
         trainer.get_batch_samples = get_batch_samples
+        if self.chunked:
+            self._catch_head(trainer)
         return trainer
+
+    def _catch_head(self, trainer: Any) -> None:
+        """Wrap ``trainer.compute_loss``: in training mode the model's head is caught (its input kept
+        for this loss, a stand-in returned) for the duration of the trainer's own computation, so
+        that everything the trainer does around the loss (scaling, averaging) is unchanged."""
+        from surgeon.training.forward import _caught
+
+        compute = trainer.compute_loss
+
+        def compute_loss(model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+            if not model.training:
+                return compute(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            base = trainer.accelerator.unwrap_model(model)
+            base = base.get_base_model() if hasattr(base, "get_base_model") else base
+            text = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+            with _caught(base.get_output_embeddings(), text) as self._caught:
+                try:
+                    return compute(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+                finally:
+                    self._caught = None
+
+        trainer.compute_loss = compute_loss
 
     def __call__(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
         if not self.attached and self.counts is None:
             raise ConfigError("PerceptionLoss", "is not attached to the trainer, so no label carries the perception span", "call loss.attach(trainer) before trainer.train()")
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         labels, mask = split_labels(labels.to(logits.device))
-        losses = span_losses(logits, labels, mask, totals=self.counts)
+        if self._caught is not None and getattr(self._caught, "hidden", None) is not None:
+            from surgeon.perception.chunked import Head, head_span_losses
+
+            head, text = self._caught.head, self._caught.config
+            chunked = Head(head.weight, getattr(head, "bias", None), getattr(text, "final_logit_softcapping", None))
+            losses = head_span_losses(self._caught.hidden, chunked, labels, mask, totals=self.counts)
+        else:
+            losses = span_losses(logits, labels, mask, totals=self.counts)
         return combine(losses, self.lam)
 
 
@@ -178,3 +216,50 @@ class PerceptionCollator:
         if self.carry_perception:
             batch["labels"] = torch.where(mask, batch["labels"] + PERCEPTION_OFFSET, batch["labels"])
         return batch
+
+
+class EvalCallback(TrainerCallback):
+    """Training-time evaluation for the transformers Trainer and TRL, as ``surgeon train
+    --eval-set … --eval-every N`` does it: every ``every`` steps and after the last, each set's
+    accuracy by greedy generation (``surgeon eval``'s scoring) and KL(base ‖ current) on fixed
+    text-only prompts, logged through the trainer (so they reach its tensorboard or W&B)::
+
+        EvalCallback(["gsm=gsm.jsonl"], every=100, model="Qwen/Qwen2.5-VL-7B-Instruct").attach(trainer)
+    """
+
+    def __init__(self, sets: list[str], every: int, model: Any, limit: int | None = 200, max_new_tokens: int = 128, batch_size: int = 8) -> None:
+        from surgeon.data.encoding import SampleEncoder
+
+        if every < 1:
+            raise ConfigError("every", f"must be at least 1, got {every}")
+        self.sets, self.every, self.limit, self.max_new_tokens, self.batch_size = list(sets), every, limit, max_new_tokens, batch_size
+        self.encoder = model if isinstance(model, SampleEncoder) else SampleEncoder.from_pretrained(model)
+        self.trainer: Any = None
+        self.monitor: Any = None
+
+    def attach(self, trainer: Any) -> Any:
+        """Add this callback to ``trainer`` (it logs through it); returns the trainer."""
+        self.trainer = trainer
+        trainer.add_callback(self)
+        return trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        from surgeon.evaluation.monitor import Monitor
+
+        world, rank = args.world_size, args.process_index
+
+        def reduce(t: torch.Tensor) -> torch.Tensor:
+            return self.trainer.accelerator.reduce(t.to(self.trainer.accelerator.device), reduction="sum").cpu()
+
+        self.monitor = Monitor(self.sets, self.every, self.encoder, self.limit, self.max_new_tokens, self.batch_size,
+                               reduce=reduce, rank=rank, world=world, synced=world > 1)  # fmt: skip
+        self.monitor.start(self._model(model))
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if self.monitor is not None and self.monitor.due(state.global_step, state.max_steps):
+            metrics = self.monitor(self._model(model))
+            if self.trainer is not None:
+                self.trainer.log(metrics)
+
+    def _model(self, model: Any) -> Any:
+        return self.trainer.accelerator.unwrap_model(model) if self.trainer is not None else model

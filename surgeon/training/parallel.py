@@ -104,6 +104,16 @@ class Replicated:
     def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
         return self.accelerator.prepare(model, optimizer)
 
+    def unwrap(self, model: Any) -> Any:
+        """The model inside its DDP wrapper."""
+        return self.accelerator.unwrap_model(model)
+
+    def keep_head_gathered(self, root: Any) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
     def sync(self, model: Any, last: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if last else self.accelerator.no_sync(model)
 
@@ -197,6 +207,23 @@ class Sharded:
 
     def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
         return model, optimizer
+
+    def unwrap(self, model: Any) -> Any:
+        """The model (FSDP2 shards it in place: there is no wrapper)."""
+        return model
+
+    def keep_head_gathered(self, root: Any) -> None:
+        """Keep the root unit (which holds the LM head) gathered from its forward to the end of the
+        step's backward passes: the chunked loss uses the head outside the model's forward, where
+        no hook would gather it again for a second pass. Its gradients are still reduce-scattered
+        after every pass; ``release`` reshards it once the step's gradients are finished."""
+        root.set_reshard_after_backward(False, recurse=False)
+        self._held = root
+
+    def release(self) -> None:
+        held = getattr(self, "_held", None)
+        if held is not None:
+            held.reshard()
 
     def sync(self, model: Any, last: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()

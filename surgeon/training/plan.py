@@ -125,7 +125,7 @@ def plan_memory(
         parts["delta"], biased = _delta_bytes(config.prior, dict(lm_parameters(model)), size)
         notes.append(f"DRIFT biases {biased:,} parameters")
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    tokens = config.batch_size * config.max_length
+    tokens = config.max_tokens_per_batch or config.batch_size * config.max_length
     parts["activations"] = _activations(text, len(decoder.layers), tokens, b_compute, config, module_parameters(root))
     parts["runtime"] = RUNTIME_BYTES.get(device, RUNTIME_BYTES["cuda"])
     counts = {
@@ -181,18 +181,32 @@ def _state_parts(
 
 
 def _activations(text: Any, layers: int, tokens: int, b: int, config: TrainConfig, modules: dict) -> int:
+    """Bytes of what the forward keeps for the backward, at ``tokens`` per micro-batch: per layer
+    (or, with gradient checkpointing, each layer's input and one layer's worth), the attention
+    probabilities where the kernel keeps them (eager; sdpa given a padding mask, which sends it to
+    the math kernel), and the loss: the whole ``[tokens × vocabulary]`` logits with their fp32
+    softmax and gradient, or with the chunked loss one chunk of them and the gathered hidden rows."""
+    from surgeon.perception.chunked import chunk_rows
+
     h = text.hidden_size
     heads = getattr(text, "num_attention_heads", 1) or 1
     head_dim = getattr(text, "head_dim", None) or h // heads
     kv = (getattr(text, "num_key_value_heads", None) or heads) * head_dim
     f = getattr(text, "intermediate_size", None) or 4 * h
     per_layer = (7 * h + 3 * kv + 4 * f) * b  # bytes per token
+    row = tokens if config.packing or config.batch_size == 1 else config.max_length
+    rows = max(tokens // max(row, 1), 1)
+    masked = config.attn == "eager" or (config.attn == "sdpa" and not config.packing and rows > 1)
+    probs = rows * heads * row * row * b if masked else 0  # one layer's attention probabilities
     if config.gradient_checkpointing:
-        kept = tokens * (layers * h * b + per_layer)
+        kept = tokens * (layers * h * b + per_layer) + probs
     else:
-        kept = tokens * layers * per_layer
+        kept = tokens * layers * per_layer + layers * probs
     vocab = getattr(text, "vocab_size", 0) or 0
-    logits = tokens * vocab * (b + 8 + (4 if b < 4 else 0))  # logits, fp32 log-softmax, fp32 gradient (+ fp32 copy)
+    if config.chunked_loss:
+        logits = min(chunk_rows(vocab), tokens) * vocab * (b + 12) + tokens * h * (b + 4)  # a chunk's logits, softmax, gradient; rows gathered
+    else:
+        logits = tokens * vocab * (b + 8 + (4 if b < 4 else 0))  # logits, fp32 log-softmax, fp32 gradient (+ fp32 copy)
     boundaries = len({n.split(".")[3] for n in modules if n.startswith("surgeon.iada.blocks.")})
     iada = tokens * h * 4 * 2 * (boundaries + 1) if boundaries else 0
     return kept + logits + iada

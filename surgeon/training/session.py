@@ -64,6 +64,9 @@ class Session:
     log: Any = None  # surgeon.training.tracking.MetricsLog on the main process
     tracker: Any = None
     on_step: StepCallback | None = None
+    forward: Any = None  # surgeon.training.forward.Forward
+    monitor: Any = None  # surgeon.evaluation.monitor.Monitor (--eval-every)
+    status: Status = print
     metrics: dict[str, Any] = field(default_factory=dict)  # the last step's
     seen: dict[str, int] = field(default_factory=lambda: {"supervised_tokens": 0, "perception_tokens": 0, "hollow": 0})
 
@@ -76,6 +79,7 @@ def open_session(config: TrainConfig, state: Any, cpu: bool, status: Status, on_
 
     from surgeon.training import build, inputs
     from surgeon.training.config import resolve_precision
+    from surgeon.training.forward import Forward
     from surgeon.training.parallel import fsdp_requested
 
     precision = resolve_precision(config, not cpu and torch.cuda.is_bf16_supported())
@@ -96,11 +100,14 @@ def open_session(config: TrainConfig, state: Any, cpu: bool, status: Status, on_
         status(f"DRIFT biases {len(drift.params)} tensors ({drift.numel:,} parameters), {config.drift_scale}, α={config.drift_alpha}{zero}")
     params = list(run.trainable.values())
     progress = Progress(0, config.fingerprint() + run.data_fingerprint, inputs.input_identities(run, config))
+    monitor = _monitor(config, run, engine, model)  # (before a resumed checkpoint: the base is the model as loaded)
     start = _resume(config, resume_from, progress, run, optimizer, scheduler, engine, status)
     s = Session(
         config, run, precision, engine, model, params, optimizer, scheduler, drift, _dynamic(config, params), order, total, start, progress,
         root=_root(config), loader=_loader(config, run, order, engine.rank, start, total), on_step=on_step,
     )  # fmt: skip
+    s.forward = Forward(model, config, engine, run.dataset.encoder.placeholder_ids, status)
+    s.monitor, s.status = monitor, status
     _open_sinks(s)
     model.train()
     return s
@@ -112,6 +119,10 @@ def report(s: Session, step: int, metrics: dict[str, Any]) -> None:
     from surgeon.training.state import save_checkpoint
     from surgeon.training.tracking import numbers
 
+    if s.monitor is not None and s.monitor.due(step + 1, s.total):
+        found = s.monitor(s.engine.unwrap(s.model))
+        metrics = {**metrics, **found}
+        s.status(f"eval after step {step + 1}: " + ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in found.items() if not k.endswith("/n")))
     s.metrics = metrics
     s.seen["supervised_tokens"] += metrics["perception_tokens"] + metrics["reasoning_tokens"]
     s.seen["perception_tokens"] += metrics["perception_tokens"]
@@ -210,11 +221,10 @@ def _place(config: TrainConfig, run: Run, precision: Precision, sharded: bool, s
 
     from surgeon.dtensor import is_sharded
     from surgeon.training.lora import trainable
-    from surgeon.training.order import SampleOrder
     from surgeon.training.parallel import Replicated, Sharded
 
     engine = Sharded(precision, state) if sharded else Replicated(precision, run.has_surgeon_modules, cpu)
-    order = SampleOrder(len(run.dataset), config.batch_size, config.grad_accum, engine.world, config.seed)
+    order = _order(config, run, engine)
     total = config.max_steps or max(1, math.ceil(config.epochs * order.steps_per_epoch))
     model = engine.shard(run.model)
     run.trainable = trainable(model)  # the sharded parameters (same names)
@@ -228,6 +238,47 @@ def _place(config: TrainConfig, run: Run, precision: Precision, sharded: bool, s
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total), total)
     model, optimizer = engine.wrap(model, optimizer)
     return engine, model, order, total, optimizer, scheduler
+
+
+def _order(config: TrainConfig, run: Run, engine: Any) -> Any:
+    """The global sample order: by samples (``SampleOrder``, grouped by length on request) or by
+    tokens (``TokenBudgetOrder``). The lengths both need are measured once, each process encoding
+    its share of the samples."""
+    from surgeon.training.order import SampleOrder, TokenBudgetOrder
+
+    if not (config.max_tokens_per_batch or config.group_by_length):
+        return SampleOrder(len(run.dataset), config.batch_size, config.grad_accum, engine.world, config.seed)
+    lengths = _lengths(config, run, engine)
+    if config.max_tokens_per_batch:
+        return TokenBudgetOrder(lengths, config.max_tokens_per_batch, config.grad_accum, engine.world, config.seed, packed=config.packing)
+    return SampleOrder(len(run.dataset), config.batch_size, config.grad_accum, engine.world, config.seed, lengths, group_by_length=True)
+
+
+def _lengths(config: TrainConfig, run: Run, engine: Any) -> tuple[int, ...]:
+    from surgeon.data.loading import token_lengths
+
+    n = len(run.dataset)
+    mine = list(range(engine.rank, n, engine.world))
+    counts = torch.zeros(n, dtype=torch.float64, device=engine.device)
+    counts[mine] = torch.tensor(token_lengths(run.dataset, mine, config.num_workers), dtype=torch.float64, device=engine.device)
+    return tuple(int(x) for x in engine.all_reduce(counts).tolist())
+
+
+def _monitor(config: TrainConfig, run: Run, engine: Any, model: Any) -> Any:
+    """The training-time evaluation (``--eval-every``), its base distributions taken now; None without it."""
+    if not config.eval_every:
+        return None
+    from surgeon.evaluation.generate import _item
+    from surgeon.evaluation.monitor import KL_PROMPTS, Monitor
+
+    scanned = run.dataset.scanned
+    fallback = [i for k in range(min(len(scanned), 64)) if (i := _item("train", scanned.sample(k))) is not None and not i.images]
+    monitor = Monitor(
+        config.eval_set, config.eval_every, run.dataset.encoder, config.eval_limit, config.eval_max_new_tokens,
+        fallback=fallback[:KL_PROMPTS], reduce=engine.all_reduce, rank=engine.rank, world=engine.world, synced=engine.sharded,
+    )  # fmt: skip
+    monitor.start(engine.unwrap(model))
+    return monitor
 
 
 def _dynamic(config: TrainConfig, params: list[torch.nn.Parameter]) -> Any:
@@ -268,8 +319,8 @@ def _loader(config: TrainConfig, run: Run, order: Any, rank: int, start: int, to
 
     return iter(
         torch.utils.data.DataLoader(
-            run.dataset, batch_sampler=MicroBatches(order, rank, start, total), collate_fn=CountingCollate(run.dataset.encoder),
-            num_workers=config.num_workers,
+            run.dataset, batch_sampler=MicroBatches(order, rank, start, total),
+            collate_fn=CountingCollate(run.dataset.encoder, packed=config.packing), num_workers=config.num_workers,
         )
     )  # fmt: skip
 

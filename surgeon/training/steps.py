@@ -46,27 +46,24 @@ def accumulate(s: Session, counts: Counts) -> tuple[torch.Tensor, float]:
     """Forward, span losses and backward for each micro-batch; returns this process's (L_p, L_r,
     tokens) sums and λ: fixed, the perception token share (plain cross-entropy), or, for dynamic
     λ, a placeholder that ``update`` replaces. DDP syncs gradients on the last micro-batch only."""
-    from surgeon.perception.reweight import combine, span_losses
+    from surgeon.perception.reweight import combine
 
     config, engine = s.config, s.engine
     n_p, n_r = counts.perception, counts.reasoning
     lam = config.fixed_lambda if config.fixed_lambda is not None else n_p / max(n_p + n_r, 1)
-    sums = torch.zeros(3, device=engine.device)  # L_p, L_r, tokens seen (this rank)
+    sums = torch.zeros(4, device=engine.device)  # L_p, L_r, real tokens, padding positions (this rank)
     for j, batch in enumerate(counts.batches):
         last = j == len(counts.batches) - 1 and s.dynamic is None
         labels, mask = batch.pop("labels"), batch.pop("perception_mask")
         batch = {k: v.to(engine.device) for k, v in batch.items()}
-        with engine.sync(s.model, last):
-            with engine.autocast():
-                logits = s.model(**batch).logits
-            if not logits.requires_grad:  # a text-only batch when only visual-token adapters train
-                logits = logits + sum(p.sum() for p in s.params) * 0.0  # same values, zero gradients
-            losses = span_losses(logits, labels.to(logits.device), mask.to(logits.device), totals=(n_p, n_r))
+        real = batch["attention_mask"].sum().float()
+        with engine.sync(s.model, last), s.forward.micro_batch(batch) as inputs:
+            losses = s.forward.losses(inputs, labels, mask, (n_p, n_r), s.params)
             if s.dynamic is not None:
                 s.dynamic.backward(losses)
             else:
                 engine.backward(combine(losses, lam) * engine.loss_scale)
-        sums += torch.stack([losses.perception.detach(), losses.reasoning.detach(), batch["attention_mask"].sum().float()])
+        sums += torch.stack([losses.perception.detach().float(), losses.reasoning.detach().float(), real, batch["attention_mask"].numel() - real])
     return sums, lam
 
 
@@ -81,6 +78,7 @@ def update(s: Session, lam: float) -> tuple[float, Any, torch.Tensor | None]:
         lam = s.dynamic.apply(reduce=engine.all_reduce if engine.world > 1 else None).lam
     else:
         engine.finish_grads()
+    engine.release()  # a unit kept gathered through the step's backward passes: sharded again before the update
     engine.unscale(s.optimizer)
     clip = s.params if config.max_grad_norm > 0 else ()
     drift_stats = s.drift.apply(norms_of=clip) if s.drift is not None else None
@@ -100,7 +98,7 @@ def step_metrics(
     with the empty-span rule (``surgeon.perception.reweight.effective_lambda``)."""
     from surgeon.perception.reweight import effective_lambda
 
-    l_p, l_r, tokens = (float(x) for x in s.engine.all_reduce(sums))
+    l_p, l_r, tokens, padding = (float(x) for x in s.engine.all_reduce(sums))
     eff = effective_lambda(lam, counts.perception, counts.reasoning)
     metrics = {
         "step": step + 1,
@@ -112,6 +110,7 @@ def step_metrics(
         "lr": s.scheduler.get_last_lr()[0],
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
         "tokens": int(tokens),
+        "padding": int(padding),
         "tokens_per_s": tokens / seconds if seconds > 0 else None,
         "perception_tokens": counts.perception,
         "reasoning_tokens": counts.reasoning,
