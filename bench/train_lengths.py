@@ -218,7 +218,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "_work" / "lengths")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # one case in this process
     args = parser.parse_args()
-    if args.tiny:
+    if args.tiny and not args.case:  # a case process gets the parent's values spelled out
         args.samples, args.longest, args.memory_tokens, args.rounds, args.steps = 12, 256, 200, 1, 1
         args.work = args.work.parent / (args.work.name + "-tiny")
     args.work.mkdir(parents=True, exist_ok=True)
@@ -227,7 +227,9 @@ def main() -> None:
         return
     cases = args.cases.split(",")
     runs: dict[str, list[dict]] = {c: [] for c in cases}
-    passed = [a for a in sys.argv[1:] if a not in ("--cases",)]
+    passed = [str(a) for a in ("--samples", args.samples, "--batch", args.batch, "--steps", args.steps,
+                               "--longest", args.longest, "--memory-tokens", args.memory_tokens, "--work", args.work)]
+    passed += ["--tiny"] if args.tiny else []
     for _ in range(args.rounds):
         for case in cases:
             cmd = [sys.executable, __file__, *passed, "--case", case]
@@ -243,8 +245,9 @@ def main() -> None:
         pad = f"padding {100 * m['padding']:5.1f}%" if m["padding"] is not None else " " * 13
         print(f"  {case:<14} {rate}   {pad}   peak RSS {m['peak_rss'] / 2**20:7.0f} MiB")
     ratios = {}
-    if {"packed", "padded", "trl"} <= med.keys():
+    if {"packed", "padded"} <= med.keys():
         ratios["packed/padded tokens/s"] = med["packed"]["tokens_per_s"] / med["padded"]["tokens_per_s"]
+    if {"packed", "trl"} <= med.keys():
         ratios["packed/trl tokens/s"] = med["packed"]["tokens_per_s"] / med["trl"]["tokens_per_s"]
     if "padded-logits" in med and "packed" in med:
         ratios["packed/padded-logits tokens/s"] = med["packed"]["tokens_per_s"] / med["padded-logits"]["tokens_per_s"]

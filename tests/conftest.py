@@ -109,6 +109,10 @@ def hub_standin(monkeypatch):
             monkeypatch.setenv(name, value)
         for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
             monkeypatch.delenv(name, raising=False)
+        import transformers.utils.hub as transformers_hub
+
+        if hasattr(transformers_hub, "_hf_api"):  # transformers' shared HfApi keeps the endpoint it was made with
+            monkeypatch.setattr(transformers_hub, "_hf_api", None)
         yield standin
 
 

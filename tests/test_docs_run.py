@@ -51,6 +51,7 @@ def test_every_help_example_runs(cli, hub_standin, tmp_path, monkeypatch):
     tiny.build("qwen2", work / "qwen2.5-math", seed=2, num_hidden_layers=28)
     tiny.build("qwen3_vl", work / "qwen3-vl-2b", num_hidden_layers=28)
     make_dataset(work, n=12, seed=0)  # work/data.jsonl and work/images/
+    _eval_inputs(work, vlm)
     monkeypatch.chdir(work)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # `surgeon demo` without --workdir writes here
@@ -63,7 +64,7 @@ def test_every_help_example_runs(cli, hub_standin, tmp_path, monkeypatch):
         result = cli(*args)
         assert result.exit_code == 0, f"surgeon {shlex.join(args)}\n{result.output}"
         ran.append(args)
-    assert {a[0] for a in ran} == {"demo", "diagnose", "inject-iada", "inspect", "merge", "prior", "push"}
+    assert {a[0] for a in ran} == {"demo", "diagnose", "eval", "inject-iada", "inspect", "merge", "prior", "probe-layers", "push"}
 
     # what the examples claim
     assert json.loads((work / "swapped" / "surgeon.json").read_text())["config"]["layers"] == list(range(14, 28))
@@ -72,6 +73,30 @@ def test_every_help_example_runs(cli, hub_standin, tmp_path, monkeypatch):
     assert (work / "qwen3-vl-2b-iada" / "surgeon-iada.safetensors").is_file()
     assert hub_standin.files("my-user/qwen2.5-vl-ties") and hub_standin.files("my-org/drift-prior", "experiments")
     assert hub_standin.repo("my-user/qwen2.5-vl-ties").private
+    assert {r["set"] for r in map(json.loads, (work / "tax" / "results.jsonl").read_text().splitlines())} == {"gsm", "charts"}
+
+
+def _eval_inputs(work: Path, vlm: Path) -> None:
+    """What the ``surgeon eval`` example compares: two fine-tunes, a text set and a chart set (parquet,
+    images as bytes)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for name in ("sft", "drift"):
+        shutil.copytree(vlm, work / name)
+    rows = [json.loads(line) for line in (work / "data.jsonl").read_text().splitlines()]
+    text = [r for r in rows if "image" not in json.dumps(r)]
+    (work / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in text[:3]))
+    charts = []
+    for row in [r for r in rows if r not in text][:3]:
+        image = next(c["image"] for c in row["messages"][0]["content"] if c.get("type") == "image")
+        question = next(c["text"] for c in row["messages"][0]["content"] if c.get("type") == "text")
+        answer = row["messages"][1]["content"]
+        answer = answer if isinstance(answer, str) else "".join(c.get("text", "") for c in answer)
+        charts.append({"images": [{"bytes": (work / image).read_bytes()}], "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]}]})
+    pq.write_table(pa.Table.from_pylist(charts), work / "charts.parquet")
 
 
 README_SNIPPET = re.compile(r"^```python\n(.*?)^```", re.S | re.M)

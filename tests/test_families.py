@@ -181,3 +181,55 @@ def test_cross_attention_layers_are_left_out_and_counted(pair, tmp_path):
     assert "layers.1.self_attn.q_proj.weight" in relatives  # the VLM's layer 2 (its layer 1 is cross-attention)
     assert record["stats"]["tensors"]["language_model.model.layers.2.self_attn.q_proj.weight"]["relative"] == "layers.1.self_attn.q_proj.weight"
     assert not any(r.startswith("cross_layers.") for r in relatives)
+
+
+_TABLE_ROWS = {"lfm2_vl": "LFM2-VL", "phi4_multimodal": "Phi-4-multimodal", "qwen3_vl_moe": "Qwen3-VL-MoE", "kimi_k25": "Kimi-K2.5"}
+
+
+def _documented_presets(family: str) -> dict[str, set[str]]:
+    """The module names docs/methods.md §8's preset table gives ``family`` (braces expanded)."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "methods.md").read_text()
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "`" in line]
+    label = _TABLE_ROWS.get(family, "standard decoders")
+    (row,) = [r for r in rows if label in r[0]]
+
+    def names(cell: str) -> set[str]:
+        out = set()
+        for code in re.findall(r"`([^`]+)`", cell):
+            m = re.search(r"\{([^}]*)\}", code)
+            for option in m.group(1).split(",") if m else [""]:
+                out.add((code[: m.start()] + option + code[m.end() :] if m else code).rsplit(".", 1)[-1])
+        return out
+
+    return {"attn_proj": names(row[1]), "gate_up": names(row[2])}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_preset_table_in_the_methods_page_says_what_the_presets_select(pair, family):
+    from surgeon.anatomy.families import Selection
+    from surgeon.anatomy.layout import detect_layout
+    from surgeon.io.checkpoint import Checkpoint
+
+    vlm, _ = pair(family)
+    checkpoint = Checkpoint(vlm)
+    layout = detect_layout(list(checkpoint.tensors), checkpoint.config)
+    relative = [r for r in (layout.lm_relative(n) for n in checkpoint.tensors) if r]
+    documented = _documented_presets(family)
+    for preset, names in documented.items():
+        selected = {r.removesuffix(".weight").removesuffix(".bias").rsplit(".", 1)[-1] for r in relative if Selection((preset,)).accepts(r)}
+        assert selected == names, (family, preset)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_swap_probe_runs_on_every_family_and_leaves_the_model_as_it_was(pair, family, shapes_data, tmp_path):
+    from surgeon.evaluation.layers import ProbeConfig, probe_layers
+
+    vlm, llm = pair(family)
+    data = shapes_data("trl")
+    text = [line for line in data.read_text().splitlines() if '"image"' not in line][:2]
+    (tmp_path / "text.jsonl").write_text("\n".join(text) + "\n")
+    config = ProbeConfig(vlm=str(vlm), reasoning=str(llm), data=str(tmp_path / "text.jsonl"), probes="swap", accuracy=False)
+    result = probe_layers(config)
+    assert [row["layer"] for row in result.layers] == list(range(result.num_layers))
+    assert all(torch.isfinite(torch.tensor(row["swap_loss"])) for row in result.layers)
+    assert len({round(row["swap_loss"], 6) for row in result.layers}) > 1  # a random partner moves the loss, layer by layer

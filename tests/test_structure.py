@@ -194,7 +194,7 @@ def test_every_methods_citation_points_at_a_section_that_exists():
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     methods = (ROOT / "docs" / "methods.md").read_text()
     sections = set(re.findall(r"^## (\d+)\. ", methods, re.M))
-    assert sections == {"1", "2", "3", "4", "5"}
+    assert sections == {str(i) for i in range(1, len(sections) + 1)} and {"1", "2", "3", "4", "5"} <= sections
     cited = defaultdict(list)
     for name in tracked:
         path = ROOT / name

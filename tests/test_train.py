@@ -176,7 +176,10 @@ def test_lora_never_wraps_vision_blocks(vlm, data, tmp_path):
 
 
 def test_cli_bad_input(cli, vlm, data, tmp_path):
-    assert_one_line_error(cli("train", vlm, "--data", data, "-o", tmp_path / "o", "--prior", "p"), "prior", "--full")
+    assert_one_line_error(cli("train", vlm, "--data", data, "-o", tmp_path / "o", "--prior", "p"), "p: no such prior folder")
+    assert_one_line_error(cli("train", vlm, "--data", data, "-o", tmp_path / "o", "--layers", "2-99"), "layer 99 does not exist", "decoder layers")
+    assert_one_line_error(cli("train", vlm, "--data", data, "-o", tmp_path / "o", "--modules", "norm"), "'norm' matched nothing", "attn (")
+    assert_one_line_error(cli("train", vlm, "--data", data, "-o", tmp_path / "o", "--modules", "mlp", "--lora-targets", "attn"), "both")
     assert_one_line_error(cli("train", vlm, "--data", tmp_path / "none.jsonl", "-o", tmp_path / "o"), "none.jsonl")
     assert_one_line_error(cli("train", vlm, "--data", data, "-o", tmp_path / "o", "--perception-weight", "2"), "perception_weight")
     for option, value, message in (("--lr", "nan", "lr: must be a finite number"), ("--lr", "-1e-4", "lr: must be positive"),

@@ -96,6 +96,7 @@ CASES = {
     "vision-checkpointing": ["--train-vision", "--gradient-checkpointing"],
     "image-lora": ["--image-lora", "HEADS"],
     "packed-dynamic-drift": ["--full", "--prior", "PRIOR", "--perception-weight", "dynamic", "--packing"],
+    "drift-lora": ["--prior", "PRIOR", "--perception-weight", "0.5", "--gradient-checkpointing"],
     "packed-iada-checkpointing": ["IADA", "--packing", "--gradient-checkpointing"],
 }
 

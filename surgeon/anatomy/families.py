@@ -42,7 +42,14 @@ from surgeon.errors import ConfigError, SelectionError
 from surgeon.anatomy.layout import layer_index
 
 FAMILIES = ("attn", "mlp", "norm", "final_norm", "embed", "head", "other")
-PRESETS = ("attn", "mlp", "norm", "final_norm", "embed", "head", "full")
+# Narrower presets (arXiv 2510.08564: tuning only the attention projections, or only the MLP's
+# gate and up projections, forgets less): ``attn_proj`` is the token mixer's linear projections
+# (q/k/v/o, fused qkv, MLA's q_a/q_b/kv_a/kv_b, LFM2's conv in/out), ``gate_up`` the MLP's and its
+# experts' gate and up projections (fused gate_up, Mixtral's w1/w3), never a router.
+NARROW = ("attn_proj", "gate_up")
+PRESETS = ("attn", "mlp", "norm", "final_norm", "embed", "head", "full", *NARROW)
+_ATTN_PROJ = re.compile(r"_proj(_with_mqa)?$|^(qkv|wqkv|Wqkv|query_key_value|c_attn|wq|wk|wv|wo)$")
+_GATE_UP = re.compile(r"^(gate_proj|up_proj|gate_up_proj|w1|w3)$")
 DEFAULT_MODULES = ("attn", "mlp")
 _ATTN = {
     "self_attn", "attention", "attn", "self_attention", "conv", "short_conv", "mixer", "token_mixer", "linear_attn",
@@ -151,6 +158,11 @@ class Selection:
         """Whether one ``modules`` item matches a name (filters aside)."""
         if item.startswith("re:"):
             return re.search(item[3:], relative) is not None
+        if item in NARROW:
+            parts = relative.split(".")
+            leaf = parts[-2] if parts[-1] in ("weight", "bias") and len(parts) > 1 else parts[-1]  # fused experts: no .weight
+            want, pattern = ("attn", _ATTN_PROJ) if item == "attn_proj" else ("mlp", _GATE_UP)
+            return family(relative) == want and pattern.search(leaf) is not None
         return item == "full" or family(relative) == item
 
     def passes_filters(self, relative: str) -> bool:

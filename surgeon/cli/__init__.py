@@ -16,6 +16,7 @@ from surgeon.cli import (
     inspect,
     merge,
     prior,
+    probe_layers,
     push,
     score_heads,
     train,
@@ -40,6 +41,7 @@ def main(verbose: int, quiet: bool) -> None:
       prior           DRIFT reasoning prior: Δ = reasoning LLM − VLM, with per-layer statistics
       merge           merge baselines: linear, task arithmetic, TIES, DARE, layer swap
       inject-iada     add IADA depth-aggregation blocks to a saved model
+      probe-layers    per decoder layer: where images are read, how reasoning layers fit
       score-heads     which KV heads Image-LoRA adapts: influence scores and a budgeted selection
       train           LoRA / full / Image-LoRA fine-tuning with DRIFT, IADA and perception reweighting
       diagnose        the perception share of a dataset's supervised tokens and loss
@@ -59,6 +61,7 @@ for _module in (
     train,
     diagnose,
     evaluate,
+    probe_layers,
     demo,
     push,
 ):

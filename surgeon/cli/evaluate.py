@@ -14,7 +14,7 @@ from surgeon.cli.console import emit_json, err, out, progress, quiet_transformer
     epilog=example(
         "surgeon demo --workdir demo/",
         "surgeon eval demo/vlm demo/trained --set shapes=demo/data/data.jsonl -o demo/tax --max-new-tokens 32",
-        "surgeon eval Qwen/Qwen2.5-VL-7B-Instruct sft/ drift/ --set gsm=gsm8k.jsonl --set charts=org/chartqa:test -o tax/ --limit 500",
+        "surgeon eval Qwen/Qwen2.5-VL-7B-Instruct sft/ drift/ --set gsm=gsm8k.jsonl --set charts=charts.parquet -o tax/ --limit 500",
     ),
 )
 @click.argument("models", nargs=-1, required=True)

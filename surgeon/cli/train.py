@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import click
-from surgeon.cli.group import DtypeName, build, example
+from surgeon.cli.group import SELECTION_HELP, DtypeName, build, example
 from surgeon.cli.console import emit_json, err, out, quiet_transformers
 from surgeon.cli.push_option import push_to_hub_option, push_written
 
@@ -14,6 +14,7 @@ from surgeon.cli.push_option import push_to_hub_option, push_written
         "surgeon demo --workdir demo/",
         "surgeon train demo/vlm --data demo/data/data.jsonl -o run/ --max-steps 20 --perception-weight 0.5",
         "surgeon train demo/vlm --data demo/data/data.jsonl -o run-drift/ --full --prior demo/prior --max-steps 20",
+        "surgeon train demo/vlm --data demo/data/data.jsonl -o run-lora-drift/ --prior demo/prior --modules attn_proj --max-steps 20",
         "surgeon train demo/vlm --data demo/data/data.jsonl -o run-il/ --image-lora demo/heads --max-steps 20 --lr 1e-3",
         "surgeon train demo/vlm --full --prior demo/prior --dry-run --fsdp --num-processes 8 --gpu-memory 80GB",
     ),
@@ -38,7 +39,14 @@ from surgeon.cli.push_option import push_to_hub_option, push_written
 @click.option("--lora-rank", type=int, default=16, show_default=True)
 @click.option("--lora-alpha", type=float, default=32.0, show_default=True)
 @click.option("--lora-dropout", type=float, default=0.0, show_default=True)
-@click.option("--lora-targets", default="attn,mlp", show_default=True, help="Language-model projections LoRA wraps: attn, mlp.")
+@click.option(
+    "--modules", default=None,
+    help="Language-model tensors to train (--full), wrap with LoRA, and bias with DRIFT, in prior/merge's grammar: "
+    "attn, mlp, attn_proj, gate_up, norm, final_norm, embed, head, full, re:REGEX on LM-relative names [default: "
+    "LoRA attn,mlp; --full everything].",
+)  # fmt: skip
+@click.option("--layers", default=None, help=SELECTION_HELP["layers"] + " Use 'surgeon probe-layers' to find a range.")
+@click.option("--lora-targets", default="attn,mlp", hidden=True, help="Older name of --modules for LoRA.")
 @click.option("--train-vision", is_flag=True, help="Also train the vision tower and projector.")
 @click.option("--max-length", type=int, default=2048, show_default=True, help="Tokens per sample: longer ones are truncated; a sample whose image would be cut is skipped and counted.")
 @click.option(
@@ -88,7 +96,7 @@ from surgeon.cli.push_option import push_to_hub_option, push_written
     help="With --resume: continue although the base model's (or prior's) weights changed since the checkpoint (a warning says so).",
 )
 @click.option("--merge-lora", is_flag=True, help="Write a standard merged model folder instead of a peft adapter.")
-@click.option("--prior", default=None, help="DRIFT: a prior folder from `surgeon prior` (needs --full).")
+@click.option("--prior", default=None, help="DRIFT: a prior folder from `surgeon prior`; with LoRA, DRIFT acts through the adapters.")
 @click.option("--drift-alpha", type=float, default=1.0, show_default=True, help="DRIFT strength α.")
 @click.option(
     "--drift-scale", type=click.Choice(["adaptive_cosine", "gradnorm", "absolute"]), default="adaptive_cosine", show_default=True

@@ -33,7 +33,7 @@ DRIFT; otherwise DRIFT acts on the already-clipped gradient.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -171,6 +171,7 @@ class Drift:
         alpha: float = 1.0,
         scale: str = "adaptive_cosine",
         normalize: bool = True,
+        trained_only: bool = False,
     ) -> Drift:
         """Attach a ``surgeon prior`` folder (or Hub repo id) to a model's language-model parameters.
 
@@ -185,6 +186,8 @@ class Drift:
         (mixture-of-experts weights) the fused expert parameter it is part of: fused experts stored
         in the released orientation are transposed, and per-expert Δ of a model that fuses its
         experts in memory are stacked like the parameter (normalised as one tensor then).
+        ``trained_only`` (a model): Δ of parameters that do not train (outside ``train --modules``)
+        is not read.
         """
         from surgeon.drift.prior import open_prior
 
@@ -195,45 +198,12 @@ class Drift:
             model = parameters
             parameters = dict(lm_parameters(model))
             frozen = {n for n, _ in lm_parameters(model, buffers=True)} - set(parameters)
-        from surgeon.anatomy.experts import fused_groups
-
-        targets = []
+            if trained_only:
+                frozen |= {n for n, p in parameters.items() if not p.requires_grad}
         with open_prior(prior) as p:
-            by_rel = {p.relative(n): n for n in p.names}
-            fused = fused_groups([r for r in by_rel if r not in parameters], parameters)
-            covered = {r for experts in fused.values() for rels in experts.values() for r in rels}
-            missing = [r for r in by_rel if r not in parameters and r not in covered and r not in frozen]
-            if missing:
-                raise ConfigError(
-                    "prior",
-                    f"{len(missing)} of the prior's {len(p.names)} tensors have no parameter in the model, e.g. {missing[0]}",
-                    "use a prior computed for this model's language model",
-                )
-            for rel, experts in fused.items():  # per-expert Δ, fused like the parameter ([E, 2f, d] / [E, d, f])
-                param = parameters[rel]
-                start, stop = row_range(param)
-                rows = [torch.cat([p.read_rows(by_rel[r], 0, p.shape(by_rel[r])[0]) for r in experts[e]]) for e in range(start, stop)]
-                delta = torch.stack(rows) if rows else torch.empty((0, *param.shape[1:]))
-                if tuple(delta.shape[1:]) != tuple(param.shape[1:]) or len(experts) != param.shape[0]:
-                    raise ConfigError("prior", f"Δ for the experts of {rel} has shape {tuple(delta.shape[1:])}, the parameter {tuple(param.shape)}")
-                norm = sum(p.vlm_norm(by_rel[r]) ** 2 for rels in experts.values() for r in rels) ** 0.5
-                targets.append((rel, param, delta.to(local(param).device), norm if normalize else None))
-            for name in p.names:
-                rel = p.relative(name)
-                if rel in covered or rel in frozen:
-                    continue
-                param = parameters[rel]
-                stored, want = tuple(p.shape(name)), tuple(param.shape)
-                # fused MoE experts saved as [E, d, 2f] / [E, f, d] train as [E, 2f, d] / [E, d, f]
-                swapped = stored != want and len(stored) == 3 and (stored[0], stored[2], stored[1]) == want
-                if stored != want and not swapped:
-                    raise ConfigError("prior", f"Δ for {rel} has shape {stored}, the parameter {want}")
-                start, stop = row_range(param)
-                delta = p.read_rows(name, start, stop)
-                if swapped:
-                    delta = delta.transpose(1, 2).contiguous()
-                delta = delta.to(local(param).device)
-                targets.append((rel, param, delta, p.vlm_norm(name) if normalize else None))
+            targets = [(rel, param, delta, norm if normalize else None) for rel, param, delta, norm in prior_deltas(p, parameters, frozen)]
+        if not targets:
+            raise ConfigError("prior", "none of the tensors that train has Δ in the prior", "select trained tensors the prior covers (--modules/--layers)")
         return cls(targets, alpha=alpha, scale=scale)
 
     @property
@@ -351,3 +321,49 @@ def clip_grad_norm(
     device = grads[0].device
     torch._foreach_mul_(grads, (max_norm / (total.to(device) + 1e-6)).clamp(max=1.0))
     return total
+
+
+def prior_deltas(p: Any, parameters: dict[str, torch.Tensor], skip: set[str] | frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, float]]:
+    """``(name, parameter, Δ, ‖θ_VLM‖)`` for each parameter an open prior ``p`` has Δ for (by
+    LM-relative name), Δ shaped like the parameter and on its device, only the rows a sharded
+    parameter holds on this process. Per-expert Δ of experts the model fuses in memory are
+    stacked like the fused parameter ([E, 2f, d] / [E, d, f]), fused Δ stored in the released
+    orientation transposed. ``skip``: names not to read (left out even when the prior covers them).
+    ConfigError when a prior tensor (outside ``skip``) has no parameter, or shapes disagree."""
+    from surgeon.anatomy.experts import fused_groups
+
+    by_rel = {p.relative(n): n for n in p.names}
+    fused = fused_groups([r for r in by_rel if r not in parameters], parameters)
+    covered = {r for experts in fused.values() for rels in experts.values() for r in rels}
+    missing = [r for r in by_rel if r not in parameters and r not in covered and r not in skip]
+    if missing:
+        raise ConfigError(
+            "prior", f"{len(missing)} of the prior's {len(p.names)} tensors have no parameter in the model, e.g. {missing[0]}",
+            "use a prior computed for this model's language model",
+        )  # fmt: skip
+    for rel, experts in fused.items():  # per-expert Δ, fused like the parameter ([E, 2f, d] / [E, d, f])
+        if rel in skip:
+            continue
+        param = parameters[rel]
+        start, stop = row_range(param)
+        rows = [torch.cat([p.read_rows(by_rel[r], 0, p.shape(by_rel[r])[0]) for r in experts[e]]) for e in range(start, stop)]
+        delta = torch.stack(rows) if rows else torch.empty((0, *param.shape[1:]))
+        if tuple(delta.shape[1:]) != tuple(param.shape[1:]) or len(experts) != param.shape[0]:
+            raise ConfigError("prior", f"Δ for the experts of {rel} has shape {tuple(delta.shape[1:])}, the parameter {tuple(param.shape)}")
+        norm = sum(p.vlm_norm(by_rel[r]) ** 2 for rels in experts.values() for r in rels) ** 0.5
+        yield rel, param, delta.to(local(param).device), norm
+    for name in p.names:
+        rel = p.relative(name)
+        if rel in covered or rel in skip:
+            continue
+        param = parameters[rel]
+        stored, want = tuple(p.shape(name)), tuple(param.shape)
+        # fused MoE experts saved as [E, d, 2f] / [E, f, d] train as [E, 2f, d] / [E, d, f]
+        swapped = stored != want and len(stored) == 3 and (stored[0], stored[2], stored[1]) == want
+        if stored != want and not swapped:
+            raise ConfigError("prior", f"Δ for {rel} has shape {stored}, the parameter {want}")
+        start, stop = row_range(param)
+        delta = p.read_rows(name, start, stop)
+        if swapped:
+            delta = delta.transpose(1, 2).contiguous()
+        yield rel, param, delta.to(local(param).device), p.vlm_norm(name)

@@ -69,14 +69,14 @@ def read_items(spec: str, limit: int | None = None, perception_regex: str | None
     name, data = parse_set(spec)
     stats = DataStats()
     scanned = scan_samples(data, perception_regex, skip_bad=True, max_samples=limit, stats=stats, supervised=False)
-    items = [item for i in range(len(scanned)) if (item := _item(name, scanned.sample(i))) is not None]
+    items = [item for i in range(len(scanned)) if (item := item_from(name, scanned.sample(i))) is not None]
     if not items:
         raise DataError(data, f"set {name!r} has no row with a reference answer", "end each row with the assistant's answer, or give an 'answer' field")
     stats.used = len(items)
     return items, stats
 
 
-def _item(name: str, sample: Sample) -> Item | None:
+def item_from(name: str, sample: Sample) -> Item | None:
     last = max((i for i, t in enumerate(sample.turns) if t.role == "assistant"), default=None)
     answer = sample.meta.get("answer")
     if last is None and answer is None:

@@ -64,6 +64,7 @@ ARTIFACTS = (
     "peft-adapter",  # a peft adapter folder (PeftModel.from_pretrained)
     "head-scores",  # Image-LoRA head scores and selection (heads.json)
     "evaluation",  # surgeon eval's report: results.jsonl, summary.json, tax.png
+    "layer-probe",  # surgeon probe-layers: per-layer curves and a suggested range (surgeon.json, layers.png)
 )
 InputValue = Any  # a surgeon.io.checkpoint.Checkpoint (anything with ``describe()``), a dict or a list
 

@@ -86,11 +86,17 @@ def build_model(config: TrainConfig, source: str | Path | dict, dtype: str) -> t
     ``dtype`` (a torch dtype name, or ``auto`` for the checkpoint's own), or, for a config.json
     dict, built empty on the meta device (memory plans); then IADA / Image-LoRA modules added,
     gradient checkpointing on, LoRA applied or the language model unfrozen, every other
-    parameter frozen. The same options always give the same structure and parameter names."""
+    parameter frozen. The same options always give the same structure and parameter names.
+    A meta-device build leaves the random number generators as they were (checks and plans
+    before a run must not change its initialisation)."""
     if isinstance(source, dict):
-        model = empty_model(source)
-    else:
-        model = load_model(source, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+        with torch.random.fork_rng(devices=[]):
+            return _finish(config, empty_model(source))
+    return _finish(config, load_model(source, dtype=dtype if dtype == "auto" else getattr(torch, dtype)))
+
+
+def _finish(config: TrainConfig, model: torch.nn.Module) -> torch.nn.Module:
+    """``build_model`` after loading: surgeon modules, checkpointing, LoRA or unfreezing."""
     if config.packing or config.attn != "sdpa":
         from surgeon.training.attention import set_attention
 
@@ -109,11 +115,13 @@ def build_model(config: TrainConfig, source: str | Path | dict, dtype: str) -> t
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if config.full:
-        set_trainable(model, full=True, train_vision=config.train_vision)
+        set_trainable(model, full=True, train_vision=config.train_vision, selection=config.selection)
         return model
     lora = not config.image_lora  # Image-LoRA trains alone: no LoRA on the language model, which stays frozen
     if lora:  # with --train-vision, peft trains and saves the vision tower and projector (modules_to_save)
-        model = apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.lora_dropout, config.train_vision)
+        model = apply_lora(
+            model, config.lora_rank, config.lora_alpha, config.selection, config.lora_dropout, config.train_vision, config.selection_given
+        )
     set_trainable(model, full=False, train_vision=config.train_vision and not lora)
     return model
 
@@ -193,11 +201,19 @@ def _image_lora_report(model: torch.nn.Module, config: TrainConfig, dataset: Any
     return {"heads": s["heads"], "parameters": params, "flops": flops.to_dict()}
 
 
-def drift_for(run: Run, config: TrainConfig) -> Any:
-    """The Drift object for ``config.prior`` (None without a prior): Δ on the parameters' device,
-    each rank holding only the rows of its shards when the model is sharded."""
+def drift_for(run: Run, config: TrainConfig, reduce: Any = None) -> Any:
+    """The DRIFT object for ``config.prior`` (None without a prior): ``Drift`` on the full weights
+    (``--full``), ``LoraDrift`` through the LoRA adapters otherwise; Δ on the parameters' device,
+    each rank holding only the rows of its shards when the model is sharded. ``reduce``: an
+    in-place sum over processes (LoRA's per-process k)."""
     if not config.prior:
         return None
+    if not config.full:
+        from surgeon.drift.lora import LoraDrift
+
+        return LoraDrift.from_prior(run.model, config.prior, config.drift_alpha, config.drift_scale, config.drift_normalize, reduce)
     from surgeon.drift.bias import Drift
 
-    return Drift.from_prior(run.model, config.prior, alpha=config.drift_alpha, scale=config.drift_scale, normalize=config.drift_normalize)
+    return Drift.from_prior(
+        run.model, config.prior, alpha=config.drift_alpha, scale=config.drift_scale, normalize=config.drift_normalize, trained_only=True
+    )

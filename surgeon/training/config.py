@@ -8,6 +8,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from surgeon import dtypes
+from surgeon.anatomy.families import Selection, parse_layers, parse_modules
 from surgeon.errors import ConfigError
 
 # Fields that do not change what a run computes: excluded from the resume fingerprint. (Whether
@@ -15,6 +16,10 @@ from surgeon.errors import ConfigError
 _NOT_FINGERPRINTED = {
     "output", "save_steps", "resume", "resume_anyway", "overwrite", "eval_set", "eval_every", "eval_limit", "eval_max_new_tokens", "fsdp", "gpu_memory", "num_workers", "log_steps", "report_to", "threads",
 }  # fmt: skip
+
+
+# Fields added after checkpoints were made with this fingerprint: left out while unset, so those resume.
+_NEW = {"modules", "layers"}
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,9 @@ class TrainConfig:
     lora_rank: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
-    lora_targets: str = "attn,mlp"
+    lora_targets: str = "attn,mlp"  # the LoRA-wrapped projections (--modules grammar); older name of --modules for LoRA
+    modules: str | None = None  # the LM tensors that train (--full), LoRA wraps, DRIFT biases; None: LoRA attn,mlp / --full all
+    layers: str | None = None  # decoder layers, e.g. 0-13,20 (None: all); tensors outside layers by ``modules`` alone
     train_vision: bool = False  # also train the vision tower and projector (fully)
     max_length: int = 2048
     packing: bool = False  # each micro-batch as one row without padding; every sample attends to itself only
@@ -160,12 +167,12 @@ class TrainConfig:
             )
         if self.image_lora and self.merge_lora:
             raise ConfigError("merge_lora", "with Image-LoRA no LoRA trains on the language model, so there is none to merge", "drop --merge-lora")
-        if self.prior and not self.full:
+        if self.prior and not self.full and self.perception_weight == "dynamic":
             raise ConfigError(
-                "prior",
-                "DRIFT biases the gradients of the full weights it has a prior for, which LoRA does not train",
-                "add --full (the paper's setting: full fine-tuning of the language model)",
-            )
+                "perception_weight", "DRIFT through LoRA measures each backward pass's full-weight gradient, which dynamic λ splits in two",
+                "use a fixed --perception-weight with a LoRA prior, or --full",
+            )  # fmt: skip
+        self._check_selection()
         if self.merge_lora and self.full:
             raise ConfigError("merge_lora", "there is no LoRA to merge with --full", "drop --merge-lora")
         if self.eval_set and not self.eval_every:
@@ -184,6 +191,29 @@ class TrainConfig:
         if self.perception_weight == "dynamic" and self.mixed_precision == "fp16":
             raise ConfigError("perception_weight", "dynamic λ does not work with fp16 loss scaling", "use --mixed-precision bf16 or no")
 
+    def _check_selection(self) -> None:
+        if self.modules is not None and self.lora_targets != "attn,mlp":
+            raise ConfigError("lora_targets", "is the older name of --modules, and both are given", "keep --modules")
+        if self.full and self.lora_targets != "attn,mlp":
+            raise ConfigError("lora_targets", "selects LoRA's projections, and --full trains without LoRA", "select the trained tensors with --modules")
+        if self.image_lora and (self.modules is not None or self.layers is not None):
+            raise ConfigError("modules", "Image-LoRA adapts the heads its heads.json selects, with the language model frozen", "drop --modules/--layers")
+        parse_modules(self.selection.modules)
+        parse_layers(self.layers)
+
+    @property
+    def selection(self) -> Selection:
+        """What ``--modules``/``--layers`` select: the trained tensors (``--full``; default all of
+        the language model), the LoRA-wrapped linear layers (default attn,mlp), the tensors DRIFT
+        biases (those, where the prior has Δ)."""
+        text = self.modules if self.modules is not None else ("full" if self.full else self.lora_targets)
+        return Selection(parse_modules(text), parse_layers(self.layers))
+
+    @property
+    def selection_given(self) -> bool:
+        """Whether the user chose the selection (every item must then match)."""
+        return self.modules is not None or self.lora_targets != "attn,mlp"
+
     def require_io(self) -> None:
         """A training run (not a plan) needs data and an output folder."""
         for field in ("data", "output"):
@@ -200,5 +230,5 @@ class TrainConfig:
 
     def fingerprint(self) -> str:
         """A hash of the settings that shape the run (what ``--resume`` must match)."""
-        fields = {k: v for k, v in asdict(self).items() if k not in _NOT_FINGERPRINTED}
+        fields = {k: v for k, v in asdict(self).items() if k not in _NOT_FINGERPRINTED and not (k in _NEW and v is None)}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]

@@ -34,6 +34,8 @@ def check_inputs(config: TrainConfig) -> Any:
     check_checkpoint(ckpt)
     if config.packing:
         check_packable(ckpt.config, config.model)
+    if not config.image_lora and (config.prior or config.modules is not None or config.layers is not None):
+        check_selection(config, ckpt.config)
     if config.image_lora:
         from surgeon.heads.score import read_heads
         from surgeon.anatomy.layout import config_value, text_config
@@ -47,6 +49,47 @@ def check_inputs(config: TrainConfig) -> Any:
                 "score the heads of this model with surgeon score-heads",
             )
     return ckpt
+
+
+def check_selection(config: TrainConfig, model_config: dict) -> list[str]:
+    """``--modules``/``--layers`` and the prior held against the model's structure (built on the
+    meta device from config.json, no weights read): a layer outside the model, a preset or pattern
+    that matches nothing (the error lists what is there), or a prior without Δ for what DRIFT is to
+    bias (every LoRA-adapted weight; with ``--full``, every tensor an explicit ``--modules``/``--layers``
+    selects, and at least one trained tensor) stop the run here. Returns the LM-relative names of
+    the selected tensors (the adapted weights with LoRA)."""
+    from surgeon.anatomy.decoder import lm_parameters
+    from surgeon.training.build import build_model
+
+    model = build_model(config, model_config, "auto")
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    named = dict(lm_parameters(root))
+    if config.full:
+        chosen = [rel for rel, p in named.items() if p.requires_grad]
+    else:
+        chosen = [rel.replace(".base_layer.", ".") for rel in named if ".base_layer." in rel and rel.endswith(".weight")]
+    if config.prior:
+        _check_prior_covers(config, chosen, {rel.replace(".base_layer.", "."): p for rel, p in named.items()})
+    return chosen
+
+
+def _check_prior_covers(config: TrainConfig, chosen: list[str], parameters: dict[str, Any]) -> None:
+    from surgeon.anatomy.experts import fused_groups
+    from surgeon.drift.prior import open_prior
+
+    with open_prior(config.prior) as p:  # type: ignore[arg-type]
+        has = {p.relative(n) for n in p.names}
+    has |= set(fused_groups(sorted(has), parameters))
+    must = chosen if not config.full or config.modules is not None or config.layers is not None else []
+    missing = [rel for rel in must if rel not in has]
+    what = "LoRA-adapted weights" if not config.full else "selected tensors"
+    if missing:
+        raise ConfigError(
+            "prior", f"{config.prior} has no Δ for {len(missing)} of the {len(chosen)} {what}, e.g. {missing[0]}",
+            "compute the prior with --modules/--layers covering them, or narrow train's --modules/--layers to what it covers",
+        )  # fmt: skip
+    if not any(rel in has for rel in chosen):
+        raise ConfigError("prior", f"{config.prior} has Δ for none of the {len(chosen)} {what}", "use a prior computed for this model's language model")
 
 
 def input_identities(run: Any, config: TrainConfig) -> dict[str, str]:

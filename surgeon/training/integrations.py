@@ -52,7 +52,7 @@ class DriftCallback(TrainerCallback):
         if not alpha >= 0:
             raise ConfigError("drift_alpha", f"must be a finite number ≥ 0, got {alpha}")
         self.prior, self.alpha, self.scale, self.normalize = prior, float(alpha), scale, normalize
-        self.drift: Drift | None = None
+        self.drift: Any = None  # Drift (full weights) or LoraDrift (a peft LoRA model)
         self.max_grad_norm: float | None = None
         self.params: list[torch.nn.Parameter] = []
         self.last: Any = None
@@ -63,7 +63,18 @@ class DriftCallback(TrainerCallback):
         if getattr(args, "fp16", False):
             raise ConfigError("drift", "DRIFT acts on unscaled gradients, and fp16 training scales them", "train in bf16 or fp32")
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.drift = Drift.from_prior(base, self.prior, alpha=self.alpha, scale=self.scale, normalize=self.normalize)
+        if hasattr(model, "peft_config") and not any(p.requires_grad for n, p in base.named_parameters() if "lora_" not in n):
+            from surgeon.drift.lora import LoraDrift  # a LoRA model: DRIFT through its adapters (docs/methods.md §6)
+
+            world = getattr(args, "world_size", 1)
+            reduce = None
+            if world > 1:
+                import torch.distributed as dist
+
+                reduce = lambda t: (dist.all_reduce(t := t.to(args.device)), t.cpu())[1]  # noqa: E731
+            self.drift = LoraDrift.from_prior(model, self.prior, self.alpha, self.scale, self.normalize, reduce)
+        else:
+            self.drift = Drift.from_prior(base, self.prior, alpha=self.alpha, scale=self.scale, normalize=self.normalize)
         if not any(p.requires_grad for p in self.drift.params):
             raise ConfigError(
                 "drift", "none of the weights the prior biases trains", "train the language model's full weights (not a LoRA adapter)"

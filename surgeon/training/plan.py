@@ -122,7 +122,9 @@ def plan_memory(
     b_compute = dtypes.nbytes(precision.compute)
     notes: list[str] = []
     if config.prior:
-        parts["delta"], biased = _delta_bytes(config.prior, dict(lm_parameters(model)), size)
+        lm = {n.replace(".base_layer.", "."): p for n, p in lm_parameters(root)}
+        held = {n.replace(".base_layer.", ".") for n, p in lm_parameters(root) if (p.requires_grad if config.full else ".base_layer." in n)}
+        parts["delta"], biased = _delta_bytes(config.prior, lm, size, held, strict=config.full)
         notes.append(f"DRIFT biases {biased:,} parameters")
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     tokens = config.max_tokens_per_batch or config.batch_size * config.max_length
@@ -212,8 +214,13 @@ def _activations(text: Any, layers: int, tokens: int, b: int, config: TrainConfi
     return kept + logits + iada
 
 
-def _delta_bytes(prior: str, params: dict[str, Any], size: Any) -> tuple[int, int]:
-    """Bytes of Δ per process and the biased parameter count, from the prior's surgeon.json."""
+def _delta_bytes(prior: str, params: dict[str, Any], size: Any, biased: set[str], strict: bool) -> tuple[int, int]:
+    """Bytes of Δ per process and the biased parameter count, from the prior's surgeon.json:
+    Δ is held for the parameters named in ``biased`` (the trained ones; with LoRA the adapted
+    weights), per-expert Δ of fused experts once per fused parameter. ``strict``: a prior
+    tensor the model lacks is an error."""
+    from surgeon.anatomy.experts import fused_groups
+
     record = _prior_record(prior)
     stats = record.get("stats", {})
     dtype = (record.get("config") or {}).get("dtype") or "fp32"
@@ -221,14 +228,13 @@ def _delta_bytes(prior: str, params: dict[str, Any], size: Any) -> tuple[int, in
         nbytes = dtypes.nbytes(str(dtype))
     except ConfigError:
         nbytes = 4
-    total = biased = 0
-    for entry in (stats.get("tensors") or {}).values():
-        p = params.get(entry.get("relative"))
-        if p is None:
-            raise ConfigError("prior", f"{prior} has Δ for {entry.get('relative')}, which this model lacks", "use a prior made for this model")
-        total += size(p, nbytes)
-        biased += p.numel()
-    return total, biased
+    rels = [str(entry.get("relative")) for entry in (stats.get("tensors") or {}).values()]
+    fused = fused_groups([r for r in rels if r not in params], params)
+    covered = {r for experts in fused.values() for group in experts.values() for r in group}
+    if strict and (lacking := [r for r in rels if r not in params and r not in covered]):
+        raise ConfigError("prior", f"{prior} has Δ for {lacking[0]}, which this model lacks", "use a prior made for this model")
+    held = [r for r in [*rels, *fused] if r in params and r in biased]
+    return sum(size(params[r], nbytes) for r in held), sum(params[r].numel() for r in held)
 
 
 def _prior_record(prior: str) -> dict:

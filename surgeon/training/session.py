@@ -93,11 +93,18 @@ def open_session(config: TrainConfig, state: Any, cpu: bool, status: Status, on_
     status("loading data and model")
     run = build.prepare(config, checkpoint, precision, sharded=sharded)
     _describe_data(run, status)
+    if config.modules is not None or config.layers is not None:
+        how = "trains" if config.full else "wraps with LoRA"
+        n = sum(1 for name in run.trainable if config.full or name.endswith("lora_A.default.weight"))
+        status(f"{how} {n} language-model {'tensors' if config.full else 'projections'} ({config.selection.describe()})")
     engine, model, order, total, optimizer, scheduler = _place(config, run, precision, sharded, state, cpu)
-    drift = build.drift_for(run, config)
+    drift = build.drift_for(run, config, _reduce(engine))
     if drift is not None:
         zero = f"; {len(drift.zero)} tensors with Δ = 0 are left alone" if drift.zero else ""
-        status(f"DRIFT biases {len(drift.params)} tensors ({drift.numel:,} parameters), {config.drift_scale}, α={config.drift_alpha}{zero}")
+        what = f"{len(drift.params)} tensors ({drift.numel:,} parameters)"
+        if not config.full:
+            what = f"the LoRA factors of {len(drift.names)} weights through their full-weight gradients ({drift.numel:,} adapter parameters)"
+        status(f"DRIFT biases {what}, {config.drift_scale}, α={config.drift_alpha}{zero}")
     params = list(run.trainable.values())
     progress = Progress(0, config.fingerprint() + run.data_fingerprint, inputs.input_identities(run, config))
     monitor = _monitor(config, run, engine, model)  # (before a resumed checkpoint: the base is the model as loaded)
@@ -264,15 +271,22 @@ def _lengths(config: TrainConfig, run: Run, engine: Any) -> tuple[int, ...]:
     return tuple(int(x) for x in engine.all_reduce(counts).tolist())
 
 
+def _reduce(engine: Any) -> Any:
+    """A sum over processes of a small CPU tensor (None on one process)."""
+    if engine.world == 1:
+        return None
+    return lambda t: engine.all_reduce(t.to(engine.device)).cpu()
+
+
 def _monitor(config: TrainConfig, run: Run, engine: Any, model: Any) -> Any:
     """The training-time evaluation (``--eval-every``), its base distributions taken now; None without it."""
     if not config.eval_every:
         return None
-    from surgeon.evaluation.generate import _item
+    from surgeon.evaluation.generate import item_from
     from surgeon.evaluation.monitor import KL_PROMPTS, Monitor
 
     scanned = run.dataset.scanned
-    fallback = [i for k in range(min(len(scanned), 64)) if (i := _item("train", scanned.sample(k))) is not None and not i.images]
+    fallback = [i for k in range(min(len(scanned), 64)) if (i := item_from("train", scanned.sample(k))) is not None and not i.images]
     monitor = Monitor(
         config.eval_set, config.eval_every, run.dataset.encoder, config.eval_limit, config.eval_max_new_tokens,
         fallback=fallback[:KL_PROMPTS], reduce=engine.all_reduce, rank=engine.rank, world=engine.world, synced=engine.sharded,
