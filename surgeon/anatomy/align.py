@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from surgeon.io.checkpoint import Checkpoint
-from surgeon.errors import AlignmentError, CheckpointError
+from surgeon.errors import AlignmentError
 from surgeon.anatomy.experts import expert_view
 from surgeon.anatomy.families import Selection, family, select
 from surgeon.anatomy.layout import Layout, detect_layout
@@ -76,6 +76,7 @@ class Alignment:
     other: tuple[str, ...]
     notes: tuple[str, ...]
     llm: Any = None  # where to read the LLM's side of the pairs (a ``surgeon.anatomy.experts.View`` when some are assembled)
+    vlm: Any = None  # where to read the VLM's side (a ``surgeon.io.quantized.Dequantized`` view when it is quantized)
 
     def select(self, selection: Selection) -> list[Pair]:
         """The pairs ``selection`` accepts; SelectionError / ConfigError as ``families.select``.
@@ -123,22 +124,11 @@ def _relative_names(ckpt: Checkpoint, layout: Layout) -> dict[str, str]:
     return out
 
 
-def refuse_quantized(ckpt: Checkpoint) -> None:
-    """CheckpointError for quantized weights: differences and merges of quantized values (without
-    their scales) would be silently wrong."""
-    method = ckpt.quantization
-    if method is not None:
-        raise CheckpointError(
-            ckpt.source,
-            f"holds quantized weights ({method}); differences and merges need the unquantized ones",
-            "use the model's BF16/FP16 release",
-        )
-
-
 def align(vlm: Checkpoint, llm: Checkpoint) -> Alignment:
     """Pair ``vlm``'s language-model tensors with ``llm``'s (see the module docstring)."""
-    for ckpt in (vlm, llm):
-        refuse_quantized(ckpt)
+    from surgeon.io.quantized import dequantized
+
+    vlm, llm = dequantized(vlm), dequantized(llm)  # quantized weights are read as their values
     vlay = detect_layout(list(vlm.tensors), vlm.config, vlm.source)
     llay = detect_layout(list(llm.tensors), llm.config, llm.source)
     vrel, lrel = _relative_names(vlm, vlay), _relative_names(llm, llay)
@@ -200,4 +190,5 @@ def align(vlm: Checkpoint, llm: Checkpoint) -> Alignment:
         other=tuple(n for n, r in roles.items() if r == "other"),
         notes=tuple(notes),
         llm=view,
+        vlm=vlm,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from dataclasses import asdict, dataclass, field
 
 from surgeon.io.checkpoint import Checkpoint
@@ -25,6 +27,7 @@ class ModelReport:
     tied_embeddings: bool
     dtype: str
     quantization: str | None
+    quantized: dict | None  # the scheme (method, format, scale layouts, bits) and which tensors are and are not quantized
     lm_prefix: str
     lm_head: str | None
     placeholder_tokens: dict[str, int]
@@ -39,8 +42,12 @@ class ModelReport:
 
 
 def inspect_checkpoint(ckpt: Checkpoint) -> ModelReport:
-    """Describe a checkpoint without reading tensor data."""
-    layout = detect_layout(list(ckpt.tensors), ckpt.config, ckpt.source)
+    """Describe a checkpoint without reading tensor data (a packed weight's logical shape, 16 bytes,
+    when the weights are at hand)."""
+    quantized, values, quant_notes = _quantized(ckpt)
+    layout = detect_layout(list(values.tensors), ckpt.config, ckpt.source)
+    if quantized is not None:
+        quantized["not_quantized"] = _not_quantized(values, layout)
     cfg = ckpt.config
     defaults = _text_defaults(cfg)
     embed = ckpt.tensors.get(layout.lm_prefix + "embed_tokens.weight")
@@ -65,15 +72,44 @@ def inspect_checkpoint(ckpt: Checkpoint) -> ModelReport:
         tied_embeddings=layout.lm_head is None,
         dtype=ckpt.dtype,
         quantization=ckpt.quantization,
+        quantized=quantized,
         lm_prefix=layout.lm_prefix,
         lm_head=layout.lm_head,
         placeholder_tokens=placeholder_token_ids(cfg),
         shards=_shards(ckpt),
-        params=count_params(ckpt, layout),
-        notes=[] if cfg else ["config.json is missing: the architecture is unknown; layers, parts and sizes come from the tensor names and shapes"],
+        params=count_params(values, layout),
+        notes=quant_notes + ([] if cfg else ["config.json is missing: the architecture is unknown; layers, parts and sizes come from the tensor names and shapes"]),
         layer_word=layout.layer_word,
         cross_attention_layers=list(layout.cross_layers),
     )
+
+
+def _quantized(ckpt: Checkpoint) -> tuple[dict | None, Any, list[str]]:
+    """The quantization scheme (as a dict), the checkpoint read as its logical tensors, notes."""
+    from surgeon.errors import CheckpointError
+    from surgeon.io.quantized import Dequantized, quant_scheme
+
+    try:
+        scheme = quant_scheme(ckpt)
+    except CheckpointError as e:
+        return None, ckpt, [f"prior and merge cannot read these weights: {e.problem}"]
+    if scheme is None:
+        return None, ckpt, []
+    return scheme.to_dict(), Dequantized(ckpt, scheme), []
+
+
+def _not_quantized(values: Any, layout: Any) -> dict[str, int]:
+    """Matrices stored unquantized, by part: the head, embeddings, vision tower and projector, router gates, other."""
+    out: dict[str, int] = {}
+    for name, info in values.tensors.items():
+        if name in values.quantized or len(info.shape) != 2:
+            continue
+        role = layout.role(name)
+        part = ("router gates" if name.endswith(("mlp.gate.weight", ".router.weight")) else
+                "lm_head" if name == layout.lm_head else "embeddings" if name.endswith("embed_tokens.weight") else
+                "vision tower and projector" if role in ("vision", "projector") else "other")  # fmt: skip
+        out[part] = out.get(part, 0) + 1
+    return out
 
 
 def _text_defaults(cfg: dict) -> dict:

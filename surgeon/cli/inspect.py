@@ -46,6 +46,11 @@ def command(checkpoint: str, revision: str | None, as_json: bool) -> None:
         ("tied embeddings", "yes" if report.tied_embeddings else "no"),
         ("dtype", report.dtype if report.quantization is None else f"{report.dtype}, quantized ({report.quantization})"),
     ]
+    if report.quantized:
+        q = report.quantized
+        left = ", ".join(f"{part} {n}" for part, n in q.get("not_quantized", {}).items()) or "none"
+        rows.append(("quantized", f"{q['method']} ({q['format']}), {', '.join(q['scales'])}; {q['quantized_tensors']} weights quantized, "
+                                  f"not quantized: {left}"))  # fmt: skip
     if report.cross_attention_layers:
         rows.append(("cross-attention", f"layers {', '.join(map(str, report.cross_attention_layers))} (image-only; not counted above)"))
     if report.placeholder_tokens:

@@ -43,6 +43,8 @@ def _help() -> str:
 @click.option("--seed", type=int, default=None, help="DARE's random seed (default 0).")
 @selection_options(modules="full", layers_note=" Required by layer-swap: the layers replaced.")
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
+@click.option("--requantize", is_flag=True, help="An FP8 VLM (block or per-tensor scales): write its scheme back, merged "
+              "weights quantized with new scales, quantization_config kept [default: bf16 values, no quantization_config].")  # fmt: skip
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @push_to_hub_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")

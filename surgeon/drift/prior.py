@@ -41,6 +41,7 @@ from surgeon.drift.distance import Distance, summarise
 from surgeon.errors import AlignmentError, CheckpointError, ConfigError
 from surgeon.anatomy.families import SelectsTensors, DEFAULT_MODULES, parse_selection
 from surgeon.anatomy.layout import layer_index
+from surgeon.io.quantized import dequantized
 from surgeon.io.output import DEFAULT_SHARD_SIZE, ShardedWriter, TensorSpec, check_output, output_folder, parse_size
 from surgeon.io.provenance import build_record, read_record, write_record
 from surgeon.io.streaming import BlockStream, Job
@@ -112,15 +113,16 @@ def compute_prior(config: PriorConfig, progress: Progress | None = None) -> Prio
         al = align(vlm, reasoning)
         _check_roles(al, config)
         pairs = al.select(config.selection)
-        base_pairs, base_view = _base_pairs(vlm, base, pairs) if base else ({}, None)
-        out_dtype = dtype or vlm.dtype
+        values = al.vlm  # quantized weights read as their values (surgeon.io.quantized)
+        base_pairs, base_view = _base_pairs(values, dequantized(base), pairs) if base else ({}, None)
+        out_dtype = dtype or values.dtype
         with output_folder(config.output, config.overwrite) as tmp:
             specs = [TensorSpec(p.vlm_name, out_dtype, p.shape) for p in pairs]
             tick = progress or (lambda task, done, total: None)
             stats: dict[str, dict] = {}
             grouped: list[tuple[int | None, str, Distance]] = []
             with ShardedWriter(tmp, specs, config.shard_size) as writer, BlockStream() as stream:
-                plans = [_DeltaPlan(writer, vlm, al.llm, p, base_view, base_pairs.get(p.relative)) for p in pairs]
+                plans = [_DeltaPlan(writer, values, al.llm, p, base_view, base_pairs.get(p.relative)) for p in pairs]
                 tick("prior", 0, len(plans))
                 stream.run([job for i, plan in enumerate(plans, 1) for job in plan.jobs(partial(tick, "prior", i, len(plans)))])
             for plan in plans:

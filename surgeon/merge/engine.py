@@ -17,6 +17,7 @@ methods once.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import shutil
 import threading
@@ -25,6 +26,7 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,6 +40,7 @@ from surgeon.merge.method import MergeMethod, TensorContext
 from surgeon.merge.thresholds import MagnitudeThresholds, kept_count
 from surgeon.io.output import DEFAULT_SHARD_SIZE, ShardedWriter, TensorSpec, check_output, output_folder, parse_size
 from surgeon.io.provenance import FILE_NAME, build_record, write_record
+from surgeon.io.requantize import Requantizer
 from surgeon.io import streaming
 from surgeon.io.streaming import BlockStream, Copy, Job
 
@@ -69,6 +72,7 @@ class MergeConfig(SelectsTensors):
     bias: bool = True
     shard_size: int = DEFAULT_SHARD_SIZE
     overwrite: bool = False
+    requantize: bool = False  # a quantized FP8 VLM: write its scheme back (new scales) instead of bf16 values
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "reasoning", (self.reasoning,) if isinstance(self.reasoning, str) else tuple(self.reasoning))
@@ -137,7 +141,26 @@ def merge_models(config: MergeConfig, progress: Progress | None = None) -> Merge
             if al.vlm_layout.kind == "llm" and al.llm_layout.kind == "vlm":
                 raise ConfigError("vlm", f"{config.vlm} is a text LLM and {source} is a VLM", "did you swap --vlm and --reasoning?")
         plan, notes = _plan(alignments, config.selection, method)
-        return _write(config, method, params, vlm, models, plan, alignments, notes, tick)
+        values = alignments[0].vlm  # the VLM read as values (a Dequantized view when it is quantized)
+        notes += _quantized_notes(config, values)
+        return _write(config, method, params, values, models, plan, alignments, notes, tick)
+
+
+def _quantized_notes(config: MergeConfig, values: Any) -> list[str]:
+    """What happens to a quantized VLM's weights; ConfigError for a --requantize that cannot be kept."""
+    scheme = getattr(values, "scheme", None)
+    if scheme is None:
+        if config.requantize:
+            raise ConfigError("requantize", f"{config.vlm} is not quantized", "leave out --requantize")
+        return []
+    if not config.requantize:
+        return [f"{config.vlm} is quantized ({scheme.describe()}): its weights were merged as their values and written in "
+                f"{scheme.logical_dtype} without quantization_config (--requantize writes its FP8 scheme back)"]  # fmt: skip
+    if any(q.kind != "float" for q in scheme.tensors.values()):
+        raise ConfigError("requantize", f"{config.vlm} holds integer-quantized weights ({scheme.describe()}); --requantize writes FP8 schemes only",
+                          "leave out --requantize for a bf16 output")  # fmt: skip
+    return [f"{config.vlm} is quantized ({scheme.describe()}): merged weights were quantized back with new scales, "
+            "unmerged ones copied as stored, and quantization_config kept"]  # fmt: skip
 
 
 def _plan(alignments: list[Alignment], selection: Selection, method: MergeMethod) -> tuple[dict[str, list[Pair]], list[str]]:
@@ -167,24 +190,34 @@ def _write(
     config: MergeConfig, method: MergeMethod, params: dict, vlm: Checkpoint, models: list[Checkpoint],
     plan: dict[str, list[Pair]], alignments: list[Alignment], notes: list[str], tick: Progress,
 ) -> MergeResult:  # fmt: skip
-    specs = [TensorSpec(n, i.dtype, i.shape) for n, i in vlm.tensors.items()]
+    scheme = getattr(vlm, "scheme", None)
+    requant = scheme is not None and config.requantize
+    written = vlm.stored.tensors if requant else vlm.tensors  # requantized: the stored tensors, scales included
+    quantized = scheme.tensors if scheme is not None else {}
+    specs = [TensorSpec(n, scheme.logical_dtype if n in quantized and not requant else i.dtype, i.shape) for n, i in written.items()]
     with output_folder(config.output, config.overwrite) as tmp:
-        files = _copy_side_files(vlm.path, tmp)
+        files = _copy_side_files(vlm.path, tmp, keep_quantization=requant or scheme is None)
         # TIES' threshold search and sign election are compute-bound: every core takes tiles, one
         # intra-op thread each, tiles 4x the usual size (fewer calls per element: 1.3x faster on
         # the 1.5B pair); elementwise methods are memory-bound and keep a core for I/O
         stream_options = {"threads": 1, "workers": torch.get_num_threads(), "tile_elements": 4 * streaming.TILE_ELEMENTS}
         with ShardedWriter(tmp, specs, config.shard_size) as writer, BlockStream(**(stream_options if method.trims else {})) as stream:
+            target: Any = Requantizer(writer, scheme, vlm.stored) if requant else writer
             jobs: list[Job | Copy] = []
             merged = 0
-            for name, info in vlm.tensors.items():
+            owner = {q.scale: q.name for q in quantized.values()} if requant else {}
+            for name, info in written.items():
                 pairs = plan.get(name)
-                if pairs is None:
+                if owner.get(name) in plan:
+                    continue  # the scale of a merged weight: the Requantizer writes it with the weight
+                if pairs is None and name in quantized and not requant:  # an unmerged quantized weight: its values
+                    jobs.append(Job([(vlm, name)], info.shape, lambda x: x[0], out=(writer, name)))
+                elif pairs is None:
                     jobs.append(Copy(writer, name, vlm.handle(info.file), info.start))
                 else:
                     merged += 1
                     views = [al.llm for al in alignments]  # the reasoning models, experts in the VLM's layout
-                    jobs += _merge_jobs(writer, method, params, vlm, views, pairs, partial(tick, "merge", merged, len(plan)))
+                    jobs += _merge_jobs(target, method, params, vlm, views, pairs, partial(tick, "merge", merged, len(plan)))
             tick("merge", 0, len(plan))
             stream.run(jobs)
             nbytes = writer.total_size
@@ -208,16 +241,24 @@ def _write(
     return result
 
 
-def _copy_side_files(src: Path, dst: Path) -> list[str]:
+def _copy_side_files(src: Path, dst: Path, keep_quantization: bool = True) -> list[str]:
     """Copy config, tokenizer, processor, chat-template and generation files (every top-level
-    file that is not weights, a pickle, an index, a model card or a surgeon record)."""
+    file that is not weights, a pickle, an index, a model card or a surgeon record). Without
+    ``keep_quantization``, config.json loses its ``quantization_config`` (the weights are written
+    unquantized)."""
     copied = []
     for f in sorted(src.iterdir()):
         if not f.is_file() or f.name.startswith(".") or f.name in SKIPPED_FILES:
             continue
         if f.suffix == ".safetensors" or f.name.endswith(".safetensors.index.json") or f.suffix in PICKLE_SUFFIXES:
             continue
-        shutil.copyfile(f, dst / f.name)
+        if f.name == "config.json" and not keep_quantization:
+            config = json.loads(f.read_text())
+            for part in (config, *(v for v in config.values() if isinstance(v, dict))):
+                part.pop("quantization_config", None)
+            (dst / f.name).write_text(json.dumps(config, indent=2) + "\n")
+        else:
+            shutil.copyfile(f, dst / f.name)
         copied.append(f.name)
     return copied
 
