@@ -57,7 +57,7 @@ def build(work: Path, tiny: bool) -> Path:
     return vlm
 
 
-def make_data(work: Path, vlm: Path, samples: int, longest: int, seed: int = 0) -> Path:
+def make_data(work: Path, vlm: Path, samples: int, longest: int, seed: int = 0, fixed: bool = False) -> Path:
     """Samples of log-uniform 32..``longest`` tokens (a third with an image of 56..224 pixels a side),
     half of them document-style (the length in the prompt, a one-line answer), half reasoning-style
     (a short question, the length in the answer)."""
@@ -65,7 +65,7 @@ def make_data(work: Path, vlm: Path, samples: int, longest: int, seed: int = 0) 
 
     from surgeon.data.encoding import SampleEncoder
 
-    folder = work / f"data-{samples}-{longest}-mixed"
+    folder = work / (f"data-{samples}-{longest}-fixed" if fixed else f"data-{samples}-{longest}-mixed")
     if (folder / "data.jsonl").exists():
         return folder / "data.jsonl"
     folder.mkdir(parents=True, exist_ok=True)
@@ -74,7 +74,7 @@ def make_data(work: Path, vlm: Path, samples: int, longest: int, seed: int = 0) 
     per_word = len(encoder.tokenizer("the red circle is above the blue square ", add_special_tokens=False)["input_ids"]) / 8
     rows = []
     for i in range(samples):
-        target = int(math.exp(rng.uniform(math.log(32), math.log(longest))))
+        target = longest if fixed else int(math.exp(rng.uniform(math.log(32), math.log(longest))))
         words = max(1, int((target - 24) / per_word))
         text = " ".join(rng.choice(["the", "red", "circle", "is", "above", "blue", "square", "so", "two", "answer"]) for _ in range(words))
         document = i % 2 == 1
@@ -193,7 +193,7 @@ def one(case: str, args: argparse.Namespace) -> None:
     work = args.work
     vlm = build(work, args.tiny)
     if case.startswith("mem-"):
-        data = make_data(work, vlm, 1, args.memory_tokens, seed=1)  # one sample of about 1,900 tokens
+        data = make_data(work, vlm, 1, args.memory_tokens, seed=1, fixed=True)  # one sample of about 1,900 tokens
         args.longest = max(args.longest, args.memory_tokens + 256)
     else:
         data = make_data(work, vlm, args.samples, args.longest)

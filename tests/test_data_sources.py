@@ -115,7 +115,22 @@ def test_plain_progress_lines_metrics_per_step_and_tensorboard(cli, vlm, shapes_
     assert [x.split()[1] for x in lines] == [f"{i}/6" for i in range(1, 7)]
     assert all(k in lines[-1] for k in ("loss", "L_p", "L_r", "λ", "lr", "grad", "tok/s", "elapsed", "ETA"))
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 6
-    assert list(out.glob("logs/*/events.out.tfevents.*"))
+    events = list(out.glob("logs/*/events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(events[0].parent))
+    board.Reload()
+    tags = set(board.Tags()["scalars"])
+    assert {"train/loss", "train/learning_rate", "train/grad_norm", "train/loss_perception"} <= tags and "loss" not in tags
+    # the logged rate is the one each step used: the warm-up and cosine schedule read before each step
+    import math
+
+    warmup, total = int(0.03 * 6), 6
+    used = [(t / max(1, warmup)) if t < warmup else 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(1, total - warmup))) for t in range(total)]
+    logged = [json.loads(x)["lr"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx([1e-4 * u for u in used], rel=1e-9)
+    assert [e.value for e in board.Scalars("train/learning_rate")] == pytest.approx(logged, rel=1e-6)
     assert "Warning" not in proc.stderr and "warn" not in proc.stderr.lower()
     every = cli(*args[:6], "-o", tmp_path / "r2", "--max-steps", "6", "--log-steps", "4")
     assert [x.split()[1] for x in every.stderr.splitlines() if x.startswith("step ")] == ["4/6", "6/6"]

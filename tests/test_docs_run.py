@@ -85,10 +85,10 @@ def _eval_inputs(work: Path, vlm: Path) -> None:
     for name in ("sft", "drift"):
         shutil.copytree(vlm, work / name)
     rows = [json.loads(line) for line in (work / "data.jsonl").read_text().splitlines()]
-    text = [r for r in rows if "image" not in json.dumps(r)]
-    (work / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in text[:3]))
+    text = [{k: v for k, v in r.items() if k != "answer"} for r in rows if "image" not in json.dumps(r)]  # references: the last turn
+    (work / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in text[:2]))
     charts = []
-    for row in [r for r in rows if r not in text][:3]:
+    for row in [r for r in rows if "image" in json.dumps(r)][:2]:
         image = next(c["image"] for c in row["messages"][0]["content"] if c.get("type") == "image")
         question = next(c["text"] for c in row["messages"][0]["content"] if c.get("type") == "text")
         answer = row["messages"][1]["content"]

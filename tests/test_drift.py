@@ -20,7 +20,7 @@ from surgeon.errors import ConfigError
 )
 def test_each_scale_on_a_hand_made_gradient(scale, expected):
     g, delta = torch.tensor([3.0, 4.0]), torch.tensor([2.0, 0.0])
-    assert torch.allclose(drift_gradient(g, delta, 0.5, scale), torch.tensor(expected))
+    assert torch.allclose(drift_gradient(g, delta, 0.5, scale, norm_to=None), torch.tensor(expected))
 
 
 def _reference(g, d, alpha, scale):
@@ -52,9 +52,9 @@ def test_in_place_apply_matches_the_formula(scale):
 def test_adaptive_cosine_pull_vanishes_along_delta_and_is_full_against_it():
     d = torch.tensor([1.0, 2.0, -1.0])
     along = -2 * d  # descent −g = 2d already points along Δ: c = −1, α' = 0
-    assert torch.equal(drift_gradient(along, d, 1.0, "adaptive_cosine"), along)
+    assert torch.equal(drift_gradient(along, d, 1.0, "adaptive_cosine", norm_to=None), along)
     away = 3 * d  # descent points straight away from Δ: c = +1, α' = α
-    assert torch.allclose(drift_gradient(away, d, 1.0, "adaptive_cosine"), away - away.norm() * d / d.norm())
+    assert torch.allclose(drift_gradient(away, d, 1.0, "adaptive_cosine", norm_to=None), away - away.norm() * d / d.norm())
 
 
 def test_alpha_zero_leaves_gradients_bit_for_bit():
@@ -149,3 +149,18 @@ def test_clipping_with_drift_norms_matches_torch_clipping(scale):
     assert torch.allclose(total, expected, rtol=1e-5)
     for a, b in zip(ref, ours):
         assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_drift_gradient_normalises_a_raw_delta_as_training_does():
+    """Δ read raw from a prior, with norm_to = ‖θ_VLM‖: the same g' as ``Drift`` (which keeps the
+    normalisation as a factor), for the scale where it matters (absolute) and one where it does not."""
+    gen = torch.Generator().manual_seed(0)
+    g, raw, theta = (torch.randn(6, 5, generator=gen) for _ in range(3))
+    for scale in ("absolute", "adaptive_cosine"):
+        param = torch.nn.Parameter(theta.clone())
+        param.grad = g.clone()
+        Drift([("w", param, raw, float(theta.norm()))], alpha=0.3, scale=scale).apply()
+        ours = drift_gradient(g, raw, 0.3, scale, norm_to=float(theta.norm()))
+        torch.testing.assert_close(ours, param.grad, rtol=1e-6, atol=1e-7)
+    raw_scale = drift_gradient(g, raw, 0.3, "absolute", norm_to=None)
+    assert not torch.allclose(raw_scale, drift_gradient(g, raw, 0.3, "absolute", norm_to=float(theta.norm())))

@@ -232,4 +232,4 @@ def test_the_swap_probe_runs_on_every_family_and_leaves_the_model_as_it_was(pair
     result = probe_layers(config)
     assert [row["layer"] for row in result.layers] == list(range(result.num_layers))
     assert all(torch.isfinite(torch.tensor(row["swap_loss"])) for row in result.layers)
-    assert len({round(row["swap_loss"], 6) for row in result.layers}) > 1  # a random partner moves the loss, layer by layer
+    assert any(row["swap_loss"] != result.baseline["text"]["loss"] for row in result.layers)  # a random partner moves the loss

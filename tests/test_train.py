@@ -343,3 +343,48 @@ def test_the_record_lists_the_methods_applied_and_the_card_tags_them(vlm, data, 
     record = read_record(tmp_path / "out")
     assert record["methods"] == methods
     assert card_metadata(record, tmp_path / "out")["tags"] == ["surgeon", *methods]
+
+
+def test_a_run_that_skips_too_much_or_trains_on_nothing_stops_in_one_line(cli, vlm, data, tmp_path):
+    """Every sample longer than --max-length: stopped at the first step, saying how many and why;
+    with --max-skipped-share 1 it goes on, and stops at the end for having trained on no token."""
+    base = ["train", vlm, "--data", data, "--max-steps", "2", "--batch-size", "2", "--max-length", "8"]
+    result = cli(*base, "-o", tmp_path / "a")
+    assert_one_line_error(result, "2 of the 2 samples so far were skipped", "--max-skipped-share 0.5", "--max-length")
+    result = cli(*base, "-o", tmp_path / "b", "--max-skipped-share", "1")
+    assert_one_line_error(result, "trained on no token", "4 of 4 samples")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert_one_line_error(cli(*base, "-o", tmp_path / "c", "--max-skipped-share", "2"), "max_skipped_share", "[0, 1]")
+
+
+def test_quiet_means_quiet_but_for_errors(cli, vlm, data, tmp_path):
+    base = ["train", vlm, "--data", data, "--max-steps", "1", "--batch-size", "2", "--log-steps", "1"]
+    loud = cli(*base, "-o", tmp_path / "loud")
+    assert loud.exit_code == 0 and "surgeon train:" in loud.stderr and "step 1/1" in loud.stderr
+    quiet = cli("-q", *base, "-o", tmp_path / "quiet")
+    assert quiet.exit_code == 0, quiet.output
+    assert quiet.stderr == "" and "trained 1 step" in quiet.stdout
+    assert_one_line_error(cli("-q", *base, "-o", tmp_path / "quiet"), "already exists")
+
+
+def test_save_total_limit_keeps_the_newest_and_resume_takes_a_chosen_checkpoint(vlm, data, tmp_path):
+    _run(vlm, data, tmp_path / "full", max_steps=5, lr=1e-3, full=True)
+
+    def stop_after_5(metrics):
+        if metrics["step"] == 5:
+            raise KeyboardInterrupt
+
+    config = TrainConfig(
+        model=str(vlm), data=str(data), output=str(tmp_path / "cut"), batch_size=2, seed=0, warmup_ratio=0.0,
+        max_steps=5, lr=1e-3, full=True, save_steps=1, save_total_limit=2,
+    )  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        train(config, on_step=stop_after_5)
+    root = tmp_path / "cut-checkpoints"
+    assert sorted(p.name for p in root.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    train(TrainConfig(**{**config.__dict__, "resume": str(root / "checkpoint-3")}))  # not the latest: the one named
+    a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("full", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["step"] for m in _metrics(tmp_path / "cut")] == [1, 2, 3, 4, 5]
+    with pytest.raises(ConfigError, match="not a checkpoint folder"):
+        train(TrainConfig(**{**config.__dict__, "output": str(tmp_path / "x"), "resume": str(tmp_path / "nope")}))

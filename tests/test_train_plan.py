@@ -35,7 +35,9 @@ def prior_7b(tmp_path_factory) -> Path:
 
 
 def plan(cli, *args) -> dict:
-    result = cli("train", *args, "--dry-run", "--json")
+    """A GPU plan (a --gpu-memory says the run is for a GPU; without one, this CPU machine plans for its CPU)."""
+    gpu = [] if "--gpu-memory" in args else ["--gpu-memory", "10TB"]
+    result = cli("train", *args, *gpu, "--dry-run", "--json")
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
@@ -87,3 +89,17 @@ def test_a_run_whose_plan_does_not_fit_stops_before_loading(cli, vlm, shapes_dat
 def test_training_needs_data_and_output_unless_dry_run(cli, vlm, tmp_path):
     assert_one_line_error(cli("train", vlm, "-o", tmp_path / "out"), "data:", "--dry-run")
     assert_one_line_error(cli("train", vlm, "--data", "x.jsonl"), "output:")
+
+
+def test_without_a_gpu_the_plan_is_for_the_cpu_in_fp32_with_the_runtime_measured(cli, qwen7b):
+    import os
+
+    cpu = json.loads(cli("train", qwen7b, "--full", "--dry-run", "--json").stdout)
+    gpu = plan(cli, qwen7b, "--full")
+    assert cpu["device"] == "cpu" and gpu["device"] == "cuda"
+    assert cpu["precision"]["compute"] == "float32" and gpu["precision"]["compute"] == "bfloat16"
+    with open("/proc/self/statm") as f:
+        here = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    assert 0.5 * here <= cpu["parts"]["runtime"] <= 2 * here  # this process's own memory, not an allowance
+    assert cpu["parts"]["weights"] == 2 * gpu["parts"]["weights"]  # the frozen tower in fp32, not bf16
+    assert "memory plan for the CPU" in cli("train", qwen7b, "--full", "--dry-run").stdout

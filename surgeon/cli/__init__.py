@@ -28,7 +28,7 @@ from surgeon.cli.console import setup_logging
 @click.group(cls=SurgeonGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="surgeon")
 @click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv includes transformers).")
-@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr (no status, notes or progress); results on stdout stay.")
 def main(verbose: int, quiet: bool) -> None:
     """Model surgery for vision-language model fine-tuning.
 

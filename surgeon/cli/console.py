@@ -20,17 +20,23 @@ _verbose = 0
 
 
 def setup_logging(verbose: int, quiet: bool) -> None:
-    """``-q``: warnings only; default: info; ``-v``: debug; ``-vv``: debug incl. transformers."""
+    """``-q``: nothing on stderr but warnings and errors (no status lines, notes, progress bars or
+    step lines; results on stdout stay); default: info; ``-v``: debug; ``-vv``: debug incl.
+    transformers. Hub transfers draw their bars only on a terminal and never with ``-q``."""
+    import os
+
     global _quiet, _verbose
     _quiet, _verbose = quiet, verbose
+    err.quiet = quiet
+    if quiet or not err.is_terminal:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     log = logging.getLogger("surgeon")
-    log.handlers[:] = [RichHandler(console=err, show_time=False, show_path=False, markup=False)]
+    warnings = Console(stderr=True) if quiet else err  # warnings still show with -q
+    log.handlers[:] = [RichHandler(console=warnings, show_time=False, show_path=False, markup=False)]
     log.setLevel(level)
     log.propagate = False
     if verbose < 2:
-        import os
-
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 

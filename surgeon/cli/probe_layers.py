@@ -14,7 +14,7 @@ from surgeon.cli.console import emit_json, err, out, progress, quiet_transformer
     "probe-layers",
     epilog=example(
         "surgeon demo --workdir demo/",
-        "surgeon probe-layers --vlm demo/vlm --reasoning demo/reasoning-llm --data demo/data/data.jsonl -o demo/probe",
+        "surgeon probe-layers --vlm demo/vlm --reasoning demo/reasoning-llm --data demo/data/data.jsonl -o demo/probe --limit 8 --max-new-tokens 16",
         "surgeon probe-layers --vlm Qwen/Qwen2.5-VL-7B-Instruct --reasoning deepseek-ai/DeepSeek-R1-Distill-Qwen-7B "
         "--data gsm8k.jsonl --image-data charts.parquet -o probe/ --limit 64",
     ),

@@ -32,6 +32,8 @@ from surgeon.cli.push_option import push_to_hub_option, push_written
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Samples per micro-batch and process.")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimiser step.")
 @click.option("--warmup-ratio", type=float, default=0.03, show_default=True)
+@click.option("--max-skipped-share", type=float, default=0.5, show_default=True,
+              help="Stop when more than this share of the samples so far were skipped (too long for --max-length, or bad with --skip-bad-lines).")  # fmt: skip
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Clip the gradient norm (0: off).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -86,11 +88,13 @@ from surgeon.cli.push_option import push_to_hub_option, push_written
     "layer); needs a launch on several processes (torchrun / accelerate launch).",
 )
 @click.option("--gpu-memory", default=None, metavar="SIZE", help="Memory per process to plan against, e.g. 80GB [default: the device's].")
-@click.option("--dry-run", is_flag=True, help="Print the memory plan per process from config.json alone and exit.")
+@click.option("--dry-run", is_flag=True, help="Print the memory plan per process from config.json alone and exit: for a GPU when there is one or --gpu-memory is given, else for the CPU.")
 @click.option("--num-processes", type=int, default=None, help="Processes the --dry-run plan is for [default: 1].")
 @click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for activation memory.")
 @click.option("--save-steps", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: never).")
-@click.option("--resume", is_flag=True, help="Continue exactly from the latest checkpoint in OUTPUT-checkpoints/.")
+@click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[CHECKPOINT]",
+              help="Continue exactly from the latest checkpoint in OUTPUT-checkpoints/, or from the checkpoint-N folder given.")
+@click.option("--save-total-limit", type=int, default=None, help="Keep only this many newest checkpoints (default: all).")
 @click.option(
     "--resume-anyway", is_flag=True,
     help="With --resume: continue although the base model's (or prior's) weights changed since the checkpoint (a warning says so).",
@@ -217,7 +221,8 @@ def _print_plan(config: object, processes: int, as_json: bool) -> None:
         return
     how = f"{plan.processes} process{'es' if plan.processes != 1 else ''}, " + ("sharded (FSDP)" if plan.sharded else "unsharded")
     prec = plan.precision
-    out.print(f"memory plan: {plan.architecture}, {how}, {prec['compute']} compute, trained parameters in {prec['trained']}")
+    where = "the CPU" if plan.device == "cpu" else "a GPU"
+    out.print(f"memory plan for {where}: {plan.architecture}, {how}, {prec['compute']} compute, trained parameters in {prec['trained']}")
     p = plan.parameters
     out.print(f"parameters: {p['total']:,} ({p['trained']:,} trained, {p['frozen']:,} frozen; {p['replicated']:,} replicated on every process)")
     for part, value in plan.parts.items():

@@ -97,11 +97,19 @@ def _norms(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tenso
     return torch.stack([n.to(device) for n in torch._foreach_norm(list(tensors), 2, dtype=torch.float32)])
 
 
-def drift_gradient(g: torch.Tensor, delta: torch.Tensor, alpha: float, scale: str) -> torch.Tensor:
-    """g' for one plain tensor, out of place (the formula as a function; ``Drift.apply`` works in place)."""
-    delta_norm = torch.linalg.vector_norm(delta.float())
+def drift_gradient(g: torch.Tensor, delta: torch.Tensor, alpha: float, scale: str, *, norm_to: float | None) -> torch.Tensor:
+    """g' for one plain tensor, out of place (the formula as a function; ``Drift.apply`` works in place).
+
+    ``norm_to``: the norm Δ is scaled to first, as training does (docs/methods.md §1: Δ·‖θ_VLM‖/‖Δ‖;
+    pass ‖θ_VLM‖ of this tensor, e.g. ``open_prior(p).vlm_norm(name)``, for a Δ read from a prior,
+    which stores it raw); None uses Δ as given (already normalised, or ``--no-drift-normalize``).
+    Only ``absolute`` depends on it: the other scales divide Δ's norm out."""
+    delta = delta.float()
+    if norm_to is not None:
+        delta = delta * (float(norm_to) / max(float(torch.linalg.vector_norm(delta)), EPS))
+    delta_norm = torch.linalg.vector_norm(delta)
     k = drift_coefficient(g, delta, delta_norm, alpha, scale)
-    return (g.float() - k * delta.float()).to(g.dtype)
+    return (g.float() - k * delta).to(g.dtype)
 
 
 @dataclass(frozen=True)

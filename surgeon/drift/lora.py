@@ -53,11 +53,12 @@ class _Adapter:
 class LoraDrift:
     """DRIFT for the LoRA adapters of a peft model (see the module docstring)."""
 
-    def __init__(self, adapters: list[_Adapter], alpha: float, scale: str, reduce: Any = None) -> None:
+    def __init__(self, adapters: list[_Adapter], alpha: float, scale: str, reduce: Any = None, grad_scale: float = 1.0) -> None:
         _check_scale(scale)
         if not adapters:
             raise ConfigError("prior", "no LoRA-adapted weight of the model has Δ in the prior", "adapt the modules the prior covers (--modules)")
         self.adapters, self.alpha, self.scale, self.reduce = adapters, float(alpha), scale, reduce
+        self.grad_scale = float(grad_scale)
         self.names = [a.name for a in adapters]
         self.params = [p for a in adapters for p in (_a(a.module).weight, _b(a.module).weight)]
         self.zero: list[str] = []
@@ -65,10 +66,12 @@ class LoraDrift:
 
     @classmethod
     def from_prior(cls, model: Any, prior: str | Path, alpha: float = 1.0, scale: str = "adaptive_cosine", normalize: bool = True,
-                   reduce: Any = None) -> LoraDrift:  # fmt: skip
+                   reduce: Any = None, grad_scale: float = 1.0) -> LoraDrift:  # fmt: skip
         """The adapters of ``model`` (a peft LoRA model, sharded by FSDP2 or not) matched to the
         prior's tensors by LM-relative name (``layers.3.self_attn.q_proj.weight``); Δ read for
-        this rank's rows of each base weight. ``reduce``: an in-place sum over processes."""
+        this rank's rows of each base weight. ``reduce``: an in-place sum over processes.
+        ``grad_scale``: what turns the gradients the backward pass sees into the loss's (1/world
+        under DDP, whose backward runs on the loss times the world size)."""
         from peft.tuners.lora import LoraLayer
 
         from surgeon.anatomy.decoder import lm_parameters
@@ -95,7 +98,7 @@ class LoraDrift:
                 group = weight.device_mesh.get_group() if is_sharded(weight) else None  # (recorded now: FSDP unshards it in backward)
                 adapters.append(_Adapter(rel, modules[id(weight)], delta, p.vlm_norm(by_rel[rel]) if normalize else -1.0, raw,
                                          rows=weight.shape[0], group=group))  # fmt: skip
-        drift = cls(adapters, alpha, scale, reduce)
+        drift = cls(adapters, alpha, scale, reduce, grad_scale)
         drift._norms([a.group is not None for a in adapters])
         return drift
 
@@ -138,7 +141,7 @@ class LoraDrift:
     def _measure(self, adapter: _Adapter, grad: torch.Tensor, x: torch.Tensor) -> None:
         """k of this micro-batch from the module's full-weight gradient G = Dᵀ·X, formed and dropped here."""
         d = grad.reshape(-1, grad.shape[-1]).float()
-        g = d.t() @ x.reshape(-1, x.shape[-1]).float()  # [out, in]
+        g = (d.t() @ x.reshape(-1, x.shape[-1]).float()).mul_(self.grad_scale)  # [out, in]
         delta = self._full_delta(adapter)
         g_norm = torch.linalg.vector_norm(g)
         dot = torch.dot(g.reshape(-1), delta.reshape(-1).float()) * adapter.factor

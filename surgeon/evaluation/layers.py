@@ -103,7 +103,6 @@ class ProbeResult:
 def probe_layers(config: ProbeConfig, progress: Progress | None = None, status: Callable[[str], None] | None = None) -> ProbeResult:
     """Run the probes of ``config`` (see the module docstring); writes ``config.output`` (surgeon.json,
     layers.png) when given."""
-    from surgeon.data.encoding import SampleEncoder
     from surgeon.io.output import check_output
     from surgeon.modules.folders import load_eval_model
 
@@ -111,7 +110,7 @@ def probe_layers(config: ProbeConfig, progress: Progress | None = None, status: 
     if config.output:
         check_output(config.output, config.overwrite, [config.vlm, config.reasoning, config.data, config.image_data])
     swap = _SwapSource(config) if "swap" in config.probes else None  # alignment checked before the model loads
-    encoder = SampleEncoder.from_pretrained(config.vlm, max_length=config.max_length)
+    encoder = _encoder(config)
     sets = _sets(config, encoder)
     say(f"loading {config.vlm}")
     model = load_eval_model(config.vlm, config.device, config.dtype)
@@ -146,6 +145,28 @@ def probe_layers(config: ProbeConfig, progress: Progress | None = None, status: 
 
 
 # ---------------------------------------------------------------------------------- the sets
+
+
+def _encoder(config: ProbeConfig) -> Any:
+    """The VLM's processor; for the swap probe alone (text rows), its tokenizer will do when the
+    folder has no image processor."""
+    from surgeon.data.encoding import SampleEncoder
+
+    try:
+        return SampleEncoder.from_pretrained(config.vlm, max_length=config.max_length)
+    except DataError:
+        if "mask-vision" in config.probes:
+            raise
+        from transformers import AutoConfig, AutoTokenizer
+
+        from surgeon.anatomy.layout import placeholder_token_ids
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(config.vlm)
+            ids = placeholder_token_ids(AutoConfig.from_pretrained(config.vlm).to_dict()).values()
+        except (OSError, ValueError):
+            raise DataError(config.vlm, "has neither a processor nor a tokenizer that loads", "give a model folder with its tokenizer files") from None
+        return SampleEncoder(tokenizer, config.max_length, ids, name=config.vlm)
 
 
 def _sets(config: ProbeConfig, encoder: Any) -> dict[str, list[Any]]:
@@ -241,9 +262,9 @@ class _SwapSource:
         from surgeon.anatomy.layout import layer_index
         from surgeon.hub.sources import open_checkpoint
 
-        self.vlm = open_checkpoint(config.vlm)
         self.reasoning = open_checkpoint(config.reasoning)  # type: ignore[arg-type]
-        al = align(self.vlm, self.reasoning)
+        al = align(open_checkpoint(config.vlm), self.reasoning)
+        self.vlm = al.vlm  # quantized weights read as their values
         pairs = al.select(Selection(parse_modules(config.modules)))
         self.llm = al.llm
         self.by_layer: dict[int, list[Any]] = {}
@@ -273,11 +294,13 @@ class _Swapped:
         from surgeon.anatomy.decoder import lm_parameters
         from surgeon.drift.bias import prior_deltas
 
-        parameters = dict(lm_parameters(self.model))
+        parameters = dict(lm_parameters(self.model, buffers=True))  # buffers too: e.g. a router's correction bias
         live = _LiveDelta(self.source, self.source.by_layer[self.layer])
         for _, param, delta, _ in prior_deltas(live, parameters):
             self.saved.append((param, param.detach().clone()))
             param.copy_((param.float() + self.weight * delta.to(param.device, torch.float32)).to(param.dtype))
+        if not self.saved:  # never a pass that swapped nothing
+            raise ConfigError("vlm", f"layer {self.layer}'s tensors were not found in the loaded model", "report this model; the checkpoint and its loaded form differ")
 
     @torch.no_grad()
     def __exit__(self, *exc: object) -> None:

@@ -201,17 +201,17 @@ def _image_lora_report(model: torch.nn.Module, config: TrainConfig, dataset: Any
     return {"heads": s["heads"], "parameters": params, "flops": flops.to_dict()}
 
 
-def drift_for(run: Run, config: TrainConfig, reduce: Any = None) -> Any:
+def drift_for(run: Run, config: TrainConfig, reduce: Any = None, grad_scale: float = 1.0) -> Any:
     """The DRIFT object for ``config.prior`` (None without a prior): ``Drift`` on the full weights
     (``--full``), ``LoraDrift`` through the LoRA adapters otherwise; Δ on the parameters' device,
     each rank holding only the rows of its shards when the model is sharded. ``reduce``: an
-    in-place sum over processes (LoRA's per-process k)."""
+    in-place sum over processes (LoRA's per-process k); ``grad_scale``: 1 / the engine's loss scale."""
     if not config.prior:
         return None
     if not config.full:
         from surgeon.drift.lora import LoraDrift
 
-        return LoraDrift.from_prior(run.model, config.prior, config.drift_alpha, config.drift_scale, config.drift_normalize, reduce)
+        return LoraDrift.from_prior(run.model, config.prior, config.drift_alpha, config.drift_scale, config.drift_normalize, reduce, grad_scale)
     from surgeon.drift.bias import Drift
 
     return Drift.from_prior(

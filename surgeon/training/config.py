@@ -15,6 +15,7 @@ from surgeon.errors import ConfigError
 # the model is sharded is checked on resume from the checkpoint itself.)
 _NOT_FINGERPRINTED = {
     "output", "save_steps", "resume", "resume_anyway", "overwrite", "eval_set", "eval_every", "eval_limit", "eval_max_new_tokens", "fsdp", "gpu_memory", "num_workers", "log_steps", "report_to", "threads",
+    "max_skipped_share", "save_total_limit",
 }  # fmt: skip
 
 
@@ -62,6 +63,7 @@ class TrainConfig:
     batch_size: int = 1  # per process and micro-batch
     grad_accum: int = 1
     warmup_ratio: float = 0.03
+    max_skipped_share: float = 0.5  # stop when more than this share of the samples so far were skipped (too long, bad)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 disables clipping
     seed: int = 0
@@ -85,7 +87,8 @@ class TrainConfig:
     gpu_memory: str | None = None  # memory budget per process for the plan (default: the device's)
     gradient_checkpointing: bool = False
     save_steps: int = 0  # 0: no intermediate checkpoints
-    resume: bool = False  # continue from the latest checkpoint in ``<output>-checkpoints/``
+    resume: bool | str = False  # "latest" (or True): the newest checkpoint in ``<output>-checkpoints/``; or a checkpoint folder
+    save_total_limit: int | None = None  # keep only this many newest checkpoints
     resume_anyway: bool = False  # resume although the base model (or prior) changed since the checkpoint, with a warning
     merge_lora: bool = False  # write a standard merged model folder instead of an adapter
     prior: str | None = None  # DRIFT prior folder (``surgeon prior``)
@@ -188,6 +191,15 @@ class TrainConfig:
             )  # fmt: skip
         if self.attn not in ("sdpa", "eager", "flash_attention_2", "flex_attention"):
             raise ConfigError("attn", f"unknown attention backend {self.attn!r}", "choose sdpa, eager, flash_attention_2 or flex_attention")
+        if self.resume is True:
+            object.__setattr__(self, "resume", "latest")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ConfigError("save_total_limit", f"must be at least 1, got {self.save_total_limit}", "leave it out to keep every checkpoint")
+        if not (math.isfinite(self.max_skipped_share) and 0 <= self.max_skipped_share <= 1):
+            raise ConfigError("max_skipped_share", f"must lie in [0, 1], got {self.max_skipped_share}")
+        if self.prior and not self.full and self.mixed_precision == "fp16":
+            raise ConfigError("mixed_precision", "DRIFT through LoRA measures each gradient as the backward makes it, which fp16 loss scaling distorts",
+                              "use --mixed-precision bf16 (or no)")  # fmt: skip
         if self.perception_weight == "dynamic" and self.mixed_precision == "fp16":
             raise ConfigError("perception_weight", "dynamic λ does not work with fp16 loss scaling", "use --mixed-precision bf16 or no")
 

@@ -72,7 +72,8 @@ class DriftCallback(TrainerCallback):
                 import torch.distributed as dist
 
                 reduce = lambda t: (dist.all_reduce(t := t.to(args.device)), t.cpu())[1]  # noqa: E731
-            self.drift = LoraDrift.from_prior(model, self.prior, self.alpha, self.scale, self.normalize, reduce)
+            # the Trainer averages gradients over processes: a process's share of the step's gradient is 1/world of its own
+            self.drift = LoraDrift.from_prior(model, self.prior, self.alpha, self.scale, self.normalize, reduce, 1.0 / world)
         else:
             self.drift = Drift.from_prior(base, self.prior, alpha=self.alpha, scale=self.scale, normalize=self.normalize)
         if not any(p.requires_grad for p in self.drift.params):

@@ -129,7 +129,7 @@ def plan_memory(
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     tokens = config.max_tokens_per_batch or config.batch_size * config.max_length
     parts["activations"] = _activations(text, len(decoder.layers), tokens, b_compute, config, module_parameters(root))
-    parts["runtime"] = RUNTIME_BYTES.get(device, RUNTIME_BYTES["cuda"])
+    parts["runtime"] = runtime_bytes(device)
     counts = {
         "total": sum(p.numel() for p in unique),
         "trained": sum(p.numel() for p in trained),
@@ -289,10 +289,35 @@ def _mem_available() -> int | None:
     return None
 
 
-def plan_for(config: TrainConfig, processes: int, device: str = "cuda") -> MemoryPlan:
+def runtime_bytes(device: str) -> int:
+    """The framework's own memory: on a GPU surgeon's allowance for the CUDA context and
+    workspaces; on the CPU what this process holds now, with torch and transformers imported
+    (measured, as the run's process will hold it before it loads the model)."""
+    if device != "cpu":
+        return RUNTIME_BYTES.get(device, RUNTIME_BYTES["cuda"])
+    try:
+        import os
+
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return RUNTIME_BYTES["cpu"]
+
+
+def plan_device(config: TrainConfig) -> str:
+    """The device a run of ``config`` started here would use: a GPU when there is one (or when
+    ``--gpu-memory`` says the plan is for one), else the CPU."""
+    import torch
+
+    return "cuda" if config.gpu_memory or torch.cuda.is_available() else "cpu"
+
+
+def plan_for(config: TrainConfig, processes: int, device: str | None = None) -> MemoryPlan:
     """``surgeon train --dry-run``: the plan from ``config.model``'s config.json alone (a folder
-    holding just a config works; for a Hub id only config.json is fetched), for a GPU with bf16
-    unless ``--mixed-precision`` says otherwise, checked against ``--gpu-memory`` if given."""
+    holding just a config works; for a Hub id only config.json is fetched), for the device the run
+    would use (``plan_device``; bf16 on a GPU that has it, fp32 on the CPU, unless
+    ``--mixed-precision`` says otherwise), checked against ``--gpu-memory`` if given."""
+    device = device or plan_device(config)
     from surgeon.hub.sources import open_config
     from surgeon.io.output import parse_size
     from surgeon.training.config import resolve_precision

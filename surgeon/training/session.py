@@ -68,7 +68,8 @@ class Session:
     monitor: Any = None  # surgeon.evaluation.monitor.Monitor (--eval-every)
     status: Status = print
     metrics: dict[str, Any] = field(default_factory=dict)  # the last step's
-    seen: dict[str, int] = field(default_factory=lambda: {"supervised_tokens": 0, "perception_tokens": 0, "hollow": 0})
+    lr: float = 0.0  # the learning rate the last optimiser step used
+    seen: dict[str, int] = field(default_factory=lambda: {"supervised_tokens": 0, "perception_tokens": 0, "hollow": 0, "samples": 0})
 
 
 def open_session(config: TrainConfig, state: Any, cpu: bool, status: Status, on_step: StepCallback | None) -> Session:
@@ -98,7 +99,7 @@ def open_session(config: TrainConfig, state: Any, cpu: bool, status: Status, on_
         n = sum(1 for name in run.trainable if config.full or name.endswith("lora_A.default.weight"))
         status(f"{how} {n} language-model {'tensors' if config.full else 'projections'} ({config.selection.describe()})")
     engine, model, order, total, optimizer, scheduler = _place(config, run, precision, sharded, state, cpu)
-    drift = build.drift_for(run, config, _reduce(engine))
+    drift = build.drift_for(run, config, _reduce(engine), 1.0 / engine.loss_scale)
     if drift is not None:
         zero = f"; {len(drift.zero)} tensors with Δ = 0 are left alone" if drift.zero else ""
         what = f"{len(drift.params)} tensors ({drift.numel:,} parameters)"
@@ -123,8 +124,8 @@ def open_session(config: TrainConfig, state: Any, cpu: bool, status: Status, on_
 def report(s: Session, step: int, metrics: dict[str, Any]) -> None:
     """After a step: its metrics to metrics.jsonl, the tracker and the progress callback (main
     process), and a checkpoint every ``--save-steps`` steps (every process takes part)."""
-    from surgeon.training.state import save_checkpoint
-    from surgeon.training.tracking import numbers
+    from surgeon.training.state import prune_checkpoints, save_checkpoint
+    from surgeon.training.tracking import numbers, tracker_tags
 
     if s.monitor is not None and s.monitor.due(step + 1, s.total):
         found = s.monitor(s.engine.unwrap(s.model))
@@ -134,15 +135,38 @@ def report(s: Session, step: int, metrics: dict[str, Any]) -> None:
     s.seen["supervised_tokens"] += metrics["perception_tokens"] + metrics["reasoning_tokens"]
     s.seen["perception_tokens"] += metrics["perception_tokens"]
     s.seen["hollow"] += metrics.get("skipped_samples", 0)
+    s.seen["samples"] += metrics.get("samples", 0)
+    _check_skipped(s, metrics)
     if s.log is not None:
         s.log.write(metrics)
     if s.tracker is not None:
-        s.tracker.log(numbers(metrics), step=step + 1)
+        s.tracker.log(tracker_tags(numbers(metrics)), step=step + 1)
     if s.on_step is not None and s.engine.is_main:
         s.on_step(metrics)
     if s.config.save_steps and (step + 1) % s.config.save_steps == 0 and step + 1 < s.total:
         save_checkpoint(s.root / f"checkpoint-{step + 1}", replace(s.progress, step=step + 1), s.run.trainable, s.optimizer, s.scheduler, s.engine)
         s.engine.barrier()
+        if s.config.save_total_limit and s.engine.is_main:
+            for removed in prune_checkpoints(s.root, s.config.save_total_limit):
+                s.status(f"removed {removed.name} (--save-total-limit {s.config.save_total_limit})")
+        s.engine.barrier()
+
+
+def _check_skipped(s: Session, metrics: dict[str, Any]) -> None:
+    """Stop (on every process alike) when the samples skipped so far pass --max-skipped-share, or
+    when the run ends having trained on no token at all."""
+    from surgeon.errors import DataError
+
+    seen, share = s.seen, s.config.max_skipped_share
+    why = "; ".join(metrics.get("skipped_because", [])) or "see the data line of the status"
+    if seen["samples"] and seen["hollow"] / seen["samples"] > share:
+        raise DataError(
+            str(s.config.data), f"{seen['hollow']} of the {seen['samples']} samples so far were skipped ({why}), more than "
+            f"--max-skipped-share {share:g}", "raise --max-length, fix those lines, or raise --max-skipped-share",
+        )  # fmt: skip
+    if metrics["step"] == s.total and seen["supervised_tokens"] == 0:
+        raise DataError(str(s.config.data), f"the run trained on no token: {seen['hollow']} of {seen['samples']} samples were skipped "
+                        f"and the rest carry no answer tokens ({why})", "check --max-length and that rows have assistant turns")  # fmt: skip
 
 
 def close_session(s: Session) -> TrainResult:
@@ -181,7 +205,7 @@ def _prepare_folders(config: TrainConfig, state: Any, status: Status) -> Path | 
     what it may and clean what a killed run left; returns the checkpoint ``--resume`` continues from."""
     from surgeon.errors import CheckpointError, ConfigError
     from surgeon.io.output import check_output
-    from surgeon.training.state import check_root, latest_intact, remove_stale
+    from surgeon.training.state import check_root, chosen_checkpoint, remove_stale
 
     sources = [config.model, config.data, config.prior, config.image_lora]
     check_output(config.output, config.overwrite, sources)  # type: ignore[arg-type]
@@ -189,7 +213,7 @@ def _prepare_folders(config: TrainConfig, state: Any, status: Status) -> Path | 
     replace_root = check_root(config.output, sources, config.resume, config.overwrite)  # type: ignore[arg-type]
     resume_from = None
     if config.resume:
-        resume_from, damaged = latest_intact(root)
+        resume_from, damaged = chosen_checkpoint(config.resume, root)
         if resume_from is None and not damaged:
             raise ConfigError("resume", f"no checkpoint in {root}", "run without --resume, or check --output")
         if resume_from is None:

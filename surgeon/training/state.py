@@ -248,6 +248,35 @@ def checkpoint_problem(folder: Path) -> str | None:
     return None
 
 
+def prune_checkpoints(root: Path, keep: int) -> list[Path]:
+    """Remove all but the ``keep`` newest ``checkpoint-N`` folders under ``root`` (surgeon's own
+    checkpoint folder only); returns what was removed."""
+    if keep <= 0 or not made_by_surgeon(root, ROOT_KIND):
+        return []
+    found = sorted((int(p.name.split("-")[-1]), p) for p in Path(root).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit())
+    removed = [path for _, path in found[: max(len(found) - keep, 0)]]
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
+
+
+def chosen_checkpoint(resume: str, root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The checkpoint ``--resume`` names: ``latest`` (the newest intact one under ``root``, and the
+    damaged ones above it) or a checkpoint folder's path (ConfigError/CheckpointError if it is not
+    an intact checkpoint)."""
+    from surgeon.errors import CheckpointError, ConfigError
+
+    if resume == "latest":
+        return latest_intact(root)
+    folder = Path(resume)
+    if not folder.is_dir():
+        raise ConfigError("resume", f"{resume} is not a checkpoint folder", f"give one of the checkpoint-N folders in {root}, or --resume alone for the latest")
+    problem = checkpoint_problem(folder)
+    if problem is not None:
+        raise CheckpointError(str(folder), f"is not an intact checkpoint: {problem}", "choose another checkpoint-N folder")
+    return folder, []
+
+
 def latest_intact(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The intact checkpoint with the highest step under ``root``, and the damaged ones above it
     (newest first) with what is wrong with each."""

@@ -29,6 +29,8 @@ class Counts:
     perception: int
     reasoning: int
     hollow: int
+    samples: int = 0
+    reasons: tuple[str, ...] = ()  # this process's reasons for its hollow samples
 
 
 def fetch(s: Session) -> Counts:
@@ -37,9 +39,14 @@ def fetch(s: Session) -> Counts:
     from surgeon.perception.reweight import count_span_tokens
 
     fetched = [next(s.loader) for _ in range(s.config.grad_accum)]
-    local = torch.tensor([[*count_span_tokens(b["labels"], b["perception_mask"]), len(h)] for b, h in fetched]).sum(0)
-    n_p, n_r, hollow = (int(x) for x in s.engine.all_reduce(local.to(s.engine.device)))
-    return Counts([batch for batch, _ in fetched], n_p, n_r, hollow)
+    local = torch.tensor([[*count_span_tokens(b["labels"], b["perception_mask"]), len(h), _samples(b)] for b, h in fetched]).sum(0)
+    n_p, n_r, hollow, samples = (int(x) for x in s.engine.all_reduce(local.to(s.engine.device)))
+    return Counts([batch for batch, _ in fetched], n_p, n_r, hollow, samples, tuple(r for _, h in fetched for r in h))
+
+
+def _samples(batch: dict[str, torch.Tensor]) -> int:
+    lengths = batch.get("packed_lengths")
+    return int(lengths.numel()) if lengths is not None else int(batch["input_ids"].shape[0])
 
 
 def accumulate(s: Session, counts: Counts) -> tuple[torch.Tensor, float]:
@@ -85,6 +92,7 @@ def update(s: Session, lam: float) -> tuple[float, Any, torch.Tensor | None]:
     grad_norm = None
     if config.max_grad_norm > 0:
         grad_norm = clip_grad_norm(s.params, config.max_grad_norm, drift_stats.total_norm if drift_stats else None)
+    s.lr = s.scheduler.get_last_lr()[0]  # the rate this step uses (the schedule moves on below)
     s.optimizer.step()
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
@@ -107,7 +115,7 @@ def step_metrics(
         "loss_perception": l_p,
         "loss_reasoning": l_r,
         "lambda": eff,
-        "lr": s.scheduler.get_last_lr()[0],
+        "lr": s.lr,
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
         "tokens": int(tokens),
         "padding": int(padding),
@@ -115,8 +123,10 @@ def step_metrics(
         "perception_tokens": counts.perception,
         "reasoning_tokens": counts.reasoning,
     }
+    metrics["samples"] = counts.samples
     if counts.hollow:
         metrics["skipped_samples"] = counts.hollow  # too long for --max-length (or bad, with --skip-bad-lines): trained nothing
+        metrics["skipped_because"] = sorted(set(counts.reasons))[:3]
     if drift_stats is not None:
         metrics["drift_tensors"] = drift_stats.biased
         metrics["drift_coefficient"] = drift_stats.mean_coefficient

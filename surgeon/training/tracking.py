@@ -50,6 +50,24 @@ def numbers(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+_TRAINER_NAMES = {"lr": "learning_rate"}  # the Trainer's name where it logs the same number
+
+
+def tracker_tags(metrics: dict[str, float]) -> dict[str, float]:
+    """The tags a tracker shows, in the Trainer's namespaces so that runs line up in one board:
+    ``train/<name>`` for the step's metrics (``train/learning_rate`` for ``lr``), ``eval/…`` as
+    they are (``kl_base`` as ``eval/kl_base``); ``metrics.jsonl`` keeps the plain names."""
+    out = {}
+    for name, value in metrics.items():
+        if name.startswith("eval/"):
+            out[name] = value
+        elif name == "kl_base":
+            out["eval/kl_base"] = value
+        else:
+            out[f"train/{_TRAINER_NAMES.get(name, name)}"] = value
+    return out
+
+
 class MetricsLog:
     """``metrics.jsonl`` beside the checkpoints: one line per step, written as the step ends. A
     resumed run first drops the lines of steps after the checkpoint it continues from."""
