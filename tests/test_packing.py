@@ -259,7 +259,7 @@ def test_the_plan_counts_the_logits_only_without_the_chunked_loss(cli, tmp_path)
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     plans = {}
     for flag in ("--chunked-loss", "--no-chunked-loss"):
-        shown = cli("train", tmp_path / "m", "--dry-run", "--json", "--full", "--max-length", 2048, flag)
+        shown = cli("train", tmp_path / "m", "--dry-run", "--json", "--full", "--max-length", 2048, flag, "--gpu-memory", "1TB")  # a GPU plan (bf16)
         assert shown.exit_code == 0, shown.output
         plans[flag] = json.loads(shown.stdout)["parts"]["activations"]
     logits = 2048 * 152064 * (2 + 8 + 4)

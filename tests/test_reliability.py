@@ -244,7 +244,7 @@ def test_images_are_bounded_in_number_and_pixels_before_decoding(cli, vlm, tmp_p
     refused = cli("train", vlm, "--data", data, "-o", out, "--max-steps", 3)
     assert_one_line_error(refused, "image too large", "--skip-bad-lines")
     assert "data.jsonl:2: image too large: bomb.png" in refused.stderr or "data.jsonl:3: image too large: large.png is 9000×8000" in refused.stderr
-    skipped = cli("train", vlm, "--data", data, "-o", out, "--max-steps", 3, "--skip-bad-lines", "--json")
+    skipped = cli("train", vlm, "--data", data, "-o", out, "--max-steps", 3, "--skip-bad-lines", "--json", "--max-skipped-share", "1")
     assert skipped.exit_code == 0, skipped.output
     assert json.loads(skipped.stdout)["stats"]["seen"]["hollow"] == 2
     many = tmp_path / "many.jsonl"

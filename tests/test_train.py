@@ -346,11 +346,12 @@ def test_the_record_lists_the_methods_applied_and_the_card_tags_them(vlm, data, 
 
 
 def test_a_run_that_skips_too_much_or_trains_on_nothing_stops_in_one_line(cli, vlm, data, tmp_path):
-    """Every sample longer than --max-length: stopped at the first step, saying how many and why;
-    with --max-skipped-share 1 it goes on, and stops at the end for having trained on no token."""
+    """Every sample longer than --max-length: stopped (at the last step of so short a run; mid-run
+    once 64 samples were seen), saying how many and why; with --max-skipped-share 1 it goes on, and
+    stops at the end for having trained on no token."""
     base = ["train", vlm, "--data", data, "--max-steps", "2", "--batch-size", "2", "--max-length", "8"]
     result = cli(*base, "-o", tmp_path / "a")
-    assert_one_line_error(result, "2 of the 2 samples so far were skipped", "--max-skipped-share 0.5", "--max-length")
+    assert_one_line_error(result, "4 of the 4 samples so far were skipped", "--max-skipped-share 0.5", "--max-length")
     result = cli(*base, "-o", tmp_path / "b", "--max-skipped-share", "1")
     assert_one_line_error(result, "trained on no token", "4 of 4 samples")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -152,14 +152,19 @@ def report(s: Session, step: int, metrics: dict[str, Any]) -> None:
         s.engine.barrier()
 
 
+SKIP_SAMPLE = 64  # samples seen before the skipped share is judged mid-run
+
+
 def _check_skipped(s: Session, metrics: dict[str, Any]) -> None:
-    """Stop (on every process alike) when the samples skipped so far pass --max-skipped-share, or
-    when the run ends having trained on no token at all."""
+    """Stop (on every process alike) when the samples skipped so far pass --max-skipped-share
+    (judged once ``SKIP_SAMPLE`` samples were seen, and at the last step), or when the run ends
+    having trained on no token at all."""
     from surgeon.errors import DataError
 
     seen, share = s.seen, s.config.max_skipped_share
     why = "; ".join(metrics.get("skipped_because", [])) or "see the data line of the status"
-    if seen["samples"] and seen["hollow"] / seen["samples"] > share:
+    judged = seen["samples"] >= SKIP_SAMPLE or metrics["step"] == s.total  # not on a handful of samples, but always at the end
+    if judged and seen["samples"] and seen["hollow"] / seen["samples"] > share:
         raise DataError(
             str(s.config.data), f"{seen['hollow']} of the {seen['samples']} samples so far were skipped ({why}), more than "
             f"--max-skipped-share {share:g}", "raise --max-length, fix those lines, or raise --max-skipped-share",
