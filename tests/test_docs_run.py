@@ -77,13 +77,15 @@ def test_every_help_example_runs(cli, hub_standin, tmp_path, monkeypatch):
 
 
 def _eval_inputs(work: Path, vlm: Path) -> None:
-    """What the ``surgeon eval`` example compares: two fine-tunes, a text set and a chart set (parquet,
-    images as bytes)."""
+    """What the ``surgeon eval`` example compares: two fine-tunes (small: generation is most of this
+    test's time), a text set and a chart set (parquet, images as bytes)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    for name in ("sft", "drift"):
-        shutil.copytree(vlm, work / name)
+    from surgeon.demo import tiny
+
+    tiny.build("qwen2_5_vl", work / "sft")  # fine-tunes of the 7B stand in as 4-layer models: eval reads each on its own
+    shutil.copytree(work / "sft", work / "drift")
     rows = [json.loads(line) for line in (work / "data.jsonl").read_text().splitlines()]
     text = [{k: v for k, v in r.items() if k != "answer"} for r in rows if "image" not in json.dumps(r)]  # references: the last turn
     (work / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in text[:2]))
