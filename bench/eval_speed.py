@@ -80,7 +80,7 @@ def main() -> None:
     print(f"{'tiny' if args.tiny else '23M'} Qwen2.5-VL shape, {len(items)} items in batches of {args.batch}, {args.new_tokens} new tokens; "
           f"medians of {args.rounds} rounds")  # fmt: skip
     for name, value in rate.items():
-        print(f"  {name:<8} {value:7.2f} items/s   rounds {[round(t, 2) for t in times[name]]}")
+        print(f"  {name:<8} {value:7.2f} items/s   seconds per round {[round(t, 2) for t in times[name]]}")
     print(f"  surgeon / plain: {rate['surgeon'] / rate['plain']:.2f}×")
 
 
