@@ -41,7 +41,6 @@ from surgeon.drift.distance import Distance, summarise
 from surgeon.errors import AlignmentError, CheckpointError, ConfigError
 from surgeon.anatomy.families import SelectsTensors, DEFAULT_MODULES, parse_selection
 from surgeon.anatomy.layout import layer_index
-from surgeon.io.quantized import dequantized
 from surgeon.io.output import DEFAULT_SHARD_SIZE, ShardedWriter, TensorSpec, check_output, output_folder, parse_size
 from surgeon.io.provenance import build_record, read_record, write_record
 from surgeon.io.streaming import BlockStream, Job
@@ -114,7 +113,7 @@ def compute_prior(config: PriorConfig, progress: Progress | None = None) -> Prio
         _check_roles(al, config)
         pairs = al.select(config.selection)
         values = al.vlm  # quantized weights read as their values (surgeon.io.quantized)
-        base_pairs, base_view = _base_pairs(values, dequantized(base), pairs) if base else ({}, None)
+        base_pairs, base_view = _base_pairs(values, base, pairs) if base else ({}, None)  # (align reads a quantized base as values)
         out_dtype = dtype or values.dtype
         with output_folder(config.output, config.overwrite) as tmp:
             specs = [TensorSpec(p.vlm_name, out_dtype, p.shape) for p in pairs]

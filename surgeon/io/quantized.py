@@ -351,9 +351,10 @@ class Dequantized:
         self.scheme = scheme
         self.quantized = scheme.tensors
         hidden = set(scheme.hidden)
+        by_stored = {q.stored: q for q in scheme.tensors.values()}  # (one pass: MoE checkpoints hold 10⁵ tensors)
         tensors: dict[str, TensorInfo] = {}
         for name, info in ckpt.tensors.items():
-            q = scheme.tensors.get(name) or next((t for t in scheme.tensors.values() if t.stored == name), None)
+            q = by_stored.get(name)
             if q is not None:
                 tensors[q.name] = replace(info, name=q.name, dtype="F32", shape=q.shape)
             elif name not in hidden:
@@ -391,5 +392,9 @@ def dequantized(ckpt: Any) -> Any:
     """``ckpt`` read as values: a ``Dequantized`` view when it is quantized, else ``ckpt``."""
     if isinstance(ckpt, Dequantized):
         return ckpt
-    scheme = quant_scheme(ckpt)
-    return ckpt if scheme is None else Dequantized(ckpt, scheme)
+    cached = vars(ckpt).get("_dequantized")  # one scan per opened checkpoint (align runs once per pairing); never a wrapped one's
+    if cached is None:
+        scheme = quant_scheme(ckpt)
+        cached = ckpt if scheme is None else Dequantized(ckpt, scheme)
+        ckpt._dequantized = cached
+    return cached
