@@ -6,6 +6,7 @@ import click
 from rich.table import Table
 
 from surgeon.cli.group import build, example, selection_options
+from surgeon.cli.config_file import config_option
 from surgeon.cli.push_option import push_to_hub_option, push_written
 from surgeon.cli.console import emit_json, err, human_bytes, out, progress
 from surgeon.merge import METHODS, NOTATION
@@ -47,6 +48,7 @@ def _help() -> str:
               "weights quantized with new scales, quantization_config kept [default: bf16 values, no quantization_config].")  # fmt: skip
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @push_to_hub_option
+@config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def command(as_json: bool, **options: object) -> None:
     from surgeon.merge.engine import MergeConfig, merge_models

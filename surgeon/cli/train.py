@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 from surgeon.cli.group import SELECTION_HELP, DtypeName, build, example
 from surgeon.cli.console import emit_json, err, out, quiet_transformers
+from surgeon.cli.config_file import config_option
 from surgeon.cli.push_option import push_to_hub_option, push_written
 
 
@@ -140,6 +141,7 @@ from surgeon.cli.push_option import push_to_hub_option, push_written
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (and its checkpoints).")
 @push_to_hub_option
+@config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def command(as_json: bool, dry_run: bool, num_processes: int | None, **options: object) -> None:
     """Fine-tune MODEL on --data with LoRA (default) or --full, optionally with DRIFT (--prior),
