@@ -109,6 +109,11 @@ def hub_standin(monkeypatch):
             monkeypatch.setenv(name, value)
         for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
             monkeypatch.delenv(name, raising=False)
+        import datasets.config as datasets_config  # datasets reads the endpoint and offline mode at import
+
+        for name, value in (("HF_ENDPOINT", standin.url), ("HF_HUB_OFFLINE", False), ("HF_DATASETS_OFFLINE", False),
+                            ("HUB_DATASETS_URL", standin.url + "/datasets/{repo_id}/resolve/{revision}/{path}")):  # fmt: skip
+            monkeypatch.setattr(datasets_config, name, value)
         import transformers.utils.hub as transformers_hub
 
         if hasattr(transformers_hub, "_hf_api"):  # transformers' shared HfApi keeps the endpoint it was made with

@@ -134,3 +134,37 @@ def test_plain_progress_lines_metrics_per_step_and_tensorboard(cli, vlm, shapes_
     assert "Warning" not in proc.stderr and "warn" not in proc.stderr.lower()
     every = cli(*args[:6], "-o", tmp_path / "r2", "--max-steps", "6", "--log-steps", "4")
     assert [x.split()[1] for x in every.stderr.splitlines() if x.startswith("step ")] == ["4/6", "6/6"]
+
+
+def test_a_hub_dataset_trains_like_its_parquet_and_the_card_names_it_at_its_commit(cli, vlm, copies, hub_standin, tmp_path, monkeypatch):
+    """``--data org/name`` through the real ``datasets``/``huggingface_hub`` clients against the local
+    Hub stand-in: the same first step as the parquet file it holds, the commit it was read at in
+    surgeon.json, the dataset under the card's ``datasets:`` and the base's license carried over."""
+    from huggingface_hub import HfApi
+
+    from surgeon.io.provenance import read_record
+    from surgeon.publish.card import card_metadata
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # an empty datasets cache
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-home" / "datasets"))
+    api = HfApi(endpoint=hub_standin.url, token="hf_test")
+    api.create_repo("acme/shapes", repo_type="dataset")
+    upload = tmp_path / "upload"
+    upload.mkdir()
+    shutil.copy(copies["parquet"], upload / "train.parquet")
+    commit = api.upload_folder(folder_path=upload, repo_id="acme/shapes", repo_type="dataset").oid
+    base = tmp_path / "vlm"
+    shutil.copytree(vlm, base)
+    (base / "README.md").write_text("---\nlicense: apache-2.0\ntags: [x]\n---\n# a model\n")
+    losses = {}
+    for name, source in (("hub", "acme/shapes:train"), ("parquet", copies["parquet"])):
+        result = cli("train", base, "--data", source, "-o", tmp_path / name, "--max-steps", "1", "--batch-size", "4", "--json")
+        assert result.exit_code == 0, result.output
+        losses[name] = json.loads(result.stdout)["metrics"]["loss"]
+    assert losses["hub"] == losses["parquet"]
+    record = read_record(tmp_path / "hub")
+    assert record["inputs"]["data"]["commit"] == commit and record["inputs"]["data"]["source"] == "acme/shapes:train"
+    assert record["inputs"]["model"]["license"] == "apache-2.0"
+    meta = card_metadata(record, tmp_path / "hub")
+    assert meta["datasets"] == ["acme/shapes"] and meta["license"] == "apache-2.0"
+    assert "datasets" not in card_metadata(read_record(tmp_path / "parquet"), tmp_path / "parquet")

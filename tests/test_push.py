@@ -154,16 +154,20 @@ def test_card_sections_follow_surgeon_json(outputs, tmp_path):
     assert "base_model" not in card_metadata(local_only, made["merge"])  # never a local path
 
 
-def test_a_local_base_is_published_as_typed_never_as_this_machines_path(cli, folder):
+def test_a_local_base_is_published_as_a_note_never_as_a_path_or_a_bare_name(cli, folder):
     """An adapter trained on a local folder records the folder's full path (so peft finds it from
-    anywhere here); the uploaded copy names the base as the user typed it."""
+    anywhere here); the uploaded copy names the base by a note that cannot resolve to a Hub repo."""
     src = folder("adapter")
+    local = json.loads((src / "adapter_config.json").read_text())["base_model_name_or_path"]
     record = json.loads((src / "surgeon.json").read_text())
-    record["inputs"]["model"] = {"source": "my-vlm", "fingerprint": "sha256:1"}
+    record["inputs"]["model"] = {"source": local, "fingerprint": "sha256:1"}  # trained on the local folder
     (src / "surgeon.json").write_text(json.dumps(record))
     result = cli("push", src, "--repo", "acme/a", "--dry-run")
     assert result.exit_code == 0, result.output
-    assert "adapter_config.json: base_model_name_or_path set to my-vlm (was a local path)" in result.stdout
+    note = f"local model folder {Path(local).name} (not on the Hub): load it yourself"
+    shown = " ".join(result.stdout.split())  # the terminal may wrap the note
+    assert f'adapter_config.json: base_model_name_or_path set to "{note}' in shown
+    assert local not in shown
 
 
 def test_dry_run_sends_nothing(cli, hub_standin, folder):

@@ -132,8 +132,10 @@ class JsonlRows:
 class DatasetRows:
     """A ``datasets.Dataset`` (parquet, save_to_disk, Hub) as rows, images undecoded."""
 
-    def __init__(self, dataset: Any, source: str, base: Path) -> None:
+    def __init__(self, dataset: Any, source: str, base: Path, revision: str | None = None) -> None:
         from datasets import Image
+
+        self.revision = revision  # a Hub dataset's commit (None for local data)
 
         for name, feature in dataset.features.items():  # image columns: bytes/path dicts, not PIL images
             if isinstance(feature, Image):
@@ -230,4 +232,25 @@ def _hub(spec: str) -> DatasetRows:
     except Exception as exc:  # noqa: BLE001 - offline, not found, no such split: the library says which
         raise DataError(spec, f"cannot be loaded ({' '.join(str(exc).split())[:200]})", "check the id, the split and HF_HUB_OFFLINE") from None
     base = Path(dataset.cache_files[0]["filename"]).parent if dataset.cache_files else Path.cwd()
-    return DatasetRows(dataset, spec, base)
+    return DatasetRows(dataset, spec, base, _hub_commit(repo, revision, dataset))
+
+
+def _hub_commit(repo: str, revision: str, dataset: Any) -> str | None:
+    """The commit a Hub dataset was read at: ``datasets`` caches a Hub repo's data under its commit
+    hash; otherwise the Hub is asked (not offline), else the revision as given (or None)."""
+    import re
+
+    for entry in dataset.cache_files or []:
+        for part in reversed(Path(entry["filename"]).parts):
+            if re.fullmatch(r"[0-9a-f]{40}", part):
+                return part
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            from huggingface_hub import HfApi
+
+            return HfApi().dataset_info(repo, revision=revision or None).sha
+        except Exception:  # noqa: BLE001 - the revision is recorded as given instead
+            pass
+    return revision or None

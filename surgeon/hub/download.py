@@ -18,7 +18,7 @@ from surgeon.hub.errors import offline, translated
 # What a checkpoint needs: config, weights, tokenizer/processor/chat-template files, and the
 # modeling/processing code of remote-code models (never run by surgeon: copied into outputs so
 # that they load with trust_remote_code as their inputs do). No pickles.
-CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py"]
+CHECKPOINT_PATTERNS = ["README.md", "*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py"]
 
 
 def _named(repo_id: str, revision: str | None) -> str:

@@ -246,6 +246,10 @@ class Checkpoint:
             out["revision"] = self.revision or "main"
             out["commit"] = self.commit
         out["fingerprint"] = self.fingerprint()
+        from surgeon.io.provenance import card_license
+
+        if not self.headers_only and (license_ := card_license(self.path)):
+            out["license"] = license_
         return out
 
     def __repr__(self) -> str:

@@ -77,6 +77,25 @@ def _describe(value: InputValue) -> Any:
     return _plain(value)
 
 
+def card_license(folder: str | Path) -> str | None:
+    """The ``license`` of a model folder's card (the YAML header of its README.md), or None."""
+    try:
+        text = (Path(folder) / "README.md").read_text(encoding="utf-8", errors="replace")[:65536]
+    except OSError:
+        return None
+    match = re.match(r"---\s*\n(.*?)\n---\s*(\n|$)", text, re.S)
+    if not match:
+        return None
+    import yaml
+
+    try:
+        header = yaml.safe_load(match.group(1))
+    except yaml.YAMLError:
+        return None
+    value = header.get("license") if isinstance(header, dict) else None
+    return str(value) if isinstance(value, (str, int)) and str(value).strip() else None
+
+
 def file_hash(path: str | Path) -> str:
     """A short content hash of a data or settings file, for ``inputs`` entries (16 hex digits)."""
     import hashlib

@@ -5,7 +5,8 @@
 Metadata: ``base_model`` (Hub ids of the inputs only, never local paths: the VLM and, for priors
 and merges, the reasoning LLMs), ``base_model_relation`` where one applies (merge, adapter,
 finetune), ``library_name`` (transformers for models, peft for adapters), ``pipeline_tag``,
-``tags`` (``surgeon`` plus the method) and ``datasets`` (Hub datasets it was trained on).
+``tags`` (``surgeon`` plus the method), ``datasets`` (Hub datasets it was trained on) and
+``license`` (when the base inputs' cards all name the same one).
 Body: what the artifact is, a loading snippet that is correct for what the folder holds, the
 inputs, the method's settings, training data and metrics, and the statistics surgeon computed.
 An input counts as a Hub repo only when ``surgeon.json`` recorded a revision or commit for it.
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from surgeon.hub.repo_ids import REPO_ID
+from surgeon.hub.repo_ids import DATASET, REPO_ID
 from surgeon.publish.markdown import flatten, stats_markdown, table
 from surgeon.io.header import tensor_names
 from surgeon.io.provenance import is_local_path, local_name, read_record
@@ -40,20 +41,35 @@ def _entries(record: dict, role: str) -> list[dict]:
 
 
 def hub_id(entry: dict) -> str | None:
-    """The Hub repo id of a recorded input, or None for a local folder or file."""
+    """The Hub repo id of a recorded input (a dataset's without ``@revision`` and ``:split``), or
+    None for a local folder or file."""
     source = str(entry.get("source", ""))
-    if REPO_ID.match(source) and ("commit" in entry or "revision" in entry):
+    if not ("commit" in entry or "revision" in entry):
+        return None
+    if REPO_ID.match(source):
         return source
+    if DATASET.match(source):
+        return source.partition(":")[0].partition("@")[0]
     return None
+
+
+def _base_entries(record: dict) -> list[dict]:
+    """The recorded inputs the output is based on: the VLM (+ reasoning LLMs for priors and merges)."""
+    roles = _BASE_ROLES.get(record.get("command", ""))
+    if roles is None:
+        roles = next(((r,) for r in _MODEL_ROLES if _entries(record, r)), ())
+    return [e for role in roles for e in _entries(record, role)]
 
 
 def base_repo_ids(record: dict) -> list[str]:
     """``base_model`` of the card: Hub ids of the VLM (+ reasoning LLMs for priors and merges)."""
-    roles = _BASE_ROLES.get(record.get("command", ""))
-    if roles is None:
-        roles = next(((r,) for r in _MODEL_ROLES if _entries(record, r)), ())
-    ids = [hub_id(e) for role in roles for e in _entries(record, role)]
-    return list(dict.fromkeys(i for i in ids if i))
+    return list(dict.fromkeys(i for e in _base_entries(record) if (i := hub_id(e))))
+
+
+def carried_license(record: dict) -> str | None:
+    """The ``license`` every base input's card names, when they all name the same one."""
+    licenses = {e.get("license") for e in _base_entries(record)}
+    return licenses.pop() if len(licenses) == 1 and None not in licenses else None
 
 
 def _relation(record: dict) -> str | None:
@@ -128,6 +144,8 @@ def card_metadata(record: dict, folder: str | Path) -> dict:
     datasets = [i for e in _entries(record, "data") if (i := hub_id(e))]
     if datasets:
         meta["datasets"] = datasets
+    if license_ := carried_license(record):
+        meta["license"] = license_
     meta["tags"] = list(dict.fromkeys(["surgeon", *method_tags(record)]))
     return meta
 
@@ -225,14 +243,14 @@ def load_snippet(record: dict, folder: str | Path, repo_id: str) -> str:
 # ---------------------------------------------------------------------------- what it is
 
 
-def _link(repo: str) -> str:
-    return f"[{repo}](https://huggingface.co/{repo})"
+def _link(repo: str, kind: str = "") -> str:
+    return f"[{repo}](https://huggingface.co/{kind}{repo})"
 
 
-def _source(entry: dict) -> str:
+def _source(entry: dict, dataset: bool = False) -> str:
     repo = hub_id(entry)
     if repo:
-        return _link(repo)
+        return _link(repo, "datasets/" if dataset else "")
     source = str(entry.get("source", "?"))
     shown = local_name(source).removeprefix("local ") if is_local_path(source) else source
     return f"local `{shown}`"
@@ -341,13 +359,13 @@ def _inputs(record: dict) -> str:
             revision = e.get("revision")
             rev = f"{revision} ({commit})" if revision and commit else revision or commit or "—"
             fingerprint = str(e.get("fingerprint") or "—")
-            rows.append([role, _source(e), rev, fingerprint[:23] + ("…" if len(fingerprint) > 23 else "")])
+            rows.append([role, _source(e, role == "data"), rev, fingerprint[:23] + ("…" if len(fingerprint) > 23 else "")])
     return table(["role", "source", "revision", "fingerprint"], rows)
 
 
 def _training(record: dict) -> str:
     data = _entries(record, "data")
-    lines = ["Data: " + (", ".join(_source(e) for e in data) if data else "not recorded") + "."]
+    lines = ["Data: " + (", ".join(_source(e, True) for e in data) if data else "not recorded") + "."]
     stats = record.get("stats") or {}
     metrics = stats.get("final") or stats.get("metrics")  # surgeon train: the last logged step
     if isinstance(metrics, dict) and metrics:

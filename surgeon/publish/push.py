@@ -82,8 +82,7 @@ def push_folder(folder: str | Path, config: PushConfig, *, endpoint: str | None 
     record = read_record(path)
     card, card_source, sent_card, notes = _card(path, record, config)
     bases = base_repo_ids(record) if record else []
-    typed = (((record or {}).get("inputs") or {}).get("model") or {}).get("source")  # a local base, as the user typed it
-    base = bases[0] if bases else typed if isinstance(typed, str) and typed else None
+    base = bases[0] if bases else None
     token = config.token or hub.stored_token()
     plan = plan_upload(path, card, record, token, base, allow=tuple(config.allow_file))
     revision = config.revision or "main"

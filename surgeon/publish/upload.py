@@ -26,7 +26,7 @@ Policy (every entry under the folder, ``.git`` and ``.cache`` aside):
   records are cleaned in the uploaded copy instead: ``surgeon.json`` (and the ``surgeon`` section
   of ``heads.json``) name local inputs and outputs as ``local <name>`` (inputs keep their
   fingerprints), ``_name_or_path`` fields holding a local path are dropped, and a local
-  ``base_model_name_or_path`` becomes the base model's Hub id (or its folder name). Vocabulary
+  ``base_model_name_or_path`` becomes the base model's Hub id, or a note naming the local folder. Vocabulary
   files (``tokenizer.json``, ``merges.txt`` …) are scanned for tokens only.
 - The folder itself is never written: cleaned files and the card live in a staging folder under
   the system temp dir whose other entries are symlinks to the originals (no copy of the weights).
@@ -126,6 +126,12 @@ def _inside(path: Path, roots: list[Path]) -> bool:
     return any(path == root or root in path.parents for root in roots)
 
 
+def local_base_note(name: str) -> str:
+    """What an uploaded adapter names as its base when the base was a local folder: a note that
+    peft's AutoPeftModel shows in its error, never a bare name that could resolve to another repo."""
+    return f"local model folder {name} (not on the Hub): load it yourself, then PeftModel.from_pretrained(base, this repo)"
+
+
 def plan_upload(
     folder: Path, card: str | None, record: dict | None, token: str | None, hub_base: str | None = None, allow: tuple[str, ...] = ()
 ) -> UploadPlan:
@@ -133,8 +139,8 @@ def plan_upload(
     for what it finds (``refused`` lists it).
 
     ``card``: README.md text to send instead of the folder's (None keeps the folder's).
-    ``hub_base``: the base model's Hub id (or the name it was typed as), for a local
-    ``base_model_name_or_path``. ``allow``: glob patterns (on the path inside the folder, or its
+    ``hub_base``: the base model's Hub id, for a local ``base_model_name_or_path`` (None: a note
+    naming the local folder is sent instead). ``allow``: glob patterns (on the path inside the folder, or its
     name) of files the user means to publish although they look like credentials.
     """
     folder = Path(folder)
@@ -378,8 +384,8 @@ def _clean_json(rel: str, path: Path, roots: list[bytes], hub_base: str | None, 
                     changed = True
                     continue
                 if k == _BASE_KEY and local(v):
-                    replacement = hub_base if hub_base and not local(hub_base) else Path(v).name
-                    notes.append(f"{rel}: {key_where} set to {replacement} (was a local path)")
+                    replacement = hub_base if hub_base and not local(hub_base) else local_base_note(Path(v).name)
+                    notes.append(f"{rel}: {key_where} set to \"{replacement}\" (was a local path)")
                     out[k] = replacement
                     changed = True
                     continue

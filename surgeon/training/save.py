@@ -74,7 +74,8 @@ def save_output(run: Run, model: torch.nn.Module, config: TrainConfig, stats: di
             shutil.copy(metrics, tmp / "metrics.jsonl")
         if (metrics.parent / "logs").is_dir():  # tracker event files (--report-to tensorboard)
             shutil.copytree(metrics.parent / "logs", tmp / "logs")
-        inputs: dict[str, Any] = {"model": run.checkpoint, "data": {"source": config.data, "sha256": run.data_fingerprint}}
+        data = {"source": config.data, "sha256": run.data_fingerprint}
+        inputs: dict[str, Any] = {"model": run.checkpoint, "data": data | ({"commit": run.data_revision} if run.data_revision else {})}
         if config.prior:
             inputs["prior"] = {"source": config.prior}
         if config.image_lora:
