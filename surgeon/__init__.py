@@ -41,9 +41,9 @@ def load_model(path: str | Path, **kwargs: Any) -> Any:
 
 
 def __getattr__(name: str) -> Any:
-    """``DriftCallback``, ``PerceptionLoss``, ``PerceptionCollator``, ``EvalCallback``
+    """``DriftCallback``, ``PerceptionLoss``, ``PerceptionCollator``, ``EvalCallback``, ``freeze_vision``
     (``surgeon.training.integrations``), imported on first use so that ``import surgeon`` stays light."""
-    if name in ("DriftCallback", "PerceptionLoss", "PerceptionCollator", "EvalCallback"):
+    if name in ("DriftCallback", "PerceptionLoss", "PerceptionCollator", "EvalCallback", "freeze_vision"):
         from surgeon.training import integrations
 
         return getattr(integrations, name)

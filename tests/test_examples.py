@@ -139,3 +139,22 @@ def test_reasoning_tax_refuses_bad_options_in_one_line(tmp_path):
         assert done.returncode == 2 and done.stderr.startswith("Error: ") and says in done.stderr, done.stderr
         assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "rt").exists()  # nothing written
+
+
+@pytest.mark.parametrize("route", [[], ["--trl", "--perception-weight", "0.5"]], ids=["trainer", "trl"])
+def test_trainer_drift_example_trains_with_the_prior(vlm, data, tmp_path, route):
+    """The script of docs/integrations.md: it trains the language model only, with DRIFT, and saves a
+    folder transformers loads."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from surgeon.demo import tiny
+    from surgeon.drift.prior import PriorConfig, compute_prior
+
+    reasoning = tiny.build_reasoning_llm(vlm, tmp_path / "r1", scale=0.5)
+    compute_prior(PriorConfig(reasoning=str(reasoning), vlm=str(vlm), output=str(tmp_path / "prior")))
+    out = load("trainer_drift").main([str(vlm), str(data), str(tmp_path / "prior"), "-o", str(tmp_path / "run"), "--max-steps", "2", "--lr", "1e-3", *route])
+    before = AutoModelForImageTextToText.from_pretrained(vlm).state_dict()
+    after = AutoModelForImageTextToText.from_pretrained(out).state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".language_model." in k or "lm_head" in k for k in changed), sorted(changed)[:5]

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import transformers
 import torch
 from helpers import assert_one_line_error
 from safetensors.torch import load_file
@@ -40,7 +41,9 @@ def test_inject_writes_a_standard_model_folder(cli, vlm, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["surgeon"]["iada"]["boundaries"] == [2, 4] and config["surgeon"]["iada"]["rank"] == 4
     assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_surgeon.SurgeonQwen2_5_VLForConditionalGeneration"
-    assert config["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
+    # a name of its own: an engine that picks its class by name (vLLM, SGLang) cannot take it for the base
+    assert config["architectures"] == ["SurgeonQwen2_5_VLForConditionalGeneration"]
+    assert not hasattr(transformers, config["architectures"][0])
     shipped = Path(surgeon.__file__).parent / "modules" / "modeling_surgeon.py"
     assert (out / "modeling_surgeon.py").read_bytes() == shipped.read_bytes()
     record = json.loads((out / "surgeon.json").read_text())

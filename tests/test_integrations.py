@@ -56,7 +56,7 @@ def _args(tmp_path, name, sft=False, **kw):
     return TrainingArguments(**common)
 
 
-def _train(trainer_cls, vlm, rows, tmp_path, name, callbacks=(), sft=False, loss=None, **kw):
+def _train(trainer_cls, vlm, rows, tmp_path, name, callbacks=(), sft=False, loss=None, drift=None, **kw):
     from surgeon import PerceptionCollator
 
     data, base = rows
@@ -67,6 +67,8 @@ def _train(trainer_cls, vlm, rows, tmp_path, name, callbacks=(), sft=False, loss
                           callbacks=list(callbacks), **extra)  # fmt: skip
     if loss is not None:
         loss.attach(trainer)
+    if drift is not None:
+        drift.attach(trainer)
     trainer.train()
     return model, trainer
 
@@ -183,32 +185,56 @@ def test_an_unattached_perception_loss_refuses_to_run():
         PerceptionLoss(0.3)({"logits": torch.zeros(1, 3, 5)}, torch.tensor([[-100, 1, 2]]))
 
 
-def test_trainer_with_drift_and_perception_loss_equals_surgeon_train_bit_for_bit(cli, vlm, prior, shapes_data, tmp_path):
-    """Where the setups match — full fine-tuning, AdamW (fused), cosine schedule without warm-up,
-    clipping at 1.0, fixed λ, 2 micro-batches of 2 per step — the Trainer with DriftCallback and
-    PerceptionLoss and ``surgeon train --prior --perception-weight`` give the same weights bit for
-    bit after 2 steps. The 4 samples are one sample repeated, so the two samplers' orders agree."""
+@pytest.fixture(scope="module")
+def repeated(shapes_data):
+    """One image sample four times (so that every sampler's order agrees) as a file and as rows."""
     from datasets import Dataset
-    from transformers import AutoModelForImageTextToText, Trainer
-
-    from surgeon import DriftCallback, PerceptionCollator, PerceptionLoss
 
     source = shapes_data("trl")
     line = next(x for x in source.read_text().splitlines() if '"image"' in x)
     data = source.parent / "repeated.jsonl"
     data.write_text((line + "\n") * 4)
-    result = cli("train", vlm, "--data", data, "-o", tmp_path / "surgeon", "--full", "--prior", prior, "--drift-alpha", "1",
-                 "--perception-weight", "0.5", "--max-steps", "2", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3",
-                 "--warmup-ratio", "0", "--mixed-precision", "no", "--max-length", "512")  # fmt: skip
-    assert result.exit_code == 0, result.output
-
     messages = json.loads(line)["messages"]
     rows = Dataset.from_list([{"messages": json.dumps(messages)}] * 4).map(lambda r: {"messages": json.loads(r["messages"])})
+    return data, rows
+
+
+@pytest.mark.parametrize(
+    "kind,lam", [("trainer", 0.5), ("trainer", None), ("sft", 0.5), ("sft", None)],
+    ids=["trainer-perception-loss", "trainer-drift-attach", "sft-perception-loss", "sft-drift-attach"],
+)  # fmt: skip
+def test_trainer_and_trl_routes_equal_surgeon_train_bit_for_bit(cli, vlm, prior, repeated, tmp_path, kind, lam):
+    """Where the setups match — full fine-tuning, AdamW (fused), cosine schedule without warm-up,
+    clipping at 1.0, 2 micro-batches of 2 per step, fp32 (SFTConfig's defaults bf16 and gradient
+    checkpointing turned off) — the Trainer or TRL's SFTTrainer with DriftCallback, and either
+    PerceptionLoss (fixed λ) or DriftCallback.attach alone (the step's-tokens loss), give the same
+    weights bit for bit as ``surgeon train --prior`` (with the same ``--perception-weight``) after 2 steps."""
+    from transformers import AutoModelForImageTextToText, Trainer
+    from trl import SFTTrainer
+
+    from surgeon import DriftCallback, PerceptionCollator, PerceptionLoss
+
+    data, rows = repeated
+    weight = ["--perception-weight", str(lam)] if lam is not None else []
+    result = cli("train", vlm, "--data", data, "-o", tmp_path / "surgeon", "--full", "--prior", prior, "--drift-alpha", "1",
+                 "--max-steps", "2", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3", "--warmup-ratio", "0",
+                 "--mixed-precision", "no", "--max-length", "512", *weight)  # fmt: skip
+    assert result.exit_code == 0, result.output
+
     model = _model(vlm)
-    args = _args(tmp_path, "hf", lr_scheduler_type="cosine", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0, optim="adamw_torch_fused")
-    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=PerceptionCollator(vlm, max_length=512, base=source.parent),
-                      callbacks=[DriftCallback(prior, alpha=1.0, scale="adaptive_cosine")])  # fmt: skip
-    PerceptionLoss(0.5).attach(trainer)
+    sft = kind == "sft"
+    fp32 = {"bf16": False, "gradient_checkpointing": False} if sft else {}
+    args = _args(tmp_path, "hf", sft, lr_scheduler_type="cosine", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
+                 optim="adamw_torch_fused", **fp32)  # fmt: skip
+    collator = PerceptionCollator(vlm, max_length=512, base=data.parent)
+    extra = {"processing_class": collator.encoder.processor} if sft else {}
+    trainer = (SFTTrainer if sft else Trainer)(model=model, args=args, train_dataset=rows, data_collator=collator, **extra)
+    drift = DriftCallback(prior, alpha=1.0, scale="adaptive_cosine")
+    if lam is None:
+        drift.attach(trainer)
+    else:
+        trainer.add_callback(drift)
+        PerceptionLoss(lam).attach(trainer)
     trainer.train()
 
     ours = AutoModelForImageTextToText.from_pretrained(tmp_path / "surgeon").state_dict()
@@ -218,3 +244,57 @@ def test_trainer_with_drift_and_perception_loss_equals_surgeon_train_bit_for_bit
     changed = [k for k in ours if not torch.equal(ours[k], start[k])]
     assert len(changed) > 20  # the language model trained
     assert all(torch.equal(ours[k], theirs[k]) for k in ours), [k for k in ours if not torch.equal(ours[k], theirs[k])][:5]
+
+
+def test_an_attached_drift_callback_gives_the_same_update_however_the_step_is_split(vlm, rows, prior, tmp_path):
+    """Samples of different lengths, one optimiser step of 4 as 1 micro-batch of 4 or 2 of 2 (plain
+    SGD, so the update is the gradient): with DriftCallback.attach the loss is normalised by the
+    step's tokens and the two agree; given only as a callback, Qwen2.5-VL (accepts_loss_kwargs
+    False) has its loss averaged per micro-batch by the Trainer, the two differ, and a warning says so."""
+    from transformers import Trainer
+
+    from surgeon import DriftCallback
+
+    data, base = rows
+    four = (data.select(range(4)), base)
+
+    def run(name, batch, accum, attach):
+        drift = DriftCallback(prior, alpha=1.0)
+        kw = dict(max_steps=1, per_device_train_batch_size=batch, gradient_accumulation_steps=accum, optim="sgd", max_grad_norm=0.0)
+        model, _ = _train(Trainer, vlm, four, tmp_path, name, () if attach else (drift,), drift=drift if attach else None, **kw)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    start = torch.cat([p.detach().flatten() for p in _model(vlm).parameters()])
+    whole, split = run("whole", 4, 1, True), run("split", 2, 2, True)
+    update = (whole - start).norm()
+    assert update > 0 and (whole - split).norm() / update < 1e-4
+    with pytest.warns(UserWarning, match="averages its loss per micro-batch"):
+        unattached = run("unattached", 2, 2, False)
+    assert (whole - unattached).norm() / update > 1e-2
+
+
+def test_drift_callback_refuses_deepspeed_and_freeze_vision_freezes_what_is_outside_the_language_model(vlm, llm, prior, monkeypatch):
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from surgeon import DriftCallback, freeze_vision
+    from surgeon.anatomy.decoder import lm_parameters
+    from surgeon.errors import ConfigError
+
+    args = SimpleNamespace(deepspeed="ds_zero2.json", fp16=False, max_grad_norm=1.0)
+    with pytest.raises(ConfigError, match="does not run under DeepSpeed"):
+        DriftCallback(prior).on_train_begin(args, None, None, model=_model(vlm))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # accelerate launch --use_deepspeed
+    with pytest.raises(ConfigError, match="does not run under DeepSpeed"):
+        DriftCallback(prior).on_train_begin(SimpleNamespace(fp16=False, max_grad_norm=1.0), None, None, model=_model(vlm))
+
+    model = _model(vlm)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    lm = {id(p) for _, p in lm_parameters(model)}
+    frozen = freeze_vision(model)
+    assert frozen == sum(1 for p in model.parameters() if id(p) not in lm) > 0
+    assert all(p.requires_grad == (id(p) in lm) for p in model.parameters())
+    with pytest.raises(ConfigError, match="no parameters outside its language model"):
+        freeze_vision(AutoModelForCausalLM.from_pretrained(llm))

@@ -237,20 +237,13 @@ def _hub(spec: str) -> DatasetRows:
 
 def _hub_commit(repo: str, revision: str, dataset: Any) -> str | None:
     """The commit a Hub dataset was read at: ``datasets`` caches a Hub repo's data under its commit
-    hash; otherwise the Hub is asked (not offline), else the revision as given (or None)."""
+    hash; otherwise the Hub is asked (unless offline), else the revision as given (or None)."""
     import re
 
     for entry in dataset.cache_files or []:
         for part in reversed(Path(entry["filename"]).parts):
             if re.fullmatch(r"[0-9a-f]{40}", part):
                 return part
-    from huggingface_hub import constants
+    from surgeon.hub.download import dataset_commit
 
-    if not constants.HF_HUB_OFFLINE:
-        try:
-            from huggingface_hub import HfApi
-
-            return HfApi().dataset_info(repo, revision=revision or None).sha
-        except Exception:  # noqa: BLE001 - the revision is recorded as given instead
-            pass
-    return revision or None
+    return dataset_commit(repo, revision or None) or revision or None

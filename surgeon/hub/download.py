@@ -145,3 +145,16 @@ def _remote_header(repo_id: str, filename: str, commit: str, name: str) -> tuple
         raise CheckpointError(repo_id, f"{filename} has a corrupt header (declared length {n})", "check the repo's files")
     raw = head[8 : 8 + n] if len(head) >= 8 + n else get(8, 8 + n - 1)[0]
     return raw, size
+
+
+def dataset_commit(repo_id: str, revision: str | None = None) -> str | None:
+    """The commit a Hub dataset's ``revision`` (default branch: None) points at, or None when offline
+    or the Hub cannot say."""
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        return HfApi().dataset_info(repo_id, revision=revision).sha
+    except Exception:  # noqa: BLE001 - unknown is recorded as unknown, not as an error of the run
+        return None

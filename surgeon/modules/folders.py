@@ -154,7 +154,7 @@ def write_beside(source: Any, folder: Path, shards: dict[str, dict[str, torch.Te
     weight_map = {name: info.file for name, info in source.tensors.items() if not name.startswith(prefix)}
     total = sum(info.nbytes for name, info in source.tensors.items() if name in weight_map)
     files: dict[str, list[str]] = {"linked": [], "copied": [], "skipped": []}
-    rewritten = {"config.json", INDEX_NAME, RECORD_NAME, modeling.MODELING_FILE, *shards}
+    rewritten = {"config.json", INDEX_NAME, RECORD_NAME, "README.md", modeling.MODELING_FILE, *shards}  # the base's card is not this folder's
     rename = indexed_names(set(weight_map.values()))
     carry_files(source.path, folder, set(weight_map.values()), files, rewritten, rename)
     weight_map = {name: rename.get(file, file) for name, file in weight_map.items()}

@@ -7,11 +7,14 @@ into every model folder that carries surgeon modules. It imports only torch and 
 
 returns the model with its modules on a machine without surgeon, and ``surgeon.load_model(folder)``
 returns the same model without remote code. Loading without ``trust_remote_code`` gives the base
-model (the extra tensors are reported as unused).
+model (the extra tensors are reported as unused). ``architectures`` names ``Surgeon<Base>``, so
+serving engines that choose a model class by that name refuse the folder rather than serve the
+base without its modules.
 
 How a model folder describes its modules::
 
     config.json   "surgeon": {"iada": {...settings...}, "image_lora": {...}}   one key per module kind
+                  "architectures": ["SurgeonQwen2_5_VLForConditionalGeneration"]
                   "auto_map": {"AutoModelForImageTextToText": "modeling_surgeon.SurgeonQwen2_5_VLForConditionalGeneration"}
     weights       surgeon.iada.blocks.0.down, surgeon.iada.blocks.0.up, surgeon.iada.blocks.0.gate, ...
                   surgeon.image_lora.layers.3.down, surgeon.image_lora.layers.3.up, surgeon.image_lora.layers.3.gamma, ...
@@ -829,12 +832,14 @@ def auto_map(architecture: str) -> dict[str, str]:
 
 def write_remote_code(folder: str | Path, architecture: str, sections: dict) -> None:
     """Make a saved model folder load with ``trust_remote_code=True``: copy this file into it and
-    set ``surgeon``, ``auto_map`` and ``architectures`` (the base class) in its config.json."""
+    set ``surgeon``, ``auto_map`` and ``architectures`` in its config.json. The architecture is
+    ``Surgeon<Base>``, a name of its own: a serving engine that picks its model class by that name
+    (vLLM, SGLang) refuses the folder instead of loading it as the base and dropping the modules."""
     folder = Path(folder)
     path = folder / "config.json"
     config = json.loads(path.read_text())
     base = architecture.removeprefix(CLASS_PREFIX)
-    config["architectures"] = [base]
+    config["architectures"] = [CLASS_PREFIX + base]
     config["auto_map"] = auto_map(base)
     config[CONFIG_KEY] = sections
     path.write_text(json.dumps(config, indent=2) + "\n")

@@ -47,6 +47,8 @@ class DriftCallback(TrainerCallback):
     """DRIFT for ``transformers.Trainer`` / ``trl.SFTTrainer`` (see the module docstring)."""
 
     def __init__(self, prior: str | Path, alpha: float = 1.0, scale: str = "adaptive_cosine", normalize: bool = True) -> None:
+        self.trainer: Any = None  # set by attach()
+        self.token_loss = False  # a PerceptionLoss normalises the trainer's loss by the step's tokens
         if scale not in SCALES:
             raise ConfigError("drift_scale", f"unknown scale {scale!r}", f"choose one of {', '.join(SCALES)}")
         if not alpha >= 0:
@@ -57,7 +59,21 @@ class DriftCallback(TrainerCallback):
         self.params: list[torch.nn.Parameter] = []
         self.last: Any = None
 
+    def attach(self, trainer: Any) -> Any:
+        """Add this callback to ``trainer`` and, unless a ``PerceptionLoss`` is attached by the time
+        training begins, give the trainer the loss ``surgeon train`` uses: cross-entropy normalised
+        by the supervised tokens of the whole optimiser step (``PerceptionLoss(None)``), whatever
+        the model's ``accepts_loss_kwargs``. Returns the trainer."""
+        self.trainer = trainer
+        trainer.add_callback(self)
+        return trainer
+
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        _refuse_deepspeed(args)
+        if self.trainer is not None and not isinstance(self.trainer.compute_loss_func, PerceptionLoss):
+            PerceptionLoss(None).attach(self.trainer)  # marks this callback's token_loss
+        if not self.token_loss:
+            _warn_per_micro_batch_loss(args, model)
         if self.alpha == 0:
             return
         if getattr(args, "fp16", False):
@@ -101,6 +117,54 @@ class DriftCallback(TrainerCallback):
             args.max_grad_norm, self.max_grad_norm = self.max_grad_norm, None
 
 
+def _refuse_deepspeed(args: Any) -> None:
+    """DeepSpeed ZeRO keeps gradients in its own partitioned buffers (``param.grad`` stays empty),
+    so a gradient bias applied to ``param.grad`` would do nothing: refused, never silent."""
+    import os
+
+    launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes")
+    if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None) or launched:
+        raise ConfigError(
+            "DriftCallback", "does not run under DeepSpeed (ZeRO keeps the gradients DRIFT bends in its own partitions)",
+            "shard with FSDP instead (accelerate launch --use_fsdp, or `surgeon train --fsdp`); docs/integrations.md has the recipe",
+        )
+
+
+def _warn_per_micro_batch_loss(args: Any, model: Any) -> None:
+    """Say loudly when the trainer averages this model's loss per micro-batch: the update then
+    weights the tokens of short micro-batches more than ``surgeon train`` does."""
+    import warnings
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    split = getattr(args, "gradient_accumulation_steps", 1) > 1 or getattr(args, "world_size", 1) > 1
+    if split and getattr(base, "accepts_loss_kwargs", True) is False:
+        warnings.warn(
+            f"DriftCallback: {type(base).__name__} does not accept loss kwargs, so the Trainer averages its loss per "
+            "micro-batch and the update differs from surgeon train's; use DriftCallback(...).attach(trainer) (or "
+            "PerceptionLoss(...).attach(trainer)) for the loss normalised by the step's tokens",
+            stacklevel=2,
+        )
+
+
+def freeze_vision(model: Any) -> int:
+    """Freeze the vision tower and projector (every parameter outside the language model, surgeon
+    modules and LoRA factors aside), as ``surgeon train`` does without ``--train-vision``; the
+    language model's parameters are left as they are. Returns the number of tensors frozen."""
+    from surgeon.anatomy.decoder import lm_parameters
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = {id(p) for _, p in lm_parameters(base)}
+    frozen = 0
+    for name, p in base.named_parameters():
+        if id(p) in lm or "lora_" in name or "surgeon" in name.split("."):
+            continue
+        p.requires_grad_(False)
+        frozen += 1
+    if not frozen:
+        raise ConfigError("model", f"{type(base).__name__} has no parameters outside its language model", "freeze_vision is for VLMs; skip it for a text model")
+    return frozen
+
+
 def split_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(labels, perception mask)`` from labels that carry the perception flag (``PERCEPTION_OFFSET``)."""
     mask = labels >= PERCEPTION_OFFSET
@@ -118,10 +182,10 @@ class PerceptionLoss:
     (``surgeon.perception.chunked``), as ``surgeon train`` does: the ``[tokens × vocabulary]``
     logits never exist. Evaluation and prediction keep the model's own logits."""
 
-    def __init__(self, lam: float, chunked: bool = True) -> None:
-        if not 0.0 <= float(lam) <= 1.0:
+    def __init__(self, lam: float | None, chunked: bool = True) -> None:
+        if lam is not None and not 0.0 <= float(lam) <= 1.0:
             raise ConfigError("perception_weight", f"must lie in [0, 1], got {lam}")
-        self.lam = float(lam)
+        self.lam = None if lam is None else float(lam)  # None: plain cross-entropy over the step's tokens
         self.chunked = chunked
         self.counts: tuple[int, int] | None = None
         self.attached = False
@@ -132,6 +196,9 @@ class PerceptionLoss:
         ``PerceptionCollator`` then carries the perception flag in the labels); returns the trainer."""
         trainer.compute_loss_func = self
         self.attached = True
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, DriftCallback):
+                callback.token_loss = True
         if isinstance(trainer.data_collator, PerceptionCollator):
             trainer.data_collator.carry_perception = True
         fetch = trainer.get_batch_samples
@@ -188,6 +255,9 @@ class PerceptionLoss:
             losses = head_span_losses(self._caught.hidden, chunked, labels, mask, totals=self.counts)
         else:
             losses = span_losses(logits, labels, mask, totals=self.counts)
+        if self.lam is None:  # the perception tokens' share: plain cross-entropy, as surgeon train without a weight
+            n_p, n_r = losses.norm_perception, losses.norm_reasoning
+            return combine(losses, n_p / max(n_p + n_r, 1))
         return combine(losses, self.lam)
 
 
