@@ -412,3 +412,32 @@ def test_push_dry_run_needs_no_torch(cli, folder, kind, tmp_path):
     with_torch = cli(*args)
     assert with_torch.exit_code == 0, with_torch.output
     assert json.loads(proc.stdout) == json.loads(with_torch.stdout)
+
+
+def test_off_a_terminal_a_transfer_prints_lines_while_it_lasts_and_nothing_with_quiet(cli, hub_standin, folder, monkeypatch, tmp_path):
+    """No bar can be drawn into a log file: a line every INTERVAL seconds (30 by default; a few
+    milliseconds here) while the upload lasts, and one at its end; ``-q`` prints none."""
+    from surgeon.hub import transfers
+
+    monkeypatch.setattr(transfers, "INTERVAL", 0.002)
+    src = folder("merge")
+    loud = cli("push", src, "--repo", "acme/lines", "--token", TOKEN)
+    assert loud.exit_code == 0, loud.output
+    lines = [line for line in loud.stderr.splitlines() if line.startswith("surgeon: uploading to acme/lines")]
+    assert lines and lines[-1].startswith("surgeon: uploading to acme/lines: done in "), loud.stderr
+    quiet = cli("-q", "push", src, "--repo", "acme/lines2", "--token", TOKEN)
+    assert quiet.exit_code == 0 and quiet.stderr == "", quiet.stderr
+    from surgeon.hub.download import download_checkpoint
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    got: list[str] = []
+    transfers.report_to(got.append)
+    try:
+        snapshot = Path(download_checkpoint("acme/lines")[0])
+    finally:
+        transfers.report_to(None)
+    sent = sum(p.stat().st_size for p in snapshot.iterdir())
+    assert transfers.cache_bytes("acme/lines")() == sent > 0  # what the download lines count
+    assert all(line.startswith("downloading acme/lines") for line in got)

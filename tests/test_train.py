@@ -9,7 +9,7 @@ import torch
 from helpers import assert_one_line_error
 from safetensors.torch import load_file
 
-from surgeon.errors import ConfigError
+from surgeon.errors import CheckpointError, ConfigError
 from surgeon.training.config import TrainConfig
 from surgeon.training.loop import train
 
@@ -389,3 +389,32 @@ def test_save_total_limit_keeps_the_newest_and_resume_takes_a_chosen_checkpoint(
     assert [m["step"] for m in _metrics(tmp_path / "cut")] == [1, 2, 3, 4, 5]
     with pytest.raises(ConfigError, match="not a checkpoint folder"):
         train(TrainConfig(**{**config.__dict__, "output": str(tmp_path / "x"), "resume": str(tmp_path / "nope")}))
+
+
+def test_resume_from_a_checkpoint_pushed_to_the_hub(vlm, data, tmp_path, hub_standin):
+    """A checkpoint folder uploaded to a Hub repo (the local stand-in, through the real client)
+    resumes by ``org/name@revision`` to the weights of the uninterrupted run."""
+    from huggingface_hub import HfApi
+
+    _run(vlm, data, tmp_path / "full", max_steps=4, lr=1e-3, full=True)
+    config = TrainConfig(
+        model=str(vlm), data=str(data), output=str(tmp_path / "cut"), batch_size=2, seed=0, warmup_ratio=0.0,
+        max_steps=4, lr=1e-3, full=True, save_steps=2,
+    )  # fmt: skip
+
+    def stop_after_3(metrics):
+        if metrics["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, on_step=stop_after_3)
+    api = HfApi(endpoint=hub_standin.url, token="hf_test")
+    api.create_repo("acme/run-ckpt")
+    commit = api.upload_folder(folder_path=tmp_path / "cut-checkpoints" / "checkpoint-2", repo_id="acme/run-ckpt").oid
+    api.upload_file(path_or_fileobj=b"{}", path_in_repo="state.json", repo_id="acme/run-ckpt")  # a later commit, damaged
+    resumed = TrainConfig(**{**config.__dict__, "output": str(tmp_path / "hub"), "resume": f"acme/run-ckpt@{commit}"})
+    train(resumed)
+    a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("full", "hub"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(CheckpointError, match="not an intact checkpoint"):
+        train(TrainConfig(**{**resumed.__dict__, "output": str(tmp_path / "latest"), "resume": "acme/run-ckpt"}))

@@ -22,14 +22,20 @@ _verbose = 0
 def setup_logging(verbose: int, quiet: bool) -> None:
     """``-q``: nothing on stderr but warnings and errors (no status lines, notes, progress bars or
     step lines; results on stdout stay); default: info; ``-v``: debug; ``-vv``: debug incl.
-    transformers. Hub transfers draw their bars only on a terminal and never with ``-q``."""
+    transformers. Hub transfers draw their bars only on a terminal, print a line every 30 s off one
+    (``surgeon.hub.transfers``), and show nothing with ``-q``."""
     import os
 
     global _quiet, _verbose
     _quiet, _verbose = quiet, verbose
     err.quiet = quiet
-    if quiet or not err.is_terminal:
+    from surgeon.hub.transfers import report_to
+
+    if quiet or not err.is_terminal:  # Hub and datasets bars: on a terminal only, never with -q
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    # off a terminal, a line every 30 s while a Hub transfer lasts instead of a bar
+    report_to(None if quiet or err.is_terminal else lambda line: err.print(f"surgeon: {line}", soft_wrap=True, highlight=False, markup=False))
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     log = logging.getLogger("surgeon")
     warnings = Console(stderr=True) if quiet else err  # warnings still show with -q

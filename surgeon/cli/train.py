@@ -94,7 +94,7 @@ from surgeon.cli.push_option import push_to_hub_option, push_written
 @click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for activation memory.")
 @click.option("--save-steps", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: never).")
 @click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[CHECKPOINT]",
-              help="Continue exactly from the latest checkpoint in OUTPUT-checkpoints/, or from the checkpoint-N folder given.")
+              help="Continue exactly from the latest checkpoint in OUTPUT-checkpoints/, or from the checkpoint-N folder given, or from a Hub repo ORG/NAME[@REVISION] holding one.")
 @click.option("--save-total-limit", type=int, default=None, help="Keep only this many newest checkpoints (default: all).")
 @click.option(
     "--resume-anyway", is_flag=True,

@@ -83,7 +83,10 @@ def upload_folder(
         url = api.create_repo(repo, private=private or None, exist_ok=True)
         if revision and revision != "main" and not revision.startswith("refs/pr/"):
             api.create_branch(repo, branch=revision, exist_ok=True)
-        info = api.upload_folder(repo_id=repo, folder_path=folder, commit_message=message, revision=revision)
+        from surgeon.hub.transfers import heartbeat
+
+        with heartbeat(f"uploading to {repo}"):
+            info = api.upload_folder(repo_id=repo, folder_path=folder, commit_message=message, revision=revision)
     return str(url), info.oid, info.commit_url
 
 

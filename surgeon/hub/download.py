@@ -14,6 +14,7 @@ from pathlib import Path
 from surgeon.errors import CheckpointError
 from surgeon.io.header import MAX_HEADER
 from surgeon.hub.errors import offline, translated
+from surgeon.hub.transfers import cache_bytes, heartbeat
 
 # What a checkpoint needs: config, weights, tokenizer/processor/chat-template files, and the
 # modeling/processing code of remote-code models (never run by surgeon: copied into outputs so
@@ -30,7 +31,8 @@ def download_checkpoint(repo_id: str, revision: str | None = None) -> tuple[str,
     from huggingface_hub import snapshot_download
 
     with translated(_named(repo_id, revision)):
-        folder = snapshot_download(repo_id, revision=revision, allow_patterns=CHECKPOINT_PATTERNS)
+        with heartbeat(f"downloading {repo_id}", cache_bytes(repo_id)):
+            folder = snapshot_download(repo_id, revision=revision, allow_patterns=CHECKPOINT_PATTERNS)
     path = Path(folder)
     if not any(path.glob("*.safetensors")) and not offline():
         _refuse_pickle_only(repo_id, revision)
@@ -65,7 +67,7 @@ def adapter_snapshot(repo_id: str, revision: str | None = None) -> str | None:
         hf_hub_download(repo_id, "adapter_config.json", revision=revision)
     except Exception:  # noqa: BLE001 - not an adapter repo, or not reachable: the model loader reports it
         return None
-    with translated(_named(repo_id, revision)):
+    with translated(_named(repo_id, revision)), heartbeat(f"downloading {repo_id}", cache_bytes(repo_id)):
         return snapshot_download(repo_id, revision=revision, allow_patterns=CHECKPOINT_PATTERNS)
 
 
@@ -158,3 +160,19 @@ def dataset_commit(repo_id: str, revision: str | None = None) -> str | None:
         return HfApi().dataset_info(repo_id, revision=revision).sha
     except Exception:  # noqa: BLE001 - unknown is recorded as unknown, not as an error of the run
         return None
+
+
+TRAINING_CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.jsonl"]  # surgeon train's checkpoints: no pickles
+
+
+def download_training_checkpoint(spec: str) -> Path:
+    """The local snapshot of a ``surgeon train`` checkpoint pushed to the Hub: ``org/name`` or
+    ``org/name@revision``, the checkpoint's files at the repo's top level."""
+    from huggingface_hub import snapshot_download
+
+    from surgeon.hub.repo_ids import PINNED
+
+    pinned = PINNED.match(spec)
+    repo_id, revision = (pinned.group(1), pinned.group(2)) if pinned else (spec, None)
+    with translated(_named(repo_id, revision)), heartbeat(f"downloading {repo_id}", cache_bytes(repo_id)):
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=TRAINING_CHECKPOINT_PATTERNS))

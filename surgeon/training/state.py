@@ -262,15 +262,25 @@ def prune_checkpoints(root: Path, keep: int) -> list[Path]:
 
 def chosen_checkpoint(resume: str, root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The checkpoint ``--resume`` names: ``latest`` (the newest intact one under ``root``, and the
-    damaged ones above it) or a checkpoint folder's path (ConfigError/CheckpointError if it is not
-    an intact checkpoint)."""
+    damaged ones above it), a checkpoint folder's path, or a Hub repo ``org/name[@revision]`` holding
+    one (downloaded into the Hugging Face cache); ConfigError/CheckpointError if it is not an intact
+    checkpoint."""
     from surgeon.errors import CheckpointError, ConfigError
+
+    from surgeon.hub.repo_ids import PINNED, is_repo_id
 
     if resume == "latest":
         return latest_intact(root)
     folder = Path(resume)
+    if not folder.exists() and (is_repo_id(resume) or PINNED.match(resume)):
+        from surgeon.hub.download import download_training_checkpoint
+
+        folder = download_training_checkpoint(resume)  # a checkpoint pushed to the Hub: org/name[@revision]
     if not folder.is_dir():
-        raise ConfigError("resume", f"{resume} is not a checkpoint folder", f"give one of the checkpoint-N folders in {root}, or --resume alone for the latest")
+        raise ConfigError(
+            "resume", f"{resume} is not a checkpoint folder",
+            f"give one of the checkpoint-N folders in {root}, a Hub repo id[@revision] holding one, or --resume alone for the latest",
+        )  # fmt: skip
     problem = checkpoint_problem(folder)
     if problem is not None:
         raise CheckpointError(str(folder), f"is not an intact checkpoint: {problem}", "choose another checkpoint-N folder")
