@@ -89,40 +89,64 @@ def test_reasoning_tax_tasks_are_right():
         assert answer.startswith(f"<perception>There are {count} {colour} tiles.</perception> {count} ")
 
 
+def test_reasoning_tax_conditions_run_the_commands_they_name():
+    """Every condition the study reports is made by the surgeon commands its name says (checked on the
+    templates, without running them)."""
+    study = _reasoning_tax("run")
+    commands = {c.name: [" ".join(t) for t in c.commands] for c in study.CONDITIONS}
+    joined = {name: " && ".join(lines) for name, lines in commands.items()}
+    assert "--prior {prior} --drift-scale gradnorm" in joined["SFT full + DRIFT gradnorm"]
+    assert "--prior {prior_layers}" in joined["SFT full + DRIFT on probed layers"]
+    assert "--prior {prior}" in joined["SFT LoRA + DRIFT"] and "--full" not in joined["SFT LoRA + DRIFT"]
+    assert "--modules attn_proj" in joined["SFT full, attn_proj only"] and "--modules gate_up" in joined["SFT full, gate_up only"]
+    assert "--packing" in joined["SFT full, packed"]
+    assert "--perception-weight 0.5" in joined["SFT full + DRIFT, perception λ 0.5"] and "--prior" in joined["SFT full + DRIFT, perception λ 0.5"]
+    assert "--vlm {sft_run}" in joined["merge TIES after SFT"] and "--vlm {vlm}" in joined["merge TIES"]
+    assert joined["new colours: Image-LoRA"].startswith("score-heads") and "--image-lora" in joined["new colours: Image-LoRA"]
+    assert "inject-iada" in joined["SFT LoRA + IADA fixed"] and "--mode fixed" in joined["SFT LoRA + IADA fixed"]
+    names = [c.name for c in study.CONDITIONS]
+    assert all(c.reference in names for c in study.CONDITIONS if c.reference)
+    assert all(c.wave == 2 for c in study.CONDITIONS if "{sft_run}" in joined[c.name])
+
+
 @pytest.mark.slow
-def test_reasoning_tax_quick_runs_every_condition_through_surgeon(tmp_path):
-    """The study's --quick run: every condition's commands run and their outputs are evaluated."""
+def test_reasoning_tax_runs_through_surgeon_and_reports_paired_tests_and_figures(tmp_path):
+    """The study end to end on a smoke-sized organism and a few conditions (one of each kind: text
+    model, SFT, packed, a merge after SFT, DRIFT on the probed layers, DRIFT through LoRA, the
+    new-colours setting): every command runs, every output is scored by surgeon eval's scorer,
+    and the report has paired tests and the three figures."""
     import json
     import subprocess
     import sys
 
     work = tmp_path / "rt"
+    wanted = ("base-lm,sft-full,sft-full-packed,merge-ties-after-sft,sft-full-plus-drift-on-probed-layers,sft-lora,"
+              "sft-lora-plus-drift,new-colours-vlm-no-sft,new-colours-sft-lora,new-colours-image-lora")  # fmt: skip
     done = subprocess.run(
-        [sys.executable, str(EXAMPLES / "reasoning_tax" / "run.py"), "--workdir", str(work), "--quick"],
+        [sys.executable, str(EXAMPLES / "reasoning_tax" / "run.py"), "--workdir", str(work), "--quick", "--sizes", "smoke", "--conditions", wanted],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "Warning" not in done.stderr
     result = json.loads((work / "results.json").read_text())
-    study = _reasoning_tax("run")
-    assert [r["condition"] for r in result["rows"]] == [c.name for c in study.CONDITIONS]
     runs = {r["condition"]: r for r in result["runs"]}
-    for cond in study.CONDITIONS:
-        run = runs[cond.name]
-        assert len(run["commands"]) == len(cond.commands)
-        assert 0 <= run["text"] <= 1
-        assert (run["perception"] is None) == cond.text_only and (run["end_to_end"] is None) == cond.text_only
-        if cond.commands:  # every output folder carries the command's record
-            assert (work / "runs" / f"{cond.slug}-seed0" / "surgeon.json").exists()
-    commands = {name: " ".join(run["commands"]) for name, run in runs.items()}
-    assert "--prior" in commands["SFT full + DRIFT gradnorm"] and "--drift-scale gradnorm" in commands["SFT full + DRIFT gradnorm"]
-    assert "inject-iada" in commands["SFT LoRA + IADA fixed"] and "--mode fixed" in commands["SFT LoRA + IADA fixed"]
-    assert commands["Image-LoRA"].startswith("surgeon score-heads") and "--image-lora" in commands["Image-LoRA"]
-    assert "--perception-weight dynamic" in commands["SFT full, perception λ dynamic"]
-    assert "--method ties" in commands["merge TIES"]
+    assert set(runs) == {c.name for c in _reasoning_tax("run").CONDITIONS if c.slug in wanted.split(",")}
+    for name, run in runs.items():
+        assert len(run["correct"]["text"]) == 32 and 0 <= run["text"] <= 1
+        assert (run["perception"] is None) == (name == "base LM")
+    assert "--vlm " + str(work / "smoke" / "runs" / "sft-full-seed0") in runs["merge TIES after SFT"]["commands"][0]
+    layers = result["places"]["smoke"]["layers"]
+    assert f"--prior {work / 'smoke' / 'prior-layers'}" in runs["SFT full + DRIFT on probed layers"]["commands"][0]
+    expanded = [i for part in layers.split(",") for i in range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1)]
+    assert json.loads((work / "smoke" / "prior-layers" / "surgeon.json").read_text())["config"]["layers"] == expanded
+    assert runs["new colours: SFT LoRA"]["commands"][0].startswith(f"surgeon train {work / 'smoke' / 'vlm-format'} --data ")
     # Image-LoRA adapts only visual tokens of a frozen language model: text answers are the VLM's
-    assert runs["Image-LoRA"]["text"] == runs["VLM, no SFT"]["text"]
-    assert "| SFT full + DRIFT adaptive_cosine | 1 |" in (work / "results.md").read_text()
+    assert runs["new colours: Image-LoRA"]["correct"]["text"] == runs["new colours: VLM, no SFT"]["correct"]["text"]
+    summary = {r["condition"]: r for r in json.loads((work / "results-summary.json").read_text())}
+    paired = summary["SFT full, packed"]["text"]["vs_reference"]
+    assert paired["n"] == 32 and 0 <= paired["p_value"] <= 1 and summary["SFT full, packed"]["reference"] == "SFT full"
+    assert "| merge TIES after SFT | 1 | SFT full |" in (work / "results.md").read_text()
+    assert sorted(p.name for p in (work / "figures").glob("*.png")) == ["depth.png", "tax.png", "tradeoff.png"]
 
 
 def test_reasoning_tax_refuses_bad_options_in_one_line(tmp_path):
@@ -133,6 +157,7 @@ def test_reasoning_tax_refuses_bad_options_in_one_line(tmp_path):
     for extra, says in (
         (["--device", "tpu"], "--device tpu: no such device here"),
         (["--conditions", "sft-full,sft-fool"], "no condition sft-fool; choose from base-lm"),
+        (["--sizes", "small,huge"], "no size huge; choose from smoke"),
         (["--render"], "results.json does not exist"),
     ):
         done = subprocess.run([sys.executable, script, "--workdir", str(tmp_path / "rt"), *extra], capture_output=True, text=True)

@@ -30,13 +30,13 @@ def _rows(model: Any, processor: Any, path: Path) -> list[dict]:
     return score_model(model, SampleEncoder(processor), items, batch_size=50, max_new_tokens=64, pattern=ANSWER)
 
 
-def text_accuracy(model: Any, processor: Any, path: Path) -> float:
-    rows = _rows(model, processor, path)
-    return sum(1 for r in rows if r["correct"]) / len(rows)
+def text_correct(model: Any, processor: Any, path: Path) -> list[bool]:
+    """Per item of ``path``: the final answer is right."""
+    return [bool(r["correct"]) for r in _rows(model, processor, path)]
 
 
-def visual_accuracy(model: Any, processor: Any, path: Path) -> tuple[float, float]:
-    """(perception, end to end): the completion says the perception reference (the tile count and
-    colour); the final answer is right."""
+def visual_correct(model: Any, processor: Any, path: Path) -> tuple[list[bool], list[bool]]:
+    """Per item: (perception, end to end): the completion says the perception reference (the tile
+    count and colour); the final answer is right."""
     rows = _rows(model, processor, path)
-    return sum(1 for r in rows if r.get("perception_correct")) / len(rows), sum(1 for r in rows if r["correct"]) / len(rows)
+    return [bool(r.get("perception_correct")) for r in rows], [bool(r["correct"]) for r in rows]

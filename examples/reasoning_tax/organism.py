@@ -60,18 +60,13 @@ class Size:
 
 
 SIZES = {
+    "smoke": Size(hidden=32, layers=2, heads=2, kv_heads=1, base_steps=4, reasoning_steps=2, vlm_steps=4, batch=4),  # for tests only
     "quick": Size(hidden=64, base_steps=60, reasoning_steps=20, vlm_steps=40, batch=16),
-    "cpu": Size(),
-    "gpu": Size(
-        hidden=512,
-        layers=8,
-        heads=8,
-        kv_heads=4,
-        base_steps=4000,
-        reasoning_steps=1500,
-        vlm_steps=2500,
-        batch=64,
-    ),
+    "quick-deep": Size(hidden=64, layers=8, base_steps=60, reasoning_steps=20, vlm_steps=40, batch=16),
+    "small": Size(),
+    "deep": Size(layers=8),
+    "gpu": Size(hidden=512, layers=8, heads=8, kv_heads=4, base_steps=4000, reasoning_steps=1500, vlm_steps=2500, batch=64),
+    "gpu-deep": Size(hidden=512, layers=16, heads=8, kv_heads=4, base_steps=4000, reasoning_steps=1500, vlm_steps=2500, batch=64),
 }
 
 
@@ -138,9 +133,10 @@ def perception_sample(rng: random.Random, image_path: str) -> tuple[dict, Image.
     return record, tiles(rng, colour, count)
 
 
-def visual_problem(rng: random.Random, image_path: str, k: int) -> tuple[dict, Image.Image]:
-    """Perception, then k reasoning steps; the answer tags the perception span."""
-    colour, count = rng.choice(list(COLOURS)), rng.randint(1, 4)
+def visual_problem(rng: random.Random, image_path: str, k: int, colours: tuple[str, ...] = tuple(COLOURS)) -> tuple[dict, Image.Image]:
+    """Perception (a tile colour among ``colours``), then k reasoning steps; the answer tags the
+    perception span."""
+    colour, count = rng.choice(list(colours)), rng.randint(1, 4)
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     clauses, lines, total = _steps(rng, count, k)
     question = f"How many {colour} tiles are there? {name} has one of the {item} for each, {_join(clauses)}. How many {item} now?"

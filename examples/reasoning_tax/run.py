@@ -1,12 +1,14 @@
-"""The reasoning-tax study: build a tiny model organism, run every surgeon method on it through the
-`surgeon` commands, and measure text reasoning, perception and end-to-end accuracy.
+"""The reasoning-tax study: build tiny model organisms at two depths, run every surgeon method on
+them through the `surgeon` commands, and score text reasoning, perception and end-to-end accuracy
+with `surgeon eval`'s own scorer (confidence intervals and paired tests as `surgeon eval` reports).
 
-    python examples/reasoning_tax/run.py --workdir rt/            # the study (about 20 min on 2 cores)
-    python examples/reasoning_tax/run.py --workdir rt/ --quick    # a smoke run of every condition
-    python examples/reasoning_tax/run.py --workdir rt/ --device cuda --size gpu
+    python examples/reasoning_tax/run.py --workdir rt/                  # 4 and 8 layers, 3 seeds (2 cores)
+    python examples/reasoning_tax/run.py --workdir rt/ --quick          # every condition at smoke sizes, 1 seed
+    python examples/reasoning_tax/run.py --workdir rt/ --device cuda    # 8 and 16 layers, width 512, on a GPU
 
-Writes rt/results.json (every run's numbers and the exact commands) and rt/results.md (the table).
-What the organism is: organism.py. What each condition is: CONDITIONS below and docs/evidence.md.
+Writes rt/results.json (every run's numbers, per-item correctness and exact commands), rt/results.md
+(the tables) and rt/figures/*.png (one picture per question). What the organism is: organism.py.
+What each condition is: CONDITIONS below and docs/evidence.md.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -30,7 +31,8 @@ sys.path.insert(0, str(HERE))
 
 @dataclass(frozen=True)
 class Budget:
-    """One fine-tuning budget for every trained condition (the same steps, batch and schedule)."""
+    """One fine-tuning budget for every trained condition (the same steps, batch and schedule), and
+    the sizes of the data sets and of the steps that prepare the study (probe, format training)."""
 
     steps: int = 150
     batch: int = 16
@@ -40,21 +42,25 @@ class Budget:
     sft_samples: int = 2000
     eval_samples: int = 200
     probe_steps: int = 16
+    probe_rows: int = 48
+    format_steps: int = 100
 
 
 BUDGETS = {
-    "quick": Budget(steps=12, batch=8, sft_samples=96, eval_samples=32, probe_steps=2),
+    "quick": Budget(steps=12, batch=8, sft_samples=96, eval_samples=32, probe_steps=2, probe_rows=8, format_steps=8),
     "cpu": Budget(),
+    "gpu": Budget(steps=600, batch=32, full_lr=1e-4, lora_lr=1e-3, lora_rank=16, sft_samples=8000, eval_samples=500, format_steps=300),
 }
-BUDGETS["gpu"] = Budget(
-    steps=600, batch=32, full_lr=1e-4, lora_lr=1e-3, lora_rank=16, sft_samples=8000, eval_samples=500
-)
+SIZE_SETS = {"quick": ("quick", "quick-deep"), "cpu": ("small", "deep"), "gpu": ("gpu", "gpu-deep")}
+OLD_COLOURS, NEW_COLOURS = ("red", "green"), ("blue", "yellow")  # the new-content setting (Image-LoRA)
 
 
 @dataclass(frozen=True)
 class Condition:
     """A row of the table: ``commands`` are surgeon argument lists with {vlm}, {out}, {seed} … filled
-    in per run; ``seeded`` False means one run serves every seed (a deterministic command)."""
+    in per run; ``seeded`` False means one run serves every seed (a deterministic command);
+    ``setting`` "new" runs on the format-trained VLM and the new colours; ``wave`` 2 runs after every
+    wave-1 run (it reads their outputs, e.g. {sft_run}: SFT full of the same seed)."""
 
     name: str
     what: str
@@ -62,13 +68,15 @@ class Condition:
     model: str = "{out}"
     seeded: bool = True
     text_only: bool = False
+    setting: str = "main"
+    wave: int = 1
+    reference: str = ""  # the row it is compared with (paired tests, Δ columns)
 
     @property
     def slug(self) -> str:
         """The name as a folder name and for --conditions: 'sft-full-plus-drift-gradnorm'."""
-        return "-".join(
-            self.name.lower().replace(",", "").replace("+", "plus").replace("λ", "lambda").split()
-        )
+        name = self.name.lower().replace(",", "").replace(":", "").replace("+", "plus").replace("λ", "lambda")
+        return "-".join(name.split())
 
 
 def _args(line: str) -> tuple[str, ...]:
@@ -81,10 +89,11 @@ TRAIN = _args(
 FULL = (*TRAIN, *_args("--full --lr {full_lr}"))
 LORA = (*TRAIN, *_args("--lora-rank {lora_rank} --lora-alpha {lora_alpha} --lr {lora_lr}"))
 MERGE = _args("merge --reasoning {reasoning} --vlm {vlm} -o {out} --overwrite --method")
+AFTER = _args("merge --reasoning {reasoning} --vlm {sft_run} -o {out} --overwrite --method")
 
 
-def _drift(scale: str, alpha: str) -> tuple[str, ...]:
-    return (*FULL, "--prior", "{prior}", "--drift-scale", scale, "--drift-alpha", alpha)
+def _drift(scale: str, alpha: str, prior: str = "{prior}") -> tuple[str, ...]:
+    return (*FULL, "--prior", prior, "--drift-scale", scale, "--drift-alpha", alpha)
 
 
 def _iada(mode: str) -> tuple[tuple[str, ...], ...]:
@@ -96,56 +105,53 @@ def _text_model(name: str, what: str, model: str) -> Condition:
     return Condition(name, what, (), model=model, seeded=False, text_only=True)
 
 
+IMAGE_LORA = (
+    _args("score-heads {vlm} --data {sft} -o {out}-heads.json --steps {probe_steps} --seed {seed} --overwrite"),
+    (*TRAIN, "--image-lora", "{out}-heads.json", "--lr", "{lora_lr}"),
+)
+NO_SFT, SFT_LORA, SFT_FULL, NEW_BASE, NEW_LORA = "VLM, no SFT", "SFT LoRA", "SFT full", "new colours: VLM, no SFT", "new colours: SFT LoRA"
+
 CONDITIONS = [
     _text_model("base LM", "the pretrained text LM both models start from (text only)", "{base}"),
     _text_model("reasoning LLM", "the reasoning LLM itself (text only)", "{reasoning}"),
-    Condition("VLM, no SFT", "the VLM before visual SFT", (), model="{vlm}", seeded=False),
-    Condition("SFT LoRA", "plain visual SFT, LoRA on attention and MLP", (LORA,)),
-    Condition("SFT full", "plain visual SFT, full fine-tuning of the language model", (FULL,)),
-    Condition("merge task arithmetic", "w 0.5 (no SFT)", ((*MERGE, "task-arithmetic"),), seeded=False),
-    Condition("merge TIES", "w 0.5, density 0.2 (no SFT)", ((*MERGE, "ties"),), seeded=False),
-    Condition(
-        "merge DARE",
-        "dare-linear, w 0.5, density 0.5 (no SFT)",
-        ((*MERGE, "dare-linear", "--seed", "{seed}"),),
-    ),
-    Condition(
-        "SFT full + DRIFT adaptive_cosine", "α 1 (the released recipe)", (_drift("adaptive_cosine", "1.0"),)
-    ),
-    Condition("SFT full + DRIFT gradnorm", "α 1", (_drift("gradnorm", "1.0"),)),
-    Condition("SFT full + DRIFT absolute", "α 0.01, Δ normalised to ‖θ‖", (_drift("absolute", "0.01"),)),
-    Condition("SFT LoRA + IADA", "adaptive aggregation at every layer boundary, r 4", _iada("adaptive")),
-    Condition("SFT LoRA + IADA fixed", "input-independent depth weights (the ablation)", _iada("fixed")),
-    Condition(
-        "Image-LoRA",
-        "value adapters at visual tokens of the selected heads (a quarter of the KV heads), r 8",
-        (
-            _args(
-                "score-heads {vlm} --data {sft} -o {out}-heads.json --steps {probe_steps} --seed {seed} --overwrite"
-            ),
-            (*TRAIN, "--image-lora", "{out}-heads.json", "--lr", "{lora_lr}"),
-        ),
-    ),
-    Condition(
-        "SFT full, perception λ 0.5", "L = 0.5·L_p + 0.5·L_r", ((*FULL, "--perception-weight", "0.5"),)
-    ),
-    Condition(
-        "SFT full, perception λ dynamic",
-        "λ = ‖g_r‖/(‖g_p‖+‖g_r‖)",
-        ((*FULL, "--perception-weight", "dynamic"),),
-    ),
-]
+    Condition(NO_SFT, "the VLM before visual SFT", (), model="{vlm}", seeded=False),
+    Condition(SFT_LORA, "plain visual SFT, LoRA on attention and MLP", (LORA,), reference=NO_SFT),
+    Condition(SFT_FULL, "plain visual SFT, full fine-tuning of the language model", (FULL,), reference=NO_SFT),
+    Condition("SFT full, packed", "the same with --packing (the study's own check: same numbers within noise)", ((*FULL, "--packing"),), reference=SFT_FULL),
+    Condition("SFT full, attn_proj only", "full fine-tuning of the attention projections only (--modules attn_proj)", ((*FULL, "--modules", "attn_proj"),), reference=SFT_FULL),
+    Condition("SFT full, gate_up only", "full fine-tuning of the MLP gate/up projections only (--modules gate_up)", ((*FULL, "--modules", "gate_up"),), reference=SFT_FULL),
+    Condition("merge task arithmetic", "w 0.5, before SFT", ((*MERGE, "task-arithmetic"),), seeded=False, reference=NO_SFT),
+    Condition("merge TIES", "w 0.5, density 0.2, before SFT", ((*MERGE, "ties"),), seeded=False, reference=NO_SFT),
+    Condition("merge DARE", "dare-linear, w 0.5, density 0.5, before SFT", ((*MERGE, "dare-linear", "--seed", "{seed}"),), reference=NO_SFT),
+    Condition("merge task arithmetic after SFT", "the reasoning LLM merged into SFT full's output, w 0.5", ((*AFTER, "task-arithmetic"),), wave=2, reference=SFT_FULL),
+    Condition("merge TIES after SFT", "the same with TIES, w 0.5, density 0.2", ((*AFTER, "ties"),), wave=2, reference=SFT_FULL),
+    Condition("SFT full + DRIFT adaptive_cosine", "α 1 (the released recipe)", (_drift("adaptive_cosine", "1.0"),), reference=SFT_FULL),
+    Condition("SFT full + DRIFT gradnorm", "α 1", (_drift("gradnorm", "1.0"),), reference=SFT_FULL),
+    Condition("SFT full + DRIFT absolute", "α 0.01, Δ normalised to ‖θ‖", (_drift("absolute", "0.01"),), reference=SFT_FULL),
+    Condition("SFT full + DRIFT on probed layers", "adaptive_cosine α 1, Δ only on the layers `surgeon probe-layers` suggests", (_drift("adaptive_cosine", "1.0", "{prior_layers}"),), reference=SFT_FULL),
+    Condition("SFT full + DRIFT, perception λ 0.5", "adaptive_cosine α 1 with L = 0.5·L_p + 0.5·L_r", ((*_drift("adaptive_cosine", "1.0"), "--perception-weight", "0.5"),), reference=SFT_FULL),
+    Condition("SFT LoRA + DRIFT", "DRIFT through the LoRA adapters, adaptive_cosine α 1", ((*LORA, "--prior", "{prior}"),), reference=SFT_LORA),
+    Condition("SFT LoRA + IADA", "adaptive aggregation at layer boundaries, r 4", _iada("adaptive"), reference=SFT_LORA),
+    Condition("SFT LoRA + IADA fixed", "input-independent depth weights (the ablation)", _iada("fixed"), reference=SFT_LORA),
+    Condition("SFT full, perception λ 0.5", "L = 0.5·L_p + 0.5·L_r", ((*FULL, "--perception-weight", "0.5"),), reference=SFT_FULL),
+    Condition("SFT full, perception λ dynamic", "λ = ‖g_r‖/(‖g_p‖+‖g_r‖)", ((*FULL, "--perception-weight", "dynamic"),), reference=SFT_FULL),
+    Condition(NEW_BASE, "the VLM after format training on red and green tiles, before SFT on blue and yellow", (), model="{vlm}", seeded=False, setting="new"),
+    Condition(NEW_LORA, "LoRA SFT on blue and yellow tiles", (LORA,), setting="new", reference=NEW_BASE),
+    Condition("new colours: Image-LoRA", "value adapters at visual tokens of the selected heads (a quarter of the KV heads), r 8", IMAGE_LORA, setting="new", reference=NEW_LORA),
+]  # fmt: skip
 
 
 @dataclass
 class Run:
     condition: str
     seed: int
+    size: str = ""
     commands: list[str] = field(default_factory=list)
     seconds: float = 0.0
     text: float | None = None
     perception: float | None = None
     end_to_end: float | None = None
+    correct: dict[str, str] = field(default_factory=dict)  # metric -> "0110…", one digit per item
 
 
 def _environment(threads: int, device: str) -> dict[str, str]:
@@ -160,39 +166,44 @@ def _surgeon(args: list[str], env: dict[str, str], log: Path) -> None:
     with open(log, "a") as out:
         out.write("$ surgeon " + shlex.join(args) + "\n")
         out.flush()
-        done = subprocess.run(
-            [sys.executable, "-m", "surgeon.cli", *args], stdout=out, stderr=out, env=env
-        )
+        done = subprocess.run([sys.executable, "-m", "surgeon.cli", *args], stdout=out, stderr=out, env=env)
     if done.returncode:
         raise SystemExit(f"Error: `surgeon {shlex.join(args)}` failed (exit {done.returncode}); see {log}")
 
 
-def run_condition(
-    cond: Condition, seed: int, places: dict[str, str], work: Path, device: str, threads: int
-) -> Run:
-    """Run one condition's commands for one seed, then evaluate what they wrote."""
+def _bits(values: list[bool]) -> str:
+    return "".join("1" if v else "0" for v in values)
+
+
+def run_condition(cond: Condition, seed: int, size: str, places: dict[str, str], work: Path, device: str, threads: int) -> Run:
+    """Run one condition's commands for one seed at one size, then evaluate what they wrote."""
     import torch
 
     import evaluate
 
     torch.set_num_threads(threads)
-    slug = cond.slug
-    out = work / "runs" / f"{slug}-seed{seed}"
-    fill = dict(places, out=str(out), seed=str(seed), threads=str(threads))
-    run, t0 = Run(cond.name, seed), time.time()
+    runs = work / size / "runs"
+    out = runs / f"{cond.slug}-seed{seed}"
+    fill = dict(places, out=str(out), seed=str(seed), threads=str(threads), sft_run=str(runs / f"sft-full-seed{seed}"))
+    if cond.setting == "new":
+        fill.update(vlm=places["vlm_new"], sft=places["sft_new"])
+    run, t0 = Run(cond.name, seed, size), time.time()
     for template in cond.commands:
         args = [a.format(**fill) for a in template]
         run.commands.append("surgeon " + shlex.join(args))
-        _surgeon(args, _environment(threads, device), work / "runs" / f"{slug}-seed{seed}.log")
+        _surgeon(args, _environment(threads, device), runs / f"{cond.slug}-seed{seed}.log")
     data = Path(places["data"])
     folder = cond.model.format(**fill)
     model = evaluate.load(folder, device)
     processor = _processor(folder if cond.text_only else places["vlm"], cond.text_only)
-    run.text = evaluate.text_accuracy(model, processor, data / "eval-text.jsonl")
+    text = evaluate.text_correct(model, processor, data / "eval-text.jsonl")
+    run.correct["text"] = _bits(text)
     if not cond.text_only:
-        run.perception, run.end_to_end = evaluate.visual_accuracy(
-            model, processor, data / "eval-visual.jsonl"
-        )
+        visual = data / ("eval-visual-new.jsonl" if cond.setting == "new" else "eval-visual.jsonl")
+        perception, end_to_end = evaluate.visual_correct(model, processor, visual)
+        run.correct.update(perception=_bits(perception), end_to_end=_bits(end_to_end))
+    for metric, bits in run.correct.items():
+        setattr(run, metric, bits.count("1") / len(bits))
     run.seconds = round(time.time() - t0, 1)
     return run
 
@@ -204,171 +215,68 @@ def _processor(vlm: str, text_only: bool):
 
 
 def prepare(work: Path, size: str, budget: Budget, device: str, log) -> dict[str, str]:
-    """The organism and the data sets (built once per work folder), and the DRIFT prior."""
-    import organism
+    """One size's organism, data sets, DRIFT priors, layer probe and format-trained VLM (each built
+    once per work folder and reused)."""
+    import study
 
-    marker = work / "organism" / "done.json"
-    if not marker.exists():
-        log(f"building the organism ({size})")
-        t0 = time.time()
-        paths = organism.build(work / "organism", organism.SIZES[size], device, log)
-        data = work / "organism" / "data"
-        k = organism.visual_problem
-        organism.write_visual_set(data, "sft", budget.sft_samples, 10, lambda r, p: k(r, p, r.randint(1, 2)))
-        organism.write_visual_set(
-            data, "eval-visual", budget.eval_samples, 11, lambda r, p: k(r, p, r.randint(1, 2))
-        )
-        half = budget.eval_samples // 2
-        organism.write_jsonl(
-            data / "eval-text.jsonl",
-            organism.text_set(half, 12, {2: 1}) + organism.text_set(half, 13, {3: 1}),
-        )
-        marker.write_text(
-            json.dumps({k: str(v) for k, v in paths.items()} | {"seconds": round(time.time() - t0)})
-        )
-    paths = json.loads(marker.read_text())
-    sizes = organism.SIZES[size]
-    places = {
-        "vlm": paths["vlm"], "reasoning": paths["reasoning"], "base": paths["base"], "data": str(work / "organism" / "data"),
-        "sft": str(work / "organism" / "data" / "sft.jsonl"), "prior": str(work / "prior"),
-        "steps": str(budget.steps), "batch": str(budget.batch), "full_lr": str(budget.full_lr),
-        "lora_lr": str(budget.lora_lr), "lora_rank": str(budget.lora_rank), "lora_alpha": str(2 * budget.lora_rank),
-        "probe_steps": str(budget.probe_steps), "block": "1" if sizes.layers <= 4 else str(sizes.layers // 4),
-    }  # fmt: skip
-    (work / "runs").mkdir(exist_ok=True)
-    prior = [
-        "prior",
-        "--reasoning",
-        places["reasoning"],
-        "--vlm",
-        places["vlm"],
-        "-o",
-        places["prior"],
-        "--overwrite",
-    ]
-    _surgeon(prior, _environment(2, device), work / "runs" / "prior.log")
+    folder = work / size
+    places = study.organism_and_data(folder, size, budget, device, log, OLD_COLOURS, NEW_COLOURS)
+    places.update(
+        steps=str(budget.steps), batch=str(budget.batch), full_lr=str(budget.full_lr), lora_lr=str(budget.lora_lr),
+        lora_rank=str(budget.lora_rank), lora_alpha=str(2 * budget.lora_rank), probe_steps=str(budget.probe_steps),
+    )  # fmt: skip
+    (folder / "runs").mkdir(exist_ok=True)
+    env, logs = _environment(2, device), folder / "runs"
+    places.update(study.priors_and_probe(folder, places, budget, lambda args, name: _surgeon(args, env, logs / name), log))
+    places["vlm_new"] = study.format_trained_vlm(folder, places, budget, lambda args, name: _surgeon(args, env, logs / name))
     return places
 
 
-def summarise(runs: list[Run]) -> list[dict]:
-    rows = []
-    for cond in CONDITIONS:
-        mine = [r for r in runs if r.condition == cond.name]
-        if not mine:
-            continue
-        row = {"condition": cond.name, "what": cond.what, "runs": len(mine) if cond.seeded else 1}
-        for metric in ("text", "perception", "end_to_end"):
-            values = [getattr(r, metric) for r in mine if getattr(r, metric) is not None]
-            if values:
-                row[metric] = statistics.fmean(values)
-                row[metric + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
-                row[metric + "_n"] = len(values)
-        rows.append(row)
-    return rows
-
-
-def beyond_noise(row: dict, ref: dict, metric: str) -> bool | None:
-    """|mean difference| > 2 standard deviations of the difference of the two means; None when
-    neither row varies with the seed (deterministic commands: no estimate of the noise)."""
-    if metric not in row or metric not in ref:
-        return None
-    sd = (
-        row[metric + "_sd"] ** 2 / row[metric + "_n"] + ref[metric + "_sd"] ** 2 / ref[metric + "_n"]
-    ) ** 0.5
-    if sd == 0 and row["runs"] == 1 and ref["runs"] == 1:
-        return None
-    return abs(row[metric] - ref[metric]) > 2 * sd
-
-
-def table(rows: list[dict]) -> str:
-    """Markdown: mean ± sd in %, and the change against the plain SFT run of the same kind."""
-    by = {r["condition"]: r for r in rows}
-
-    def cell(row: dict, metric: str) -> str:
-        if metric not in row:
-            return "–"
-        text = f"{100 * row[metric]:.1f} ± {100 * row[metric + '_sd']:.1f}"
-        ref = by.get(_reference(row["condition"]))
-        if ref is not None and ref is not row and metric in ref:
-            text += (
-                f" ({100 * (row[metric] - ref[metric]):+.1f}){'**' if beyond_noise(row, ref, metric) else ''}"
-            )
-        return text
-
-    lines = [
-        "| condition | runs | text reasoning % | perception % | end to end % |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        cells = " | ".join(cell(row, m) for m in ("text", "perception", "end_to_end"))
-        lines.append(f"| {row['condition']} | {row['runs']} | {cells} |")
-    return "\n".join(lines)
-
-
-def _reference(name: str) -> str:
-    """The row a condition is compared with: LoRA-based rows with SFT LoRA, full-based ones with
-    SFT full, merges with the VLM before SFT."""
-    if name.startswith("merge"):
-        return "VLM, no SFT"
-    if "LoRA" in name:
-        return "SFT LoRA"
-    if name.startswith("SFT full") and name != "SFT full":
-        return "SFT full"
-    return ""
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    import study
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, type=Path)
-    parser.add_argument(
-        "--quick", action="store_true", help="the quick size and budget, one seed: a smoke run"
-    )
-    parser.add_argument(
-        "--size", choices=["quick", "cpu", "gpu"], help="organism size (default: cpu, gpu with --device cuda)"
-    )
+    parser.add_argument("--quick", action="store_true", help="the quick sizes and budget, one seed: a smoke run")
+    parser.add_argument("--sizes", help="comma-separated organism sizes (default: small,deep; gpu,gpu-deep with --device cuda)")
     parser.add_argument("--seeds", type=int, help="seeds per trained condition (default 3, 1 with --quick)")
-    parser.add_argument(
-        "--device", default="cpu", help="cpu or cuda: where the organism and every command run"
-    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where the organisms and every command run")
     parser.add_argument("--jobs", type=int, help="runs at once (default: 2 on a CPU, 1 on a GPU)")
-    parser.add_argument(
-        "--conditions", help="comma-separated condition slugs, e.g. sft-full,merge-ties (default: all)"
-    )
-    parser.add_argument(
-        "--render", action="store_true", help="only print the table of WORKDIR/results.json again"
-    )
+    parser.add_argument("--conditions", help="comma-separated condition slugs, e.g. sft-full,merge-ties (default: all)")
+    parser.add_argument("--render", action="store_true", help="only write the tables and figures of WORKDIR/results.json again")
     args = parser.parse_args(argv)
     if args.render:
         if not (args.workdir / "results.json").is_file():
-            print(
-                f"Error: {args.workdir / 'results.json'} does not exist; run the study first", file=sys.stderr
-            )
+            print(f"Error: {args.workdir / 'results.json'} does not exist; run the study first", file=sys.stderr)
             return 2
         saved = json.loads((args.workdir / "results.json").read_text())
-        rows = summarise([Run(**r) for r in saved["runs"]])
-        (args.workdir / "results.md").write_text(table(rows) + "\n")
-        print(table(rows))
+        print(study.report(args.workdir, [Run(**r) for r in saved["runs"]], CONDITIONS, saved["sizes"]))
         return 0
-
     if args.device != "cpu":
         import torch
 
         if not args.device.startswith("cuda") or not torch.cuda.is_available():
             print(f"Error: --device {args.device}: no such device here; use --device cpu", file=sys.stderr)
             return 2
-    size = args.size or ("quick" if args.quick else "gpu" if args.device.startswith("cuda") else "cpu")
-    budget = BUDGETS[size]
+    kind = "quick" if args.quick else "gpu" if args.device.startswith("cuda") else "cpu"
+    sizes = args.sizes.split(",") if args.sizes else list(SIZE_SETS[kind])
+    import organism
+
+    if unknown := sorted(set(sizes) - set(organism.SIZES)):
+        print(f"Error: --sizes: no size {', '.join(unknown)}; choose from {', '.join(organism.SIZES)}", file=sys.stderr)
+        return 2
+    budget = BUDGETS[kind]
     seeds = args.seeds or (1 if args.quick else 3)
     jobs = args.jobs or (1 if args.device.startswith("cuda") else 2)
     threads = max(1, (os.cpu_count() or 2) // jobs)
     wanted = args.conditions.split(",") if args.conditions else [c.slug for c in CONDITIONS]
-    chosen = [c for c in CONDITIONS if c.slug in wanted]
     if unknown := sorted(set(wanted) - {c.slug for c in CONDITIONS}):
         names = ", ".join(c.slug for c in CONDITIONS)
         print(f"Error: --conditions: no condition {', '.join(unknown)}; choose from {names}", file=sys.stderr)
         return 2
+    chosen = [c for c in CONDITIONS if c.slug in wanted]
+    if any(c.wave == 2 for c in chosen) and SFT_FULL not in [c.name for c in chosen]:
+        chosen.insert(0, next(c for c in CONDITIONS if c.name == SFT_FULL))  # merges after SFT read its outputs
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
 
@@ -376,33 +284,32 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     t0 = time.time()
-    places = prepare(work, size, budget, args.device, log)
-    log(
-        f"organism ready ({time.time() - t0:.0f} s); running {len(chosen)} conditions × {seeds} seed(s), {jobs} at once"
-    )
-    tasks = [(c, s) for c in chosen for s in (range(seeds) if c.seeded else [0])]
+    places = {size: prepare(work, size, budget, args.device, log) for size in sizes}
+    prepared = time.time() - t0
+    tasks = [(c, s, size) for size in sizes for c in chosen for s in (range(seeds) if c.seeded else [0])]
+    log(f"organisms ready ({prepared:.0f} s); {len(tasks)} runs, {jobs} at once")
     runs: list[Run] = []
     ctx = __import__("multiprocessing").get_context("spawn")
     with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
-        futures = [pool.submit(run_condition, c, s, places, work, args.device, threads) for c, s in tasks]
-        for future in as_completed(futures):
-            run = future.result()
-            runs.append(run)
-            log(f"  {run.condition} seed {run.seed}: text {run.text} perception {run.perception} "
-                f"end-to-end {run.end_to_end} ({run.seconds} s)")  # fmt: skip
-    runs.sort(key=lambda r: ([c.name for c in CONDITIONS].index(r.condition), r.seed))
-    rows = summarise(runs)
-    organism_info = json.loads((work / "organism" / "done.json").read_text())
+        for wave in (1, 2):
+            futures = [pool.submit(run_condition, c, s, size, places[size], work, args.device, threads) for c, s, size in tasks if c.wave == wave]
+            for future in as_completed(futures):
+                run = future.result()
+                runs.append(run)
+                log(f"  [{run.size}] {run.condition} seed {run.seed}: text {run.text} perception {run.perception} "
+                    f"end-to-end {run.end_to_end} ({run.seconds} s)")  # fmt: skip
+    order = [c.name for c in CONDITIONS]
+    runs.sort(key=lambda r: (sizes.index(r.size), order.index(r.condition), r.seed))
     result = {
-        "command": "python examples/reasoning_tax/run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-        "size": size, "budget": asdict(budget), "seeds": seeds, "jobs": jobs, "device": args.device,
+        "command": "python examples/reasoning_tax/run.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "sizes": sizes, "budget": asdict(budget), "seeds": seeds, "jobs": jobs, "device": args.device,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        "organism_seconds": organism_info["seconds"], "seconds": round(time.time() - t0),
-        "rows": rows, "runs": [asdict(r) for r in runs],
+        "libraries": study.versions(), "prepare_seconds": round(prepared), "seconds": round(time.time() - t0),
+        "organisms": {size: json.loads((work / size / "organism" / "done.json").read_text()) for size in sizes},
+        "places": places, "runs": [asdict(r) for r in runs],
     }  # fmt: skip
     (work / "results.json").write_text(json.dumps(result, indent=1))
-    (work / "results.md").write_text(table(rows) + "\n")
-    print(table(rows))
+    print(study.report(work, runs, CONDITIONS, sizes))
     log(f"done in {time.time() - t0:.0f} s: {work / 'results.json'}")
     return 0
 
