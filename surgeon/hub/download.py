@@ -30,9 +30,8 @@ def download_checkpoint(repo_id: str, revision: str | None = None) -> tuple[str,
     """Fetch (or find in the cache) the files a checkpoint needs. Returns (snapshot folder, commit)."""
     from huggingface_hub import snapshot_download
 
-    with translated(_named(repo_id, revision)):
-        with heartbeat(f"downloading {repo_id}", cache_bytes(repo_id)):
-            folder = snapshot_download(repo_id, revision=revision, allow_patterns=CHECKPOINT_PATTERNS)
+    with translated(_named(repo_id, revision)), heartbeat(f"downloading {repo_id}", cache_bytes(repo_id)):
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=CHECKPOINT_PATTERNS)
     path = Path(folder)
     if not any(path.glob("*.safetensors")) and not offline():
         _refuse_pickle_only(repo_id, revision)
