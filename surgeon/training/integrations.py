@@ -1,21 +1,25 @@
 """DRIFT and perception/reasoning weighting inside the Hugging Face Trainer and TRL's SFTTrainer.
 
-    from surgeon import DriftCallback, PerceptionCollator, PerceptionLoss
+    from surgeon import DriftCallback, PerceptionCollator, PerceptionLoss, freeze_vision
 
+    freeze_vision(model)                                                             # the LM trains, as surgeon train
     collator = PerceptionCollator("Qwen/Qwen2.5-VL-7B-Instruct", max_length=4096)   # <perception> tags -> masks
-    loss = PerceptionLoss(0.3)                                                     # λ·L_p + (1−λ)·L_r
     trainer = SFTTrainer(model=model, args=SFTConfig(..., remove_unused_columns=False,
                                                      dataset_kwargs={"skip_prepare_dataset": True}),
-                         train_dataset=rows, data_collator=collator,
-                         callbacks=[DriftCallback("prior/", alpha=1.0, scale="adaptive_cosine")])
-    loss.attach(trainer)
+                         train_dataset=rows, data_collator=collator)
+    DriftCallback("prior/", alpha=1.0, scale="adaptive_cosine").attach(trainer)
+    PerceptionLoss(0.3).attach(trainer)                                            # optional: λ·L_p + (1−λ)·L_r
     trainer.train()
 
 ``DriftCallback`` builds Δ at train begin, from the model the trainer trains, on its parameters'
 devices (after the trainer placed or sharded the model), and bends the accumulated gradient once
 per optimiser step (``on_pre_optimizer_step``), before clipping: it takes over the trainer's
 ``max_grad_norm`` (set to 0 while training, restored at the end) and clips after DRIFT with the
-same norm. With ``alpha == 0`` it changes nothing at all. Not for fp16 loss scaling (bf16 or fp32).
+same norm. ``attach`` also gives the trainer ``surgeon train``'s loss (``PerceptionLoss(None)``:
+cross-entropy over the step's supervised tokens) unless a ``PerceptionLoss`` is attached; only
+listed in ``callbacks``, it warns when the trainer would average the loss per micro-batch. With
+``alpha == 0`` it changes no gradient. Not for fp16 loss scaling (bf16 or fp32), and refused
+under DeepSpeed (ZeRO keeps the gradients in its own partitions).
 
 ``PerceptionCollator`` turns rows in the TRL ``messages`` (+ ``images``) or ShareGPT layout, with
 ``<perception>`` tags or a ``perception_regex``, into batches with the model's processor and chat
@@ -25,7 +29,7 @@ template (as ``surgeon train`` encodes them); the perception flag travels inside
 span by its token count over the whole optimiser step and all processes, as ``surgeon train``
 does; ``attach`` makes the trainer count both spans when it counts ``num_items_in_batch``.
 Dynamic λ needs two backward passes per micro-batch: use ``surgeon train --perception-weight
-dynamic`` for it.
+dynamic`` for it. docs/integrations.md says what to set for results equal to ``surgeon train``'s.
 """
 
 from __future__ import annotations
@@ -173,7 +177,8 @@ def split_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class PerceptionLoss:
     """``compute_loss_func``: ``λ·L_p + (1−λ)·L_r`` with each span normalised by its tokens in the
-    whole optimiser step (all micro-batches, all processes). ``attach(trainer)`` installs it; a
+    whole optimiser step (all micro-batches, all processes); ``lam=None`` is plain cross-entropy over
+    the step's tokens (λ at the perception tokens' share). ``attach(trainer)`` installs it; a
     trainer given it only as ``compute_loss_func`` would never see the perception flags, so the
     loss refuses to run unattached.
 
