@@ -181,3 +181,19 @@ def test_the_trainer_route_evaluates_through_a_callback(vlm, data, tmp_path):
     trainer.train()
     logged = [e for e in trainer.state.log_history if "eval/txt/accuracy" in e]
     assert len(logged) == 2 and all("kl_base" in e for e in logged)
+
+
+def test_an_answer_pattern_reads_the_completion_and_a_worked_reference_but_not_a_bare_answer():
+    """With a pattern (the study's ``Answer: N``), a reference that is a bare answer (a row's
+    ``answer`` field) is taken as it is, and a worked solution by the pattern."""
+    import re
+
+    from surgeon.evaluation.generate import Completion, Item
+    from surgeon.evaluation.run import score
+
+    pattern = re.compile(r"Answer:\s*(-?\d+)")
+    done = [Completion("p", "3 + 4 = 7. Answer: 7"), Completion("p", "3 + 4 = 7. Answer: 7"), Completion("p", "7")]
+    items = [Item("s", 1, (), "7"), Item("s", 2, (), "3 + 5 = 8. Answer: 8"), Item("s", 3, (), "7")]
+    rows = score(done, items, "m", pattern)
+    assert [r["reference"] for r in rows] == ["7", "8", "7"]
+    assert [r["correct"] for r in rows] == [True, False, False]  # the last completion gives no `Answer:`

@@ -86,12 +86,18 @@ def score(completions: list[Completion], items: list[Item], model: str, pattern:
         if done.error is not None:
             row.update({"extracted": None, "reference": item.reference, "correct": None, "error": done.error})
         else:
-            got, want = answers.extract(done.generated, pattern), answers.extract(item.reference or "", pattern)
+            got, want = answers.extract(done.generated, pattern), reference_answer(item.reference, pattern)
             row.update({"extracted": got, "reference": want, "correct": answers.same(got, want)})
             if item.perception:
                 row["perception_correct"] = all(answers.contains(done.generated, span) for span in item.perception)
         rows.append(row)
     return rows
+
+
+def reference_answer(reference: str | None, pattern: re.Pattern | None = None) -> str | None:
+    """The answer a reference gives: by ``pattern`` when it matches (a full worked solution), else by
+    the default rules (a bare answer such as a row's ``answer`` field, which no pattern need match)."""
+    return answers.extract(reference or "", pattern) or answers.extract(reference or "")
 
 
 def score_model(model: Any, encoder: Any, items: list[Item], name: str = "model", batch_size: int = 8, max_new_tokens: int = 256,
