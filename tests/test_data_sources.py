@@ -163,7 +163,7 @@ def test_a_hub_dataset_trains_like_its_parquet_and_the_card_names_it_at_its_comm
         losses[name] = json.loads(result.stdout)["metrics"]["loss"]
     assert losses["hub"] == losses["parquet"]
     record = read_record(tmp_path / "hub")
-    assert record["inputs"]["data"]["commit"] == commit and record["inputs"]["data"]["source"] == "acme/shapes:train"
+    assert record["inputs"]["data"]["commit"] == commit and record["inputs"]["data"]["revision"] == "main" and record["inputs"]["data"]["source"] == "acme/shapes:train"
     assert record["inputs"]["model"]["license"] == "apache-2.0"
     meta = card_metadata(record, tmp_path / "hub")
     assert meta["datasets"] == ["acme/shapes"] and meta["license"] == "apache-2.0"

@@ -132,10 +132,10 @@ class JsonlRows:
 class DatasetRows:
     """A ``datasets.Dataset`` (parquet, save_to_disk, Hub) as rows, images undecoded."""
 
-    def __init__(self, dataset: Any, source: str, base: Path, revision: str | None = None) -> None:
+    def __init__(self, dataset: Any, source: str, base: Path, hub: dict[str, str] | None = None) -> None:
         from datasets import Image
 
-        self.revision = revision  # a Hub dataset's commit (None for local data)
+        self.hub = hub  # a Hub dataset's {"revision", "commit" when known}; None for local data
 
         for name, feature in dataset.features.items():  # image columns: bytes/path dicts, not PIL images
             if isinstance(feature, Image):
@@ -232,12 +232,13 @@ def _hub(spec: str) -> DatasetRows:
     except Exception as exc:  # noqa: BLE001 - offline, not found, no such split: the library says which
         raise DataError(spec, f"cannot be loaded ({' '.join(str(exc).split())[:200]})", "check the id, the split and HF_HUB_OFFLINE") from None
     base = Path(dataset.cache_files[0]["filename"]).parent if dataset.cache_files else Path.cwd()
-    return DatasetRows(dataset, spec, base, _hub_commit(repo, revision, dataset))
+    commit = _hub_commit(repo, revision, dataset)
+    return DatasetRows(dataset, spec, base, {"revision": revision or "main", **({"commit": commit} if commit else {})})
 
 
 def _hub_commit(repo: str, revision: str, dataset: Any) -> str | None:
     """The commit a Hub dataset was read at: ``datasets`` caches a Hub repo's data under its commit
-    hash; otherwise the Hub is asked (unless offline), else the revision as given (or None)."""
+    hash; otherwise the Hub is asked (unless offline); None when neither can say."""
     import re
 
     for entry in dataset.cache_files or []:
@@ -246,4 +247,4 @@ def _hub_commit(repo: str, revision: str, dataset: Any) -> str | None:
                 return part
     from surgeon.hub.download import dataset_commit
 
-    return dataset_commit(repo, revision or None) or revision or None
+    return dataset_commit(repo, revision or None)

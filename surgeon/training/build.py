@@ -28,7 +28,7 @@ class Run:
     checkpoint: Any  # surgeon.io.checkpoint.Checkpoint of the model
     trainable: dict[str, torch.nn.Parameter]
     data_fingerprint: str
-    data_revision: str | None  # the commit of a Hub dataset
+    data_hub: dict[str, str] | None  # a Hub dataset's revision and commit
     has_surgeon_modules: bool
     stats: dict[str, Any] = field(default_factory=dict)
 
@@ -77,7 +77,7 @@ def prepare(config: TrainConfig, ckpt: Any, precision: Precision, sharded: bool 
         checkpoint=ckpt,
         trainable=params,
         data_fingerprint=scanned.rows.fingerprint(),
-        data_revision=getattr(scanned.rows, "revision", None),
+        data_hub=getattr(scanned.rows, "hub", None),
         has_surgeon_modules=bool(extra["surgeon_modules"]),
         stats={"data": dataset.stats.to_dict(), "trainable_parameters": n_train, "parameters": n_total, **extra},
     )

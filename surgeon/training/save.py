@@ -75,7 +75,7 @@ def save_output(run: Run, model: torch.nn.Module, config: TrainConfig, stats: di
         if (metrics.parent / "logs").is_dir():  # tracker event files (--report-to tensorboard)
             shutil.copytree(metrics.parent / "logs", tmp / "logs")
         data = {"source": config.data, "sha256": run.data_fingerprint}
-        inputs: dict[str, Any] = {"model": run.checkpoint, "data": data | ({"commit": run.data_revision} if run.data_revision else {})}
+        inputs: dict[str, Any] = {"model": run.checkpoint, "data": data | (run.data_hub or {})}
         if config.prior:
             inputs["prior"] = {"source": config.prior}
         if config.image_lora:
